@@ -1,0 +1,27 @@
+# The two commands of the README: `make repro` (the pipeline) and `make test` (the tests).
+# Both install the project into .venv first (once; again when pyproject.toml changes).
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install repro test lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
+		| { grep -v '^WARNING: Location' || true; }
+	touch $@
+
+install: $(VENV)/.installed
+
+repro: install
+	dvc repro
+
+test: install
+	python -m pytest
+
+lint: install
+	ruff check .

@@ -1,0 +1,37 @@
+"""prepare: raw dataset -> uint8 train/val/test splits, manifest and a sample grid."""
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.stage import main, stage_task
+from tasks.artifacts import write_json
+from tasks.datasets import load_source
+from tasks.images import class_grid, save_png
+from tasks.params import PrepareParams
+from tasks.prepare import make_splits, manifest, write_splits
+from tasks.stage import StageRun
+
+read_raw = stage_task(load_source, name="read-raw")
+split = stage_task(make_splits, name="split")
+
+
+@flow(name="prepare", log_prints=True)
+def prepare(params: PrepareParams) -> None:
+    with StageRun("prepare", params) as run:
+        root = Path(params.root or f"data/raw/{params.source}")
+        raw = read_raw(params.source, root, download=params.download, channels=params.channels)
+        splits = split(raw, params)
+        folder = run.outputs.artifacts
+        write_splits(splits, folder)
+        info = manifest(splits, raw, params, folder)
+        write_json(folder / "manifest.json", info)
+        save_png(class_grid(*splits["train"], per_class=10, seed=params.seed), run.outputs.plots / "samples.png")
+        run.metrics.update({f"{name}_images": len(labels) for name, (_, labels) in splits.items()})
+        run.metrics["classes"] = len(raw.class_names)
+        shape = "x".join(map(str, info["image_shape"]))
+        print(f"prepared {params.source}: {run.metrics} images of {shape}")
+
+
+if __name__ == "__main__":
+    main("prepare", prepare)

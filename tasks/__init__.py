@@ -1,0 +1,1 @@
+"""Units of work the flows call: data, training loop, evaluation, tracking, artifact I/O."""

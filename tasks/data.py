@@ -1,0 +1,62 @@
+"""Prepared splits kept on the training device as uint8, and the batches drawn from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tasks.artifacts import artifacts_dir, read_json
+
+PREPARED = artifacts_dir("prepare")
+
+
+def load_manifest() -> dict:
+    return read_json(PREPARED / "manifest.json")
+
+
+@dataclass
+class ImageSplit:
+    """One split on a device: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def floats(self, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The selected images as floats in [-1, 1]."""
+        return self.images[index].float().div_(127.5).sub_(1.0)
+
+
+def load_split(split: str, device: torch.device | str = "cpu") -> ImageSplit:
+    images = torch.from_numpy(np.load(PREPARED / f"{split}_images.npy"))
+    labels = torch.from_numpy(np.load(PREPARED / f"{split}_labels.npy"))
+    return ImageSplit(images.to(device), labels.to(device))
+
+
+class EpochBatches:
+    """Indices for each step: a seeded permutation per epoch, each rank taking its own shard.
+
+    Stateless in the step, so a resumed run draws the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, device="cpu"):
+        if size < batch_size:
+            raise ValueError(f"batch_size {batch_size} is larger than the {size} training images")
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.local_batch = batch_size // world
+        self.steps_per_epoch = size // batch_size
+        self.device = device
+        self._epoch, self._shard = -1, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            permutation = torch.randperm(self.size, generator=generator)
+            self._shard = permutation[self.rank :: self.world].to(self.device)
+            self._epoch = epoch
+        return self._shard[within * self.local_batch : (within + 1) * self.local_batch]

@@ -1,0 +1,245 @@
+"""Raw dataset sources: scikit-learn digits, IDX (MNIST, Fashion-MNIST), CIFAR-10, image folders.
+
+Each reader returns `RawDataset` with uint8 (N, C, H, W) images; sources that ship a test
+split return it separately. Missing files are fetched from the canonical mirrors (when
+allowed and online) and verified against their published MD5s.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+import struct
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import StageError
+
+
+class DataError(StageError, ValueError):
+    """Raw data that cannot be read; the message names the file and what is wrong."""
+
+
+@dataclass
+class RawDataset:
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    class_names: list[str]
+    test_images: np.ndarray | None = None  # the source's own test split, when it has one
+    test_labels: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    md5: str  # published checksum of the file as served
+
+
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+MIRRORS: dict[str, tuple[list[str], list[RemoteFile]]] = {
+    "mnist": (
+        ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://yann.lecun.com/exdb/mnist/"],
+        [
+            RemoteFile("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            RemoteFile("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        ],
+    ),
+    "fashion_mnist": (
+        ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        [
+            RemoteFile("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            RemoteFile("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        ],
+    ),
+    "cifar10": (
+        ["https://www.cs.toronto.edu/~kriz/"],
+        [RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")],
+    ),
+}
+
+CLASS_NAMES = {
+    "digits": [str(i) for i in range(10)],
+    "mnist": [str(i) for i in range(10)],
+    "fashion_mnist": ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(url: str, dest: Path, md5: str, timeout: float = 30) -> None:
+    """Download `url` to `dest` via a temporary file, keeping it only if its MD5 matches."""
+    tmp = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+        got = md5_file(tmp)
+        if got != md5:
+            raise DataError(f"{url}: checksum mismatch (md5 {got}, published {md5}); the file was not kept")
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_files(source: str, root: Path, download: bool) -> None:
+    """Make sure the source's files are in `root`, downloading the missing ones if allowed."""
+    mirrors, files = MIRRORS[source]
+    missing = [f for f in files if not (root / f.name).exists()]
+    if not missing:
+        return
+    names = ", ".join(f.name for f in missing)
+    if not download:
+        raise DataError(f"{root}: missing {names}; put them there, or set download: true in params/prepare.yaml")
+    for remote in missing:
+        errors = []
+        for mirror in mirrors:
+            try:
+                fetch(mirror + remote.name, root / remote.name, remote.md5)
+                break
+            except OSError as err:  # offline, DNS failure, HTTP error
+                errors.append(f"{mirror}: {err}")
+        else:
+            raise DataError(
+                f"{root}: missing {remote.name} and it could not be downloaded ({'; '.join(errors)}). "
+                f"Offline? Copy the {source} files ({names}) into {root}."
+            )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped IDX file (unsigned bytes) into an array, checking its header against its size."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: not a readable .gz file ({err})") from None
+    if len(data) < 4:
+        raise DataError(f"{path}: too short to be an IDX file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+        magic = int.from_bytes(data[:4], "big")
+        raise DataError(f"{path}: wrong IDX magic number 0x{magic:08x} (expected 0x00000801 or 0x00000803)")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = data[4 + 4 * ndim :]
+    if len(body) != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} ({int(np.prod(shape))} bytes) but the file holds {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _idx_pair(root: Path, images_name: str, labels_name: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(root / images_name), read_idx(root / labels_name)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(f"{root}: {images_name} must hold images (3-D) and {labels_name} labels (1-D)")
+    if len(images) != len(labels):
+        raise DataError(f"{root}: {len(images)} images in {images_name} but {len(labels)} labels in {labels_name}")
+    return images[:, None].copy(), labels.astype(np.int64)
+
+
+def read_idx_source(source: str, root: Path) -> RawDataset:
+    train_x, train_y = _idx_pair(root, IDX_FILES[0], IDX_FILES[1])
+    test_x, test_y = _idx_pair(root, IDX_FILES[2], IDX_FILES[3])
+    return RawDataset(train_x, train_y, CLASS_NAMES[source], test_x, test_y)
+
+
+def read_cifar10(root: Path) -> RawDataset:
+    path = root / "cifar-10-python.tar.gz"
+    batches: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if name.startswith(("data_batch_", "test_batch")):
+                    batches[name] = pickle.load(tar.extractfile(member), encoding="bytes")
+    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError) as err:
+        raise DataError(f"{path}: not a readable CIFAR-10 python tarball ({err})") from None
+    train_names = [f"data_batch_{i}" for i in range(1, 6)]
+    if any(name not in batches for name in [*train_names, "test_batch"]):
+        raise DataError(f"{path}: expected data_batch_1..5 and test_batch inside")
+
+    def stack(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        images = np.concatenate([batches[n][b"data"] for n in names]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([batches[n][b"labels"] for n in names]).astype(np.int64)
+        return images.astype(np.uint8), labels
+
+    train_x, train_y = stack(train_names)
+    test_x, test_y = stack(["test_batch"])
+    return RawDataset(train_x, train_y, CLASS_NAMES["cifar10"], test_x, test_y)
+
+
+def read_digits() -> RawDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # values are 0..16
+    return RawDataset(images, digits.target.astype(np.int64), CLASS_NAMES["digits"])
+
+
+def read_folder(root: Path, channels: int) -> RawDataset:
+    """One sub-folder per class, PNG/JPEG inside; images of any size (resized later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found; make one sub-folder per class with PNG/JPEG images inside")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class sub-folders found")
+    mode = "L" if channels == 1 else "RGB"
+    images, labels, sizes = [], [], set()
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{class_dir}: empty class folder (no .png/.jpg/.jpeg files)")
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    array = np.asarray(image.convert(mode))
+            except (OSError, UnidentifiedImageError) as err:
+                raise DataError(f"{file}: unreadable image ({err})") from None
+            array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+            images.append(array)
+            labels.append(label)
+            sizes.add(array.shape[1:])
+    if len(sizes) > 1:
+        images = [_resize_to(image, max(sizes)) for image in images]
+    return RawDataset(np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs])
+
+
+def _resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[1:] == size:
+        return image
+    planes = [np.asarray(Image.fromarray(p).resize((size[1], size[0]), Image.BILINEAR)) for p in image]
+    return np.stack(planes)
+
+
+def load_source(source: str, root: Path, *, download: bool, channels: int | None) -> RawDataset:
+    """Read a source into memory (files fetched first when missing and allowed)."""
+    if source == "digits":
+        return read_digits()
+    if source == "folder":
+        return read_folder(root, channels or 3)
+    ensure_files(source, root, download)
+    if source == "cifar10":
+        return read_cifar10(root)
+    return read_idx_source(source, root)
+

@@ -1,0 +1,300 @@
+"""The one training loop: device, bf16 autocast, clipping, EMA, warmup + cosine, progress bar,
+step metrics, resumable checkpoints and DistributedDataParallel under torchrun.
+
+The trained module's `forward(batch)` returns a dict with a scalar "loss" (and any other
+scalars to log). Optional hooks on the module:
+- `param_groups()`: the optimiser's groups (default: decay on >=2-D weights only);
+- `after_step(step, total_steps)`: e.g. momentum-encoder updates, after each optimiser step.
+
+Every step re-seeds torch from (seed, step, rank), so a resumed run draws exactly the
+batches and augmentations an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from models.lars import LARS
+from tasks.errors import StageError
+from tasks.params import TrainParams
+
+
+class NonFiniteLoss(StageError, RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        """Read torchrun's RANK/WORLD_SIZE and join the process group (NCCL on GPU, gloo on CPU)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not torch_dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank)
+            torch_dist.init_process_group(backend)
+        return cls(rank, world, local_rank)
+
+
+def pick_device(dist: Distributed = Distributed()) -> torch.device:
+    """CUDA when present, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (precision auto/bf16), a no-op elsewhere or for fp32."""
+    enabled = device.type == "cuda" and precision in ("auto", "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + step * 9_176 + rank * 7_919) % (2**63 - 1)
+
+
+def total_steps(train: TrainParams, steps_per_epoch: int) -> int:
+    return max(1, math.ceil(train.epochs * steps_per_epoch))
+
+
+def default_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels only; biases, norms and embeddings-of-1-D skip it."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(module: nn.Module, train: TrainParams) -> torch.optim.Optimizer:
+    hook = getattr(module, "param_groups", None)
+    groups = hook() if callable(hook) else default_param_groups(module, train.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99))
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True)
+    return LARS(groups, lr=train.lr, momentum=train.momentum)
+
+
+def warmup_cosine(train: TrainParams, steps: int) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio."""
+    warmup = int(train.warmup_fraction * steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    module: nn.Module  # the trained weights (unwrapped)
+    ema: nn.Module | None  # the EMA weights, when ema_decay is set
+    steps: int
+    seconds: float  # wall time of the steps this process ran
+    images_per_s: float  # global throughput over those steps
+
+
+class Trainer:
+    """Trains one module with the loop described at the top of this file."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        train: TrainParams,
+        *,
+        steps_per_epoch: int,
+        seed: int,
+        checkpoint: Path | None = None,
+        fingerprint: str = "",
+        log: Callable[[dict[str, float], int], None] | None = None,
+        device: torch.device | None = None,
+        dist: Distributed | None = None,
+        desc: str = "train",
+    ):
+        self.train = train
+        self.dist = dist or Distributed()
+        self.device = device or pick_device(self.dist)
+        self.module = module.to(self.device)
+        self.steps_per_epoch = steps_per_epoch
+        self.steps = total_steps(train, steps_per_epoch)
+        self.seed = seed
+        self.checkpoint = checkpoint
+        self.fingerprint = fingerprint
+        self.log = log if self.dist.is_main else None
+        self.desc = desc
+        self.local_batch = max(1, train.batch_size // self.dist.world)
+        self.optimizer = make_optimizer(self.module, train)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(train, self.steps))
+        self.ema = None
+        if train.ema_decay is not None:
+            self.ema = AveragedModel(
+                self.module, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True
+            )
+        self.forward: nn.Module = self.module
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            find_unused = getattr(module, "ddp_find_unused_parameters", False)
+            self.forward = DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=find_unused)
+        if train.compile:
+            self.forward = torch.compile(self.forward)
+        self.start_step = self._resume()
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "fingerprint": self.fingerprint,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def save(self, step: int) -> None:
+        if self.checkpoint is None or not self.dist.is_main:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        torch.save(self._state(step), tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def _resume(self) -> int:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return 0
+        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        if state.get("fingerprint") != self.fingerprint:
+            if self.dist.is_main:
+                print(f"[{self.desc}] ignoring {self.checkpoint}: it was made with other params or data")
+            return 0
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.dist.is_main:
+            print(f"[{self.desc}] resuming from step {state['step']} of {self.steps} ({self.checkpoint})")
+        return int(state["step"])
+
+    # -- the loop ----------------------------------------------------------------------
+    def fit(
+        self,
+        next_batch: Callable[[int], object],
+        *,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        evaluate_every: int = 0,
+    ) -> TrainResult:
+        """Run the remaining steps. `next_batch(step)` returns what the module's forward takes;
+        `evaluate(module)` (rank 0, every `evaluate_every` steps and at the end) returns metrics."""
+        train, dist = self.train, self.dist
+        self.module.train()
+        window: list[dict[str, torch.Tensor]] = []
+        window_start = time.perf_counter()
+        started = window_start
+        bar = tqdm(
+            total=self.steps, initial=self.start_step, desc=self.desc, unit="step",
+            disable=not dist.is_main, dynamic_ncols=True, mininterval=1.0,
+        )
+        for step in range(self.start_step, self.steps):
+            torch.manual_seed(step_seed(self.seed, step, dist.rank))
+            batch = next_batch(step)
+            with autocast(self.device, train.precision):
+                outputs = self.forward(batch)
+            loss = outputs["loss"]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            logged = {k: v.detach().float() for k, v in outputs.items()}
+            if train.grad_clip is not None:
+                logged["grad_norm"] = nn.utils.clip_grad_norm_(self.module.parameters(), train.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.module)
+            hook = getattr(self.module, "after_step", None)
+            if callable(hook):
+                hook(step, self.steps)
+            window.append(logged)
+
+            done = step + 1
+            boundary = done % train.log_every == 0 or done % train.checkpoint_every == 0 or done == self.steps
+            if boundary:
+                self._check_finite(window, done - len(window))
+                elapsed = time.perf_counter() - window_start
+                metrics = {k: torch.stack([w[k] for w in window]).mean().item() for k in window[0]}
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                metrics["images_per_s"] = len(window) * train.batch_size / max(elapsed, 1e-9)
+                metrics["epoch"] = done / self.steps_per_epoch
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+                if self.log:
+                    self.log({f"train/{k}": v for k, v in metrics.items()}, done)
+                window, window_start = [], time.perf_counter()
+            if evaluate is not None and dist.is_main and evaluate_every and done % evaluate_every == 0 and done != self.steps:
+                self._evaluate(evaluate, done)
+            if done % train.checkpoint_every == 0 and done != self.steps:
+                self.save(done)
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - started
+        ran = self.steps - self.start_step
+        self.save(self.steps)
+        if evaluate is not None and dist.is_main:
+            self._evaluate(evaluate, self.steps)
+        return TrainResult(
+            module=self.module,
+            ema=self.ema.module if self.ema is not None else None,
+            steps=self.steps,
+            seconds=seconds,
+            images_per_s=ran * train.batch_size / max(seconds, 1e-9),
+        )
+
+    def _evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]], step: int) -> None:
+        self.module.eval()
+        with torch.no_grad(), autocast(self.device, self.train.precision):
+            metrics = evaluate(self.ema.module if self.ema is not None else self.module)
+        self.module.train()
+        if self.log and metrics:
+            self.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        if self.dist.is_main and metrics:
+            tqdm.write(f"[{self.desc}] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def _check_finite(self, window: list[dict[str, torch.Tensor]], first_step: int) -> None:
+        losses = torch.stack([w["loss"] for w in window])
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = first_step + int(bad[0]) + 1
+            raise NonFiniteLoss(
+                f"{self.desc}: the loss became {losses[int(bad[0])].item()} at step {step}; "
+                "try a lower lr, grad_clip, or fp32 precision"
+            )

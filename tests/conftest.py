@@ -1,0 +1,109 @@
+"""Shared fixtures: a real Prefect server for the session, and throw-away copies of the repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "datasets" / "mnist"
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+for leaking in ("MLFLOW_TRACKING_URI", "LATENTLAB_PARENT_RUN_ID"):  # tests use their own stores
+    os.environ.pop(leaking, None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log: Path, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(log.read_text()) from None
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError(f"prefect server did not start in {seconds} s")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """A `prefect server start` on a free port for the whole session (~4 s), stopped at the end."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with open(home / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}/api"
+        _wait_healthy(url, server, home / "server.log")
+        os.environ["PREFECT_API_URL"] = url
+        os.environ["PREFECT_HOME"] = str(home)
+        yield url
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repo's tracked and not-ignored files, as a fresh git + DVC checkout at `dest`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file() and not name.startswith(("artifacts/", "metrics/", "plots/", "checkpoints/")):
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    for name in ("dvc.lock",):
+        (dest / name).unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def run(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run a command of the project's environment in `cwd`, with its output captured."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    done = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture
+def repo_copy(tmp_path, prefect_api) -> Path:
+    """A fresh copy of the repo on the smoke profile, with its own MLflow store."""
+    dest = copy_repo(tmp_path / "repo")
+    run([sys.executable, "-m", "flows", "profile", "smoke"], dest)
+    return dest
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run a test from an empty working directory (stage paths are relative to it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
