@@ -2,7 +2,6 @@
 
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
