@@ -72,8 +72,115 @@ class PrepareParams(Strict):
         return self
 
 
+class ResNetParams(Strict):
+    width: int = Field(32, ge=4, le=512, description="channels of the first stage, doubled per stage")
+    depth: list[int] = Field([1, 1, 1], min_length=1, max_length=6, description="BasicBlocks per stage; [2,2,2,2] is ResNet-18")
+
+
+class ViTParams(Strict):
+    patch_size: int = Field(4, ge=1, le=32)
+    dim: int = Field(128, ge=8, le=2048)
+    depth: int = Field(4, ge=1, le=32)
+    heads: int = Field(4, ge=1, le=32)
+    mlp_ratio: int = Field(4, ge=1, le=8)
+
+
+class SimCLRParams(Strict):
+    proj_hidden_dim: int = Field(256, ge=8)
+    proj_dim: int = Field(128, ge=8)
+    temperature: float = Field(0.2, gt=0, le=10)
+
+
+class MoCoParams(Strict):
+    proj_hidden_dim: int = Field(256, ge=8)
+    proj_dim: int = Field(128, ge=8)
+    temperature: float = Field(0.2, gt=0, le=10)
+    queue_size: int = Field(1024, ge=16, description="negatives kept; well under the training set size")
+    momentum_base: float = Field(0.99, gt=0, lt=1, description="momentum at step 0, cosine to 1")
+
+
+class BYOLParams(Strict):
+    proj_hidden_dim: int = Field(256, ge=8)
+    proj_dim: int = Field(64, ge=8)
+    pred_hidden_dim: int = Field(256, ge=8)
+    momentum_base: float = Field(0.99, gt=0, lt=1)
+
+
+class DINOParams(Strict):
+    out_dim: int = Field(256, ge=8, description="prototypes")
+    hidden_dim: int = Field(256, ge=8)
+    bottleneck_dim: int = Field(64, ge=8)
+    head_batch_norm: bool = Field(True, description="batch norm in the head (off for ViT, as in the paper)")
+    student_temperature: float = Field(0.1, gt=0)
+    teacher_temperature: float = Field(0.07, gt=0, description="after the warm-up")
+    warmup_teacher_temperature: float = Field(0.04, gt=0)
+    teacher_warmup_fraction: float = Field(0.3, ge=0, lt=1, description="share of steps warming the teacher temperature up")
+    center_momentum: float = Field(0.9, gt=0, lt=1)
+    momentum_base: float = Field(0.99, gt=0, lt=1)
+
+
+class RotationParams(Strict):
+    pass
+
+
+class AugmentParams(Strict):
+    crop_scale: list[float] = Field([0.3, 1.0], min_length=2, max_length=2, description="RandomResizedCrop area range")
+    flip: bool = Field(False, description="horizontal flips (off for digits: a flipped 2 is not a 2)")
+    jitter_strength: float = Field(0.5, ge=0, le=1, description="colour jitter, RGB only")
+    jitter_prob: float = Field(0.8, ge=0, le=1)
+    grayscale_prob: float = Field(0.2, ge=0, le=1, description="RGB only")
+    blur_prob: float = Field(0.0, ge=0, le=1, description="gaussian blur (SimCLR leaves it out for small images)")
+
+
+class SslParams(Strict):
+    """Self-supervised pretraining of a backbone."""
+
+    backbone: Literal["resnet", "vit"] = "resnet"
+    resnet: ResNetParams = ResNetParams()
+    vit: ViTParams = ViTParams()
+    objective: Literal["simclr", "moco", "byol", "dino", "rotation"] = "simclr"
+    simclr: SimCLRParams = SimCLRParams()
+    moco: MoCoParams = MoCoParams()
+    byol: BYOLParams = BYOLParams()
+    dino: DINOParams = DINOParams()
+    rotation: RotationParams = RotationParams()
+    augment: AugmentParams = AugmentParams()
+    train: TrainParams = TrainParams(epochs=30, batch_size=256, lr=2e-3, weight_decay=1e-4)
+    knn_every_epochs: int = Field(5, ge=0, description="online kNN on val every N epochs; 0 = only at the end")
+    seed: int = Field(0, ge=0)
+
+
+class EncoderParams(Strict):
+    """Freeze and export the SSL backbone, embed every split."""
+
+    batch_size: int = Field(1024, ge=1)
+    plot_method: Literal["tsne", "pca"] = Field("tsne", description="2-D embedding plot; tsne uses at most plot_points")
+    plot_points: int = Field(1500, ge=10)
+    collapse_tolerance: float = Field(1e-4, gt=0, description="fail when every dim's relative std is below it")
+    seed: int = Field(0, ge=0)
+
+
+class ProbeParams(Strict):
+    """Linear probe and kNN on frozen features, with baselines."""
+
+    weight_decays: list[float] = Field([1e-5, 1e-4, 1e-3, 1e-2, 1e-1], min_length=1, description="grid searched on val")
+    label_fractions: list[float] = Field([0.01, 0.1, 1.0], min_length=1, description="shares of the training labels")
+    knn_k: int = Field(20, ge=1)
+    baselines: bool = Field(True, description="also probe raw pixels and a randomly initialised encoder")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fractions_in_range(self) -> ProbeParams:
+        if any(not 0 < f <= 1 for f in self.label_fractions):
+            raise ValueError("label_fractions must lie in (0, 1]")
+        return self
+
+
 STAGE_PARAMS: dict[str, type[Strict]] = {
     "prepare": PrepareParams,
+    "ssl": SslParams,
+    "encoder": EncoderParams,
+    "probe": ProbeParams,
 }
 
 
@@ -218,7 +325,7 @@ def write_params(full: dict[str, dict]) -> list[str]:
     changed = []
     for stage, values in full.items():
         path = params_path(stage)
-        text = yaml.safe_dump(values, sort_keys=False)
+        text = yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
             changed.append(stage)

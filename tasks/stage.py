@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 
 from pydantic import BaseModel
 
 from tasks.artifacts import StageOutputs, checkpoint_path, plots_dir
+from tasks.lineage import dep_hashes
 from tasks.tracking import StageTracker
 from tasks.training import Distributed, pick_device
 
@@ -27,6 +30,9 @@ class StageRun:
         self.dist = Distributed.from_env()
         self.device = pick_device(self.dist)
         self.metrics: dict[str, float] = {}
+        self.deps = dep_hashes(stage)
+        identity = json.dumps([params.model_dump(mode="json"), self.deps, self.dist.world], sort_keys=True)
+        self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()  # what a checkpoint must match
 
     @property
     def is_main(self) -> bool:
@@ -35,7 +41,9 @@ class StageRun:
     def __enter__(self) -> StageRun:
         self.started = time.perf_counter()
         self.outputs = StageOutputs(self.stage) if self.is_main else None
-        self.tracker = StageTracker(self.stage, self.params, device=str(self.device), enabled=self.is_main)
+        self.tracker = StageTracker(
+            self.stage, self.params, deps=self.deps, device=str(self.device), enabled=self.is_main
+        )
         return self
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:

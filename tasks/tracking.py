@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.lineage import dep_hashes, git_state
+from tasks.lineage import git_state
 from tasks.params import flatten
 
 EXPERIMENT = "latentlab"
@@ -48,7 +48,9 @@ def experiment_id(mlflow_client, name: str | None = None) -> str:
 class StageTracker:
     """The MLflow run of one stage execution (a no-op on DDP ranks other than 0)."""
 
-    def __init__(self, stage: str, params: BaseModel, *, device: str = "cpu", enabled: bool = True):
+    def __init__(
+        self, stage: str, params: BaseModel, *, deps: dict[str, str], device: str = "cpu", enabled: bool = True
+    ):
         self.stage = stage
         self.enabled = enabled
         self.run_id: str | None = None
@@ -64,7 +66,7 @@ class StageTracker:
             "torch.version": torch.__version__,
             "host.python": platform.python_version(),
             **git_state(),
-            **{f"dvc.dep.{path}": digest for path, digest in dep_hashes(stage).items()},
+            **{f"dvc.dep.{path}": digest for path, digest in deps.items()},
         }
         tags["mlflow.source.git.commit"] = tags["git.commit"]
         parent = os.environ.get(PARENT_ENV)

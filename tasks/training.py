@@ -125,6 +125,7 @@ class TrainResult:
     steps: int
     seconds: float  # wall time of the steps this process ran
     images_per_s: float  # global throughput over those steps
+    evaluation: dict[str, float]  # the last `evaluate` result (rank 0; empty without one)
 
 
 class Trainer:
@@ -269,17 +270,17 @@ class Trainer:
         seconds = time.perf_counter() - started
         ran = self.steps - self.start_step
         self.save(self.steps)
-        if evaluate is not None and dist.is_main:
-            self._evaluate(evaluate, self.steps)
+        evaluation = self._evaluate(evaluate, self.steps) if evaluate is not None and dist.is_main else {}
         return TrainResult(
             module=self.module,
             ema=self.ema.module if self.ema is not None else None,
             steps=self.steps,
             seconds=seconds,
             images_per_s=ran * train.batch_size / max(seconds, 1e-9),
+            evaluation=evaluation,
         )
 
-    def _evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]], step: int) -> None:
+    def _evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]], step: int) -> dict[str, float]:
         self.module.eval()
         with torch.no_grad(), autocast(self.device, self.train.precision):
             metrics = evaluate(self.ema.module if self.ema is not None else self.module)
@@ -288,6 +289,7 @@ class Trainer:
             self.log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if self.dist.is_main and metrics:
             tqdm.write(f"[{self.desc}] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
 
     def _check_finite(self, window: list[dict[str, torch.Tensor]], first_step: int) -> None:
         losses = torch.stack([w["loss"] for w in window])

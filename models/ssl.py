@@ -1,0 +1,301 @@
+"""Self-supervised objectives, each a small module over a shared base.
+
+Contract with the training loop: `forward(images)` takes a batch in [-1, 1] (N, C, H, W), makes its
+own augmented views and returns {"loss": scalar, ...other scalars to log}; `after_step(step,
+total_steps)` (momentum objectives) runs after each optimiser step. `self.backbone` is the online
+backbone that the encoder stage exports; target networks never get gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.augment import TwoViews
+from models.ssl_losses import byol_loss, dino_loss, infonce_with_queue, nt_xent
+
+# -- shared pieces -----------------------------------------------------------------------
+
+
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """SimCLR/MoCo v2/BYOL projector (and BYOL's predictor): linear, batch norm, ReLU, linear."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )
+
+
+def cosine_momentum(step: int, total_steps: int, base: float) -> float:
+    """BYOL's target momentum: `base` at step 0, rising along a half cosine to 1 at `total_steps`."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+def feature_std(features: torch.Tensor) -> torch.Tensor:
+    """Per-dimension std of the l2-normalised features, averaged: 0 when they collapse to one point."""
+    return F.normalize(features.detach().float(), dim=1).std(dim=0).mean()
+
+
+def _gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows under torchrun (no gradient), so buffers built from them agree across ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class SSLObjective(nn.Module):
+    """The online backbone and its head, trained on two augmented views of each image."""
+
+    def __init__(self, backbone: nn.Module, augment: TwoViews, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.augment = augment
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        view1, view2 = self.augment(images)
+        return self.views_loss(torch.cat([view1, view2]))
+
+    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss of a batch holding both views, view 1 of every image first: one backbone pass
+        for both keeps the GPU busy."""
+        raise NotImplementedError
+
+
+class MomentumObjective(SSLObjective):
+    """Adds a target copy of backbone + head whose weights follow the online ones as an EMA.
+    Only weights are averaged: the target's batch-norm statistics come from its own forward passes."""
+
+    def __init__(self, backbone: nn.Module, augment: TwoViews, head: nn.Module, momentum_base: float):
+        super().__init__(backbone, augment, head)
+        self.momentum_base = momentum_base
+        self.target = copy.deepcopy(nn.Sequential(backbone, head)).requires_grad_(False)
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        momentum = cosine_momentum(step, total_steps, self.momentum_base)
+        online = [*self.backbone.parameters(), *self.head.parameters()]
+        torch._foreach_lerp_(list(self.target.parameters()), online, 1 - momentum)
+
+
+# -- the objectives ----------------------------------------------------------------------
+
+
+class SimCLR(SSLObjective):
+    """Chen et al., 2020: InfoNCE between the projections of two views, the batch as negatives."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        augment: TwoViews,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        temperature: float = 0.2,
+    ):
+        super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim))
+        self.temperature = temperature
+
+    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(views)
+        z1, z2 = self.head(features).chunk(2)
+        return {"loss": nt_xent(z1, z2, self.temperature), "feature_std": feature_std(features)}
+
+
+class KeyQueue(nn.Module):
+    """MoCo's negatives: a first-in-first-out ring of the last `size` l2-normalised keys. Held in
+    buffers so a checkpoint resumes with the same queue."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))  # the oldest slot
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest slots with `keys` (N, dim), wrapping around the end of the ring."""
+        size = len(self.keys)
+        keys = keys[-size:]
+        slots = (self.pointer + torch.arange(len(keys), device=keys.device)) % size
+        self.keys[slots] = F.normalize(keys.to(self.keys.dtype), dim=1)
+        self.pointer.copy_((self.pointer + len(keys)) % size)
+
+
+class MoCoV2(MomentumObjective):
+    """He et al., 2020 / Chen et al., 2020: queries from the online network, keys from its momentum
+    copy, negatives from a queue of past keys. Symmetric: each view is a query for the other."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        augment: TwoViews,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        temperature: float = 0.2,
+        queue_size: int = 65536,
+        momentum_base: float = 0.99,
+    ):
+        super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim), momentum_base)
+        self.temperature = temperature
+        self.queue = KeyQueue(queue_size, proj_dim)
+
+    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(views)
+        q1, q2 = self.head(features).chunk(2)
+        with torch.no_grad():
+            k1, k2 = self.target(views).chunk(2)
+        negatives = self.queue.keys.clone()  # push() below edits the buffer that backward still needs
+        loss = (
+            infonce_with_queue(q1, k2, negatives, self.temperature)
+            + infonce_with_queue(q2, k1, negatives, self.temperature)
+        ) / 2
+        if self.training:
+            self.queue.push(_gather_across_ranks(torch.cat([k1, k2])))
+        return {"loss": loss, "feature_std": feature_std(features)}
+
+
+class BYOL(MomentumObjective):
+    """Grill et al., 2020: the online projection, through a predictor, regresses the target
+    network's projection of the other view; no negatives."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        augment: TwoViews,
+        proj_hidden_dim: int = 4096,
+        proj_dim: int = 256,
+        pred_hidden_dim: int = 4096,
+        momentum_base: float = 0.99,
+    ):
+        super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim), momentum_base)
+        self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim)
+
+    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(views)
+        p1, p2 = self.predictor(self.head(features)).chunk(2)
+        with torch.no_grad():
+            t1, t2 = self.target(views).chunk(2)
+        loss = (byol_loss(p1, t2) + byol_loss(p2, t1)) / 2
+        return {"loss": loss, "feature_std": feature_std(features)}
+
+
+class DINOHead(nn.Module):
+    """MLP to a bottleneck, l2-normalised, then scored against `out_dim` unit-norm prototypes
+    (DINO's weight-normalised last layer with its norm fixed to 1)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int, batch_norm: bool):
+        super().__init__()
+        norm = nn.BatchNorm1d if batch_norm else nn.Identity
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), norm(hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), norm(hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck_dim) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(self.mlp(features), dim=-1), F.normalize(self.prototypes, dim=-1))
+
+
+class DINO(MomentumObjective):
+    """Caron et al., 2021: the student matches the momentum teacher's centred, sharpened
+    distribution over prototypes for the other view. Two global views, no multi-crop."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        augment: TwoViews,
+        out_dim: int = 4096,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_batch_norm: bool = True,
+        student_temperature: float = 0.1,
+        teacher_temperature: float = 0.04,
+        warmup_teacher_temperature: float = 0.04,
+        teacher_warmup_fraction: float = 0.0,
+        center_momentum: float = 0.9,
+        momentum_base: float = 0.996,
+    ):
+        # without batch norm a fresh ResNet maps every image to nearly the same direction, so the
+        # teacher is one-hot on the same prototype for all of them and centring makes it uniform
+        head = DINOHead(backbone.out_dim, hidden_dim, bottleneck_dim, out_dim, head_batch_norm)
+        super().__init__(backbone, augment, head, momentum_base)
+        self.student_temperature = student_temperature
+        self.final_teacher_temperature = teacher_temperature
+        self.warmup_teacher_temperature = warmup_teacher_temperature
+        self.teacher_warmup_fraction = teacher_warmup_fraction  # share of all steps
+        # buffers, so a resumed run continues the schedule and the centre where they were
+        start = warmup_teacher_temperature if teacher_warmup_fraction > 0 else teacher_temperature
+        self.register_buffer("teacher_temperature", torch.tensor(start))
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.center_momentum = center_momentum
+
+    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(views)
+        student = self.head(features).chunk(2)
+        with torch.no_grad():
+            teacher = self.target(views)
+        loss = dino_loss(student, teacher.chunk(2), self.center, self.student_temperature, self.teacher_temperature)
+        if self.training:
+            self._update_center(teacher)
+        return {
+            "loss": loss,
+            "feature_std": feature_std(features),
+            "teacher_temperature": self.teacher_temperature.clone(),  # a copy: after_step edits the buffer
+        }
+
+    @torch.no_grad()
+    def _update_center(self, teacher_logits: torch.Tensor) -> None:
+        rank_means = _gather_across_ranks(teacher_logits.float().mean(dim=0, keepdim=True))
+        batch_center = rank_means.mean(dim=0, keepdim=True)
+        self.center.lerp_(batch_center, 1 - self.center_momentum)
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        super().after_step(step, total_steps)
+        warmup_steps = self.teacher_warmup_fraction * total_steps
+        progress = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        start, end = self.warmup_teacher_temperature, self.final_teacher_temperature
+        self.teacher_temperature.fill_(start + progress * (end - start))
+
+
+def rotate_four_ways(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image rotated by 0, 90, 180 and 270 degrees counter-clockwise (4N, C, H, W), with the
+    number of quarter turns (4N,) as its label."""
+    rotated = torch.cat([torch.rot90(images, quarter_turns, dims=(2, 3)) for quarter_turns in range(4)])
+    labels = torch.arange(4, device=images.device).repeat_interleave(len(images))
+    return rotated, labels
+
+
+class Rotation(SSLObjective):
+    """Gidaris et al., 2018: predict which of four rotations was applied to an augmented view.
+    One view per image is enough here, so it replaces the base's two-view forward."""
+
+    def __init__(self, backbone: nn.Module, augment: TwoViews):
+        super().__init__(backbone, augment, nn.Linear(backbone.out_dim, 4))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        rotated, labels = rotate_four_ways(self.augment.view(images))
+        features = self.backbone(rotated)
+        logits = self.head(features)
+        return {
+            "loss": F.cross_entropy(logits, labels),
+            "accuracy": (logits.argmax(dim=1) == labels).float().mean(),
+            "feature_std": feature_std(features),
+        }
+
+
+OBJECTIVES: dict[str, type[SSLObjective]] = {
+    "simclr": SimCLR, "moco": MoCoV2, "byol": BYOL, "dino": DINO, "rotation": Rotation,
+}
+
+
+def build_objective(name: str, backbone: nn.Module, augment: TwoViews, **hparams) -> SSLObjective:
+    """An objective by name (simclr, moco, byol, dino, rotation) with its hyper-parameters."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown SSL objective {name!r}; choose from {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](backbone, augment, **hparams)

@@ -1,0 +1,96 @@
+"""The frozen encoder: export to safetensors + JSON config, rebuild from those two files alone,
+embed every split, and refuse a collapsed representation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.backbones import build_backbone
+from tasks.data import ImageSplit
+from tasks.errors import StageError
+
+WEIGHTS = "encoder.safetensors"
+CONFIG = "encoder.json"
+
+
+class EncoderCollapsed(StageError):
+    """Every embedding dimension is (nearly) constant: the SSL run learned nothing usable."""
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def export_encoder(backbone: nn.Module, config: dict, folder: Path) -> None:
+    """Write the backbone's weights and the config `build_backbone(**config)` rebuilds it from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
+    save_file(state, folder / WEIGHTS)
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_encoder(folder: Path | str, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the frozen encoder (eval mode, no grads) from encoder.json + encoder.safetensors."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG).read_text())
+    encoder = build_backbone(**config)
+    encoder.load_state_dict(load_file(folder / WEIGHTS, device=str(device)))
+    return freeze(encoder.to(device))
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, split: ImageSplit, batch_size: int = 1024) -> torch.Tensor:
+    """Features of every image of a split, batched, in float32."""
+    chunks = [
+        encoder(split.floats(slice(start, start + batch_size))).float()
+        for start in range(0, len(split), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def collapse_stats(embeddings: torch.Tensor, tolerance: float = 1e-4) -> dict[str, float]:
+    """Per-dimension std relative to the features' scale; `dead_fraction` counts near-constant dims."""
+    relative_std = embeddings.std(0) / (embeddings.abs().mean() + 1e-12)
+    return {
+        "embedding_std_mean": relative_std.mean().item(),
+        "embedding_std_max": relative_std.max().item(),
+        "dead_fraction": (relative_std < tolerance).float().mean().item(),
+    }
+
+
+def check_not_collapsed(embeddings: torch.Tensor, tolerance: float = 1e-4) -> dict[str, float]:
+    stats = collapse_stats(embeddings, tolerance)
+    if stats["embedding_std_max"] < tolerance:
+        raise EncoderCollapsed(
+            f"the encoder collapsed: every embedding dimension has std < {tolerance} of the features' "
+            f"scale (max {stats['embedding_std_max']:.2e}). Try another objective, a lower lr or more epochs."
+        )
+    return stats
+
+
+def backbone_from_ssl(folder: Path) -> tuple[nn.Module, dict]:
+    """The online backbone of a trained SSL objective (heads and target networks stripped)."""
+    config = json.loads((folder / "config.json").read_text())["backbone"]
+    state = torch.load(folder / "objective.pt", map_location="cpu", weights_only=True)
+    backbone = build_backbone(**config)
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    return freeze(backbone), config
+
+
+def project_2d(embeddings: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """t-SNE (PCA-initialised) or PCA to two dimensions."""
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(2, random_state=seed).fit_transform(embeddings)
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, (len(embeddings) - 1) / 3)
+    return TSNE(2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(embeddings)

@@ -1,0 +1,62 @@
+"""Matplotlib figures for the stages' plots/ folders (headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def scatter_by_class(points: np.ndarray, labels: np.ndarray, class_names: list[str], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for index, name in enumerate(class_names):
+        chosen = labels == index
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=6, color=cmap(index % cmap.N), label=name)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(markerscale=3, fontsize=7, loc="best", ncol=2)
+    _save(fig, path)
+
+
+def confusion(matrix: np.ndarray, class_names: list[str], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    shown = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (row, col), count in np.ndenumerate(matrix):
+        if count:
+            color = "white" if count > matrix.max() / 2 else "black"
+            ax.text(col, row, int(count), ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(shown, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, path: Path,
+          logx: bool = False) -> None:
+    """One line per name: {name: (xs, ys)}."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)

@@ -1,0 +1,35 @@
+"""Self-supervised pretraining: the objective built from params, trained by the one loop, with
+an online kNN monitor on the val split."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.augment import TwoViews
+from models.backbones import build_backbone
+from models.knn import knn_accuracy
+from models.ssl import SSLObjective, build_objective
+from tasks.data import ImageSplit
+from tasks.encoder import embed
+from tasks.params import SslParams
+
+MONITOR_TRAIN_IMAGES = 10_000  # kNN bank size for the online monitor
+
+
+def build_ssl(params: SslParams, channels: int, image_size: int) -> SSLObjective:
+    backbone = build_backbone(params.backbone, channels, image_size, **getattr(params, params.backbone).model_dump())
+    augment_params = params.augment.model_dump()
+    augment_params["crop_scale"] = tuple(augment_params["crop_scale"])
+    augment = TwoViews(image_size, channels, **augment_params)
+    return build_objective(params.objective, backbone, augment, **getattr(params, params.objective).model_dump())
+
+
+def knn_monitor(train: ImageSplit, val: ImageSplit, k: int = 20):
+    """`evaluate(objective) -> {"knn_top1": ...}` on val, with (a subset of) train as the bank."""
+    bank = ImageSplit(train.images[:MONITOR_TRAIN_IMAGES], train.labels[:MONITOR_TRAIN_IMAGES])
+
+    def evaluate(objective: nn.Module) -> dict[str, float]:
+        backbone = objective.backbone
+        return {"knn_top1": knn_accuracy(embed(backbone, bank), bank.labels, embed(backbone, val), val.labels, k=k)}
+
+    return evaluate
