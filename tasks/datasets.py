@@ -8,7 +8,6 @@ allowed and online) and verified against their published MD5s.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import pickle
 import struct
 import tarfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import StageError
+from tasks.lineage import md5_file
 
 
 class DataError(StageError, ValueError):
@@ -75,14 +75,6 @@ CLASS_NAMES = {
 }
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(url: str, dest: Path, md5: str, timeout: float = 30) -> None:

@@ -28,7 +28,7 @@ def git_state() -> dict[str, str]:
     }
 
 
-def _md5(path: Path) -> str:
+def md5_file(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -40,10 +40,10 @@ def dvc_hash(path: Path) -> str:
     """The hash DVC 3 records in dvc.lock: md5 of a file, or md5 of a directory's listing + '.dir'."""
     path = Path(path)
     if path.is_file():
-        return _md5(path)
+        return md5_file(path)
     entries = sorted(
         (
-            {"md5": _md5(file), "relpath": file.relative_to(path).as_posix()}
+            {"md5": md5_file(file), "relpath": file.relative_to(path).as_posix()}
             for file in path.rglob("*")
             if file.is_file() and "__pycache__" not in file.parts  # as .dvcignore says
         ),
