@@ -176,11 +176,137 @@ class ProbeParams(Strict):
         return self
 
 
+class AdversarialParams(Strict):
+    enabled: bool = Field(False, description="train a PatchGAN discriminator (hinge loss) against the decoder")
+    weight: float = Field(0.1, ge=0, description="weight of the generator's hinge term")
+    warmup_fraction: float = Field(0.5, ge=0, lt=1, description="share of steps before the discriminator joins")
+    width: int = Field(32, ge=4, le=512)
+    layers: int = Field(2, ge=1, le=5, description="stride-2 stages: 2 suits 16x16 images, 3 suits 32x32")
+
+
+class VaeParams(Strict):
+    """Convolutional VAE: images -> a latent grid, and the training set's latents for diffusion."""
+
+    downsample: Literal[1, 2, 4, 8] = Field(4, description="image size / latent grid size")
+    latent_channels: int = Field(4, ge=1, le=64)
+    width: int = Field(32, ge=4, le=512, description="channels at full resolution, doubling per stage up to 4x")
+    beta: float = Field(1e-4, ge=0, description="KL weight per image element")
+    reconstruction: Literal["l1", "l2"] = "l1"
+    perceptual_weight: float = Field(0.1, ge=0, description="feature distance under the frozen SSL encoder; 0 turns it off")
+    adversarial: AdversarialParams = AdversarialParams()
+    train: TrainParams = TrainParams(epochs=30, batch_size=64, lr=2e-3, log_every=20)
+    grid_images: int = Field(40, ge=1, le=400, description="images in the reconstruction and prior-sample grids")
+    seed: int = Field(0, ge=0)
+
+
+class UNetParams(Strict):
+    channels: int = Field(48, ge=8, le=1024, description="width of the first level")
+    channel_mults: list[int] = Field([1, 2], min_length=1, max_length=5, description="each level's width / channels; each next level halves the grid")
+    blocks_per_level: int = Field(2, ge=1, le=8)
+    attention_heads: int = Field(4, ge=1, le=32, description="self-attention at the lowest resolution")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_the_deepest_width(self) -> UNetParams:
+        if any(mult < 1 for mult in self.channel_mults):
+            raise ValueError("channel_mults must be positive")
+        if (self.channels * self.channel_mults[-1]) % self.attention_heads:
+            raise ValueError("attention_heads must divide channels * channel_mults[-1]")
+        return self
+
+
+class FlowParams(Strict):
+    time_mean: float = Field(0.0, description="logit-normal t: sigmoid(N(time_mean, time_std^2))")
+    time_std: float = Field(1.0, gt=0)
+    sampler: Literal["euler", "heun"] = Field("euler", description="heun takes 2 net calls a step")
+
+
+class DDPMParams(Strict):
+    sampler: Literal["ddim", "ancestral"] = "ddim"
+
+
+class DiffusionParams(Strict):
+    """A class-conditional U-Net denoiser over the VAE's latents: rectified flow or DDPM, with CFG."""
+
+    formulation: Literal["flow", "ddpm"] = Field("flow", description="flow: v-prediction, logit-normal t; ddpm: eps-prediction, cosine schedule")
+    flow: FlowParams = FlowParams()
+    ddpm: DDPMParams = DDPMParams()
+    unet: UNetParams = UNetParams()
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
+    train: TrainParams = TrainParams(epochs=80, batch_size=128, lr=1e-3, ema_decay=0.99, log_every=20)
+    sample_steps: int = Field(32, ge=1, le=1000, description="sampler steps of the sample grids")
+    guidance_scales: list[float] = Field([1.0, 2.0, 4.0], min_length=1, description="a sample grid per scale; 1 is the plain conditional model")
+    samples_per_class: int = Field(8, ge=1, le=64, description="columns of each sample grid")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _guidance_at_least_one(self) -> DiffusionParams:
+        if any(scale < 1 for scale in self.guidance_scales):
+            raise ValueError("guidance_scales must be >= 1")
+        return self
+
+
+class ProgressiveParams(Strict):
+    teacher_steps: int = Field(64, ge=2, le=1024, description="DDIM steps of the first round's teacher; a power of two, halved each round")
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="null-class share for teacher and student alike: students keep guidance")
+    train: TrainParams = TrainParams(epochs=5, batch_size=128, lr=1e-3, warmup_fraction=0.0, log_every=20)
+
+
+class ReflowParams(Strict):
+    pairs: int = Field(2048, ge=16, description="(noise, teacher sample) pairs the student straightens")
+    teacher_steps: int = Field(32, ge=1, le=1000, description="sampler steps drawing the pairs")
+    train: TrainParams = TrainParams(epochs=20, batch_size=128, lr=5e-4, warmup_fraction=0.0, log_every=20)
+
+
+class DistillParams(Strict):
+    """Few-step students of the diffusion teacher: progressive distillation (DDPM) or reflow (flow)."""
+
+    guidance: float = Field(2.0, ge=1, description="the teacher's guidance the students reproduce (and fid samples the teacher at)")
+    student_steps: list[int] = Field([1, 2, 4], min_length=1, description="steps the students sample with")
+    progressive: ProgressiveParams = ProgressiveParams()
+    reflow: ReflowParams = ReflowParams()
+    samples_per_class: int = Field(8, ge=1, le=64, description="columns of each student's sample grid")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _students_come_from_the_rounds(self) -> DistillParams:
+        teacher_steps = self.progressive.teacher_steps
+        if teacher_steps & (teacher_steps - 1):
+            raise ValueError("progressive.teacher_steps must be a power of two")
+        if any(steps < 1 or steps & (steps - 1) or steps >= teacher_steps for steps in self.student_steps):
+            raise ValueError("student_steps must be powers of two below progressive.teacher_steps (one per round)")
+        return self
+
+
+class FidParams(Strict):
+    """FID and KID against the test split in the frozen SSL encoder's feature space."""
+
+    samples: int = Field(500, ge=10, description="generated images per row, class-balanced")
+    teacher_steps: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 100], min_length=1, description="the teacher's sampler steps, a row each")
+    kid_subset_size: int = Field(100, ge=2, description="KID subset size, capped by the smaller image set")
+    kid_subsets: int = Field(50, ge=1)
+    batch_size: int = Field(500, ge=1, description="images sampled and scored at once")
+    samples_per_class: int = Field(8, ge=1, le=64, description="columns of each sample grid")
+    inception: bool = Field(True, description="Inception-v3 FID too, when torch-fidelity and its weights are on disk (never downloaded)")
+    inception_weights: str | None = Field(None, description="the pt_inception-2015-12-05 weights file; default: torch hub's checkpoints folder")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_positive(self) -> FidParams:
+        if any(steps < 1 for steps in self.teacher_steps):
+            raise ValueError("teacher_steps must be >= 1")
+        return self
+
+
 STAGE_PARAMS: dict[str, type[Strict]] = {
     "prepare": PrepareParams,
     "ssl": SslParams,
     "encoder": EncoderParams,
     "probe": ProbeParams,
+    "vae": VaeParams,
+    "diffusion": DiffusionParams,
+    "distill": DistillParams,
+    "fid": FidParams,
 }
 
 

@@ -1,0 +1,68 @@
+"""diffusion: a class-conditional U-Net over the VAE's scaled latents, trained as a rectified flow
+or DDPM with label dropout for classifier-free guidance; its EMA weights are exported and sampled
+into a per-class grid at each guidance scale, decoded by the VAE."""
+
+import torch
+from prefect import flow
+
+from flows.stage import main, stage_task
+from tasks.artifacts import artifacts_dir, checkpoint_path
+from tasks.data import EpochBatches
+from tasks.diffusion import (
+    Denoiser,
+    build_denoiser_training,
+    class_grid,
+    export_denoiser,
+    load_denoiser,
+    step_rows,
+)
+from tasks.images import save_png
+from tasks.params import DiffusionParams
+from tasks.stage import StageRun
+from tasks.training import Trainer, TrainResult
+from tasks.vae import load_decoder, load_latents
+
+
+def train_denoiser(params: DiffusionParams, run: StageRun) -> TrainResult:
+    latents = load_latents(artifacts_dir("vae"), run.device)
+    scaled, labels = latents.scaled(), latents.labels
+    batches = EpochBatches(len(scaled), params.train.batch_size, params.seed, run.dist.rank, run.dist.world, run.device)
+    torch.manual_seed(params.seed)
+    training = build_denoiser_training(params, scaled.shape[1], latents.num_classes)
+    trainer = Trainer(
+        training, params.train, steps_per_epoch=batches.steps_per_epoch, seed=params.seed,
+        checkpoint=checkpoint_path("diffusion"), fingerprint=run.fingerprint, log=run.log,
+        device=run.device, dist=run.dist, desc=f"diffusion/{params.formulation}",
+    )
+    return trainer.fit(step_rows(batches, scaled, labels))
+
+
+@flow(name="diffusion", log_prints=True)
+def diffusion(params: DiffusionParams) -> None:
+    with StageRun("diffusion", params) as run:
+        result = stage_task(train_denoiser, name="train")(params, run)
+        if not run.is_main:
+            return
+        trained = result.ema if result.ema is not None else result.module
+        latent_shape = load_latents(artifacts_dir("vae")).latents.shape[1:]
+        export_denoiser(Denoiser.from_params(trained.net, params, latent_shape), run.outputs.artifacts)
+        denoiser = load_denoiser(run.outputs.artifacts, run.device)  # what later stages get
+        decoder = load_decoder(artifacts_dir("vae"), run.device)
+        num_classes = denoiser.net.config.num_classes
+        sample = stage_task(class_grid, name="sample-grids")
+        for guidance in params.guidance_scales:
+            image, images_per_s = sample(
+                denoiser, decoder, num_classes, params.samples_per_class, params.sample_steps, guidance, params.seed
+            )
+            save_png(image, run.outputs.plots / f"samples_guidance_{guidance:g}.png")
+            run.metrics[f"sampling_images_per_s.guidance_{guidance:g}"] = round(images_per_s, 1)
+        run.metrics.update(
+            steps=result.steps, train_seconds=round(result.seconds, 2), images_per_s=round(result.images_per_s, 1),
+            parameters=sum(p.numel() for p in denoiser.net.parameters()),
+        )
+        print(f"diffusion/{params.formulation}: {result.steps} steps in {result.seconds:.1f} s "
+              f"({result.images_per_s:.0f} latents/s); grids at guidance {params.guidance_scales}")
+
+
+if __name__ == "__main__":
+    main("diffusion", diffusion)

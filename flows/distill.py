@@ -1,0 +1,54 @@
+"""distill: few-step students of the diffusion teacher, progressive distillation for DDPM (each
+round halves the steps, the student starting from its teacher) or reflow for the rectified flow;
+a per-class sample grid of each student at its step count, decoded by the VAE."""
+
+from prefect import flow
+
+from flows.stage import main, stage_task
+from tasks.artifacts import artifacts_dir
+from tasks.diffusion import class_grid, load_denoiser
+from tasks.distill import export_students, load_students, progressive_students, reflow_student
+from tasks.images import save_png
+from tasks.params import DistillParams
+from tasks.stage import StageRun
+from tasks.vae import load_decoder, load_latents
+
+
+def train_students(params: DistillParams, run: StageRun):
+    teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
+    latents = load_latents(artifacts_dir("vae"), run.device)
+    if teacher.formulation == "ddpm":
+        return "progressive", *progressive_students(teacher, params, latents.scaled(), latents.labels, run)
+    return "reflow", *reflow_student(teacher, params, latents.num_classes, run)
+
+
+@flow(name="distill", log_prints=True)
+def distill(params: DistillParams) -> None:
+    with StageRun("distill", params) as run:
+        method, students, results = stage_task(train_students, name="train")(params, run)
+        if not run.is_main:
+            return
+        folder = run.outputs.artifacts
+        export_students(students, method, params.guidance, folder)
+        students, _ = load_students(folder, run.device)  # what the fid stage gets
+        decoder = load_decoder(artifacts_dir("vae"), run.device)
+        sample = stage_task(class_grid, name="sample-grids")
+        for student in students:
+            net = student.denoiser.net
+            image, images_per_s = sample(
+                student.denoiser, decoder, net.config.num_classes, params.samples_per_class, student.steps,
+                student.guidance, params.seed,
+            )
+            save_png(image, run.outputs.plots / f"samples_student_{student.steps}_steps.png")
+            run.metrics[f"sampling_images_per_s.steps_{student.steps}"] = round(images_per_s, 1)
+        seconds = sum(result.seconds for result in results)
+        run.metrics.update(
+            steps=sum(result.steps for result in results), train_seconds=round(seconds, 2),
+            images_per_s=round(sum(result.images_per_s * result.seconds for result in results) / max(seconds, 1e-9), 1),
+        )
+        print(f"distill/{method}: students at {[s.steps for s in students]} steps, "
+              f"{run.metrics['steps']} training steps in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main("distill", distill)

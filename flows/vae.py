@@ -1,0 +1,85 @@
+"""vae: a convolutional VAE on the prepared images (beta-KL, L1/L2, optional PatchGAN and a
+perceptual loss in the frozen SSL encoder's space); the training set's latents with their
+per-channel scale; reconstruction and prior-sample grids; PSNR/SSIM on the test split."""
+
+import numpy as np
+import torch
+from prefect import flow
+
+from flows.stage import main, stage_task
+from tasks.artifacts import artifacts_dir, checkpoint_path
+from tasks.data import EpochBatches, load_manifest, load_split
+from tasks.encoder import load_encoder
+from tasks.images import grid, save_png, to_uint8
+from tasks.params import VaeParams
+from tasks.stage import StageRun
+from tasks.training import Trainer, TrainResult, total_steps
+from tasks.vae import (
+    Latents,
+    LatentScale,
+    build_vae_training,
+    decode,
+    encode_means,
+    export_vae,
+    load_vae,
+    reconstruction_report,
+)
+
+GRID_COLUMNS = 10
+
+
+def train_vae(params: VaeParams, run: StageRun) -> TrainResult:
+    train = load_split("train", run.device)
+    batches = EpochBatches(len(train), params.train.batch_size, params.seed, run.dist.rank, run.dist.world, run.device)
+    steps = total_steps(params.train, batches.steps_per_epoch)
+    encoder = load_encoder(artifacts_dir("encoder"), run.device) if params.perceptual_weight > 0 else None
+    torch.manual_seed(params.seed)
+    training = build_vae_training(params, load_manifest()["image_shape"], steps, encoder)
+    trainer = Trainer(
+        training, params.train, steps_per_epoch=batches.steps_per_epoch, seed=params.seed,
+        checkpoint=checkpoint_path("vae"), fingerprint=run.fingerprint, log=run.log,
+        device=run.device, dist=run.dist, desc="vae",
+    )
+    return trainer.fit(lambda step: train.floats(batches(step)))
+
+
+def reconstruction_grid(vae, images: torch.Tensor) -> np.ndarray:
+    """Rows of originals, each followed by its row of reconstructions."""
+    reconstructions = decode(vae, encode_means(vae, images))
+    rows = [torch.cat(pair) for pair in zip(images.split(GRID_COLUMNS), reconstructions.split(GRID_COLUMNS), strict=True)]
+    return grid(to_uint8(torch.cat(rows)), ncols=GRID_COLUMNS)
+
+
+@flow(name="vae", log_prints=True)
+def vae(params: VaeParams) -> None:
+    with StageRun("vae", params) as run:
+        result = stage_task(train_vae, name="train")(params, run)
+        if not run.is_main:
+            return
+        folder = run.outputs.artifacts
+        export_vae(result.module.vae, folder)
+        model = load_vae(folder, run.device)  # what later stages get: rebuilt from the two files alone
+
+        train, test = load_split("train", run.device), load_split("test", run.device)
+        means = stage_task(encode_means, name="encode-train")(model, train.floats())
+        latents = Latents(means, train.labels, LatentScale.fit(means), len(load_manifest()["class_names"]))
+        latents.save(folder)
+        run.metrics.update(stage_task(reconstruction_report, name="evaluate")(model, test, train.floats().mean(0)))
+
+        shown = min(params.grid_images, len(test))
+        save_png(reconstruction_grid(model, test.floats(slice(0, shown))), run.outputs.plots / "reconstructions.png")
+        torch.manual_seed(params.seed)
+        prior = decode(model, torch.randn(params.grid_images, *means.shape[1:], device=run.device))
+        save_png(grid(to_uint8(prior), ncols=GRID_COLUMNS), run.outputs.plots / "prior_samples.png")
+
+        run.metrics.update(
+            steps=result.steps, train_seconds=round(result.seconds, 2), images_per_s=round(result.images_per_s, 1),
+            latent_std_min=means.std((0, 2, 3)).min().item(), latent_std_max=means.std((0, 2, 3)).max().item(),
+        )
+        grid_shape = "x".join(map(str, means.shape[1:]))
+        print(f"vae: {grid_shape} latents; test PSNR {run.metrics['psnr']:.2f} dB "
+              f"(mean image {run.metrics['psnr_mean_image']:.2f}), SSIM {run.metrics['ssim']:.3f}")
+
+
+if __name__ == "__main__":
+    main("vae", vae)

@@ -1,0 +1,103 @@
+"""Diffusion objectives, each a small callable in NVlabs/edm's shape: the constructor holds the
+hyper-parameters, `objective(net, x0, labels)` returns the per-sample loss (N,).
+
+A denoiser is any module `net(x, t, labels)` returning a tensor shaped like x, with t (N,) in
+[0, 1] and an attribute `null_label`: the class index that means "no label". Training with
+`label_dropout` > 0 teaches it the unconditional model too, for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def drop_labels(labels: torch.Tensor, null_label: int, probability: float) -> torch.Tensor:
+    """Each label replaced by the null class with the given probability."""
+    if probability == 0:
+        return labels
+    dropped = torch.rand(labels.shape, device=labels.device) < probability
+    return torch.where(dropped, torch.full_like(labels, null_label), labels)
+
+
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, 1, ...), to broadcast against a batch shaped like `like`."""
+    return values.view(-1, *[1] * (like.ndim - 1))
+
+
+class RectifiedFlow:
+    """x_t = (1 - t) x0 + t noise; the net predicts the velocity noise - x0 (Liu et al. 2022).
+
+    t is logit-normal (Esser et al. 2024): sigmoid of N(time_mean, time_std²), which spends
+    the training on the middle of the path, where the velocity is hardest to predict.
+    """
+
+    def __init__(self, time_mean: float = 0.0, time_std: float = 1.0, label_dropout: float = 0.1):
+        self.time_mean = time_mean
+        self.time_std = time_std
+        self.label_dropout = label_dropout
+
+    def sample_time(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.sigmoid(self.time_mean + self.time_std * torch.randn(n, device=device))
+
+    def __call__(
+        self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`noise` is x0's coupled noise for reflow; fresh Gaussian noise when not given."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        t = self.sample_time(len(x0), x0.device)
+        x_t = (1 - per_sample(t, x0)) * x0 + per_sample(t, x0) * noise
+        velocity = net(x_t, t, drop_labels(labels, net.null_label, self.label_dropout))
+        return (velocity - (noise - x0)).square().flatten(1).mean(1)
+
+
+class CosineSchedule:
+    """alpha_bar(t) = f(t) / f(0), f(t) = cos²(π/2 (t + offset) / (1 + offset)) (Nichol & Dhariwal 2021),
+    in continuous time t in [0, 1].
+
+    The cosine reaches alpha_bar = 0 at its end, where x0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
+    is undefined; t is stretched so that alpha_bar(1) = alpha_bar_min instead. The samplers start at t = 1
+    from pure noise, ignoring the sqrt(alpha_bar_min) of signal left there, and a one-step sampler's
+    x0 amplifies the eps error by 1 / sqrt(alpha_bar_min).
+    """
+
+    def __init__(self, offset: float = 0.008, alpha_bar_min: float = 1e-3):
+        self.offset = offset
+        self.alpha_bar_min = alpha_bar_min
+        self.f0 = math.cos(math.pi / 2 * offset / (1 + offset)) ** 2
+        self.t_max = (1 + offset) * 2 / math.pi * math.acos(math.sqrt(alpha_bar_min * self.f0)) - offset
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        angle = math.pi / 2 * (t * self.t_max + self.offset) / (1 + self.offset)
+        return angle.cos().square() / self.f0
+
+
+class DDPM:
+    """Epsilon prediction (Ho et al. 2020) under the cosine schedule, t uniform in [0, 1]."""
+
+    def __init__(self, schedule: CosineSchedule | None = None, label_dropout: float = 0.1):
+        self.schedule = schedule or CosineSchedule()
+        self.label_dropout = label_dropout
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t = torch.rand(len(x0), device=x0.device)
+        alpha_bar = per_sample(self.schedule.alpha_bar(t), x0)
+        noise = torch.randn_like(x0)
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        predicted = net(x_t, t, drop_labels(labels, net.null_label, self.label_dropout))
+        return (predicted - noise).square().flatten(1).mean(1)
+
+
+class DenoiserTraining(nn.Module):
+    """What the training loop trains: forward((latents, labels)) -> {"loss": the batch mean}."""
+
+    def __init__(self, net: nn.Module, objective: RectifiedFlow | DDPM):
+        super().__init__()
+        self.net = net
+        self.objective = objective
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        latents, labels = batch
+        return {"loss": self.objective(self.net, latents, labels).mean()}

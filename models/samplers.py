@@ -1,0 +1,109 @@
+"""Samplers: Euler and Heun for the rectified flow (integrating t from 1 to 0), DDPM ancestral and
+DDIM (eta = 0) for DDPM. Each takes (net, noise, labels, steps, guidance) and returns x0.
+
+Classifier-free guidance: uncond + guidance * (cond - uncond), both from one batched call;
+guidance = 1 is the plain conditional model and costs one call. The caller sets eval mode.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from models.diffusion import CosineSchedule
+
+
+def guided(net: nn.Module, x: torch.Tensor, t: float, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The net's output at time t, with classifier-free guidance."""
+    times = torch.full((len(x),), t, device=x.device, dtype=x.dtype)
+    if guidance == 1:
+        return net(x, times, labels)
+    both_labels = torch.cat([labels, torch.full_like(labels, net.null_label)])
+    cond, uncond = net(torch.cat([x, x]), torch.cat([times, times]), both_labels).chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def time_grid(steps: int) -> list[float]:
+    """steps + 1 evenly spaced times from 1 down to 0."""
+    return torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+
+
+@torch.no_grad()
+def euler(
+    net: nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int, guidance: float = 1.0
+) -> torch.Tensor:
+    x = noise
+    times = time_grid(steps)
+    for t, t_next in pairwise(times):
+        x = x + (t_next - t) * guided(net, x, t, labels, guidance)
+    return x
+
+
+@torch.no_grad()
+def heun(
+    net: nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int, guidance: float = 1.0
+) -> torch.Tensor:
+    """Second order: the mean of the velocities at both ends of an Euler step (2 calls a step)."""
+    x = noise
+    times = time_grid(steps)
+    for t, t_next in pairwise(times):
+        velocity = guided(net, x, t, labels, guidance)
+        x_euler = x + (t_next - t) * velocity
+        x = x + (t_next - t) * 0.5 * (velocity + guided(net, x_euler, t_next, labels, guidance))
+    return x
+
+
+def predict_x0(x: torch.Tensor, eps: torch.Tensor, alpha_bar) -> torch.Tensor:
+    """The x0 that eps implies at noise level alpha_bar (a float, or per-sample tensor)."""
+    return (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar, alpha_bar_next) -> torch.Tensor:
+    """Deterministic DDIM update (Song et al. 2021): the predicted x0 re-noised with the same eps."""
+    x0 = predict_x0(x, eps, alpha_bar)
+    return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps
+
+
+def alpha_bar_grid(steps: int, schedule: CosineSchedule | None) -> list[float]:
+    schedule = schedule or CosineSchedule()
+    return schedule.alpha_bar(torch.linspace(1, 0, steps + 1, dtype=torch.float64)).tolist()
+
+
+@torch.no_grad()
+def ddim(
+    net: nn.Module,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    guidance: float = 1.0,
+    schedule: CosineSchedule | None = None,
+) -> torch.Tensor:
+    x = noise
+    times, alpha_bars = time_grid(steps), alpha_bar_grid(steps, schedule)
+    for t, (alpha_bar, alpha_bar_next) in zip(times[:-1], pairwise(alpha_bars), strict=True):
+        x = ddim_step(x, guided(net, x, t, labels, guidance), alpha_bar, alpha_bar_next)
+    return x
+
+
+@torch.no_grad()
+def ddpm_ancestral(
+    net: nn.Module,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    guidance: float = 1.0,
+    schedule: CosineSchedule | None = None,
+) -> torch.Tensor:
+    """Draws x_next from the posterior q(x_next | x, x0 = the predicted x0) (Ho et al. 2020)."""
+    x = noise
+    times, alpha_bars = time_grid(steps), alpha_bar_grid(steps, schedule)
+    for t, (alpha_bar, alpha_bar_next) in zip(times[:-1], pairwise(alpha_bars), strict=True):
+        x0 = predict_x0(x, guided(net, x, t, labels, guidance), alpha_bar)
+        step_alpha = alpha_bar / alpha_bar_next
+        x0_weight = alpha_bar_next**0.5 * (1 - step_alpha) / (1 - alpha_bar)
+        x_weight = step_alpha**0.5 * (1 - alpha_bar_next) / (1 - alpha_bar)
+        variance = (1 - alpha_bar_next) / (1 - alpha_bar) * (1 - step_alpha)
+        x = x0_weight * x0 + x_weight * x + variance**0.5 * torch.randn_like(x)
+    return x

@@ -1,0 +1,130 @@
+"""Latent denoisers: the training module built from params, export and rebuild from safetensors +
+JSON (with how they sample), class-balanced sampling and decoded per-class grids.
+
+The distilled students are denoisers too: they are saved, loaded and sampled the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.diffusion import DDPM, DenoiserTraining, RectifiedFlow
+from models.samplers import ddim, ddpm_ancestral, euler, heun
+from models.unet import UNet, UNetConfig
+from tasks.data import EpochBatches
+from tasks.encoder import freeze
+from tasks.images import grid, to_uint8
+from tasks.params import DiffusionParams
+from tasks.vae import LatentDecoder
+
+SAMPLERS = {"euler": euler, "heun": heun, "ddim": ddim, "ancestral": ddpm_ancestral}
+
+
+def build_denoiser_training(params: DiffusionParams, latent_channels: int, num_classes: int) -> DenoiserTraining:
+    net = UNet(UNetConfig(in_channels=latent_channels, num_classes=num_classes, **params.unet.model_dump()))
+    if params.formulation == "flow":
+        objective = RectifiedFlow(params.flow.time_mean, params.flow.time_std, params.label_dropout)
+    else:
+        objective = DDPM(label_dropout=params.label_dropout)
+    return DenoiserTraining(net, objective)
+
+
+@dataclass
+class Denoiser:
+    """A trained U-Net and what sampling it takes: the formulation, sampler and latent shape."""
+
+    net: UNet
+    formulation: str  # "flow" or "ddpm"
+    sampler: str  # a key of SAMPLERS
+    latent_shape: tuple[int, ...]
+    flow_time: dict[str, float] = field(default_factory=dict)  # the flow's logit-normal t, for reflow
+
+    @classmethod
+    def from_params(cls, net: UNet, params: DiffusionParams, latent_shape: tuple[int, ...]) -> Denoiser:
+        flow = params.formulation == "flow"
+        sampler = params.flow.sampler if flow else params.ddpm.sampler
+        flow_time = {"time_mean": params.flow.time_mean, "time_std": params.flow.time_std} if flow else {}
+        return cls(net, params.formulation, sampler, tuple(latent_shape), flow_time)
+
+    def with_net(self, net: UNet, sampler: str | None = None) -> Denoiser:
+        return dataclasses.replace(self, net=net, sampler=sampler or self.sampler)
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, steps: int, guidance: float, seed: int, batch_size: int = 500) -> torch.Tensor:
+        """Scaled latents for `labels`, drawn in batches from seeded noise (the same on any device)."""
+        self.net.eval()
+        torch.manual_seed(seed)  # the ancestral sampler's fresh noise
+        noise = torch.randn(len(labels), *self.latent_shape, generator=torch.Generator().manual_seed(seed))
+        sampler = SAMPLERS[self.sampler]
+        return torch.cat([
+            sampler(self.net, chunk.to(labels.device), chunk_labels, steps, guidance)
+            for chunk, chunk_labels in zip(noise.split(batch_size), labels.split(batch_size), strict=True)
+        ])
+
+
+def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") -> None:
+    """<name>.safetensors and <name>.json: everything `load_denoiser` rebuilds it from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: tensor.detach().cpu().contiguous() for key, tensor in denoiser.net.state_dict().items()}
+    save_file(state, folder / f"{name}.safetensors")
+    config = {
+        "unet": dataclasses.asdict(denoiser.net.config), "formulation": denoiser.formulation,
+        "sampler": denoiser.sampler, "latent_shape": list(denoiser.latent_shape), "flow_time": denoiser.flow_time,
+    }
+    (folder / f"{name}.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_denoiser(folder: Path | str, device: torch.device | str = "cpu", name: str = "denoiser") -> Denoiser:
+    """Rebuild a frozen denoiser (eval mode, no grads) from <name>.json + <name>.safetensors."""
+    folder = Path(folder)
+    config = json.loads((folder / f"{name}.json").read_text())
+    net = UNet(UNetConfig(**config.pop("unet")))
+    net.load_state_dict(load_file(folder / f"{name}.safetensors", device=str(device)))
+    config["latent_shape"] = tuple(config["latent_shape"])
+    return Denoiser(freeze(net.to(device)), **config)
+
+
+def step_rows(batches: EpochBatches, *tensors: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, ...]]:
+    """The Trainer's `next_batch`: each tensor's rows for the step."""
+
+    def next_batch(step: int) -> tuple[torch.Tensor, ...]:
+        index = batches(step)
+        return tuple(tensor[index] for tensor in tensors)
+
+    return next_batch
+
+
+def balanced_labels(count: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """0, 1, ..., num_classes - 1, 0, 1, ...: every class within one of count / num_classes."""
+    return torch.arange(count, device=device) % num_classes
+
+
+def timed_images(
+    denoiser: Denoiser, decoder: LatentDecoder, labels: torch.Tensor, steps: int, guidance: float, seed: int,
+    batch_size: int = 500,
+) -> tuple[torch.Tensor, float]:
+    """Decoded samples in [-1, 1] for `labels`, and the images/s of sampling plus decoding."""
+    started = time.perf_counter()
+    images = decoder(denoiser.sample(labels, steps, guidance, seed, batch_size))
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)  # count the kernels still queued
+    return images, len(labels) / max(time.perf_counter() - started, 1e-9)
+
+
+def class_grid(
+    denoiser: Denoiser, decoder: LatentDecoder, num_classes: int, per_class: int, steps: int, guidance: float, seed: int
+) -> tuple[np.ndarray, float]:
+    """A row of `per_class` decoded samples per class, and the images/s it was drawn at."""
+    device = next(denoiser.net.parameters()).device
+    labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    images, images_per_s = timed_images(denoiser, decoder, labels, steps, guidance, seed)
+    return grid(to_uint8(images), ncols=per_class), images_per_s

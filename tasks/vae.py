@@ -1,0 +1,163 @@
+"""The VAE stage's pieces: the training module built from params, export and rebuild from
+safetensors + JSON, the training set's latents with their per-channel scale, PSNR and SSIM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
+from tasks.data import ImageSplit
+from tasks.encoder import freeze
+from tasks.errors import StageError
+from tasks.params import VaeParams
+
+WEIGHTS = "vae.safetensors"
+CONFIG = "vae.json"
+LATENTS = "train_latents.npy"
+LABELS = "train_labels.npy"
+LATENTS_INFO = "latents.json"
+
+
+def build_vae_training(
+    params: VaeParams, image_shape: list[int], steps: int, feature_fn: nn.Module | None
+) -> VAETraining:
+    """The VAE (and discriminator) under the losses the params switch on; `steps` places the
+    adversarial warm-up."""
+    channels, height, width = image_shape
+    if height % params.downsample or width % params.downsample:
+        raise StageError(f"params/vae.yaml: downsample {params.downsample} does not divide the {height}x{width} images")
+    vae = VAE(VAEConfig(channels, params.latent_channels, params.downsample, params.width))
+    adversarial = params.adversarial
+    return VAETraining(
+        vae,
+        beta=params.beta,
+        reconstruction=params.reconstruction,
+        discriminator=PatchDiscriminator(channels, adversarial.width, adversarial.layers) if adversarial.enabled else None,
+        adv_weight=adversarial.weight,
+        adv_warmup_steps=round(adversarial.warmup_fraction * steps),
+        feature_fn=feature_fn if params.perceptual_weight > 0 else None,
+        perceptual_weight=params.perceptual_weight,
+    )
+
+
+def export_vae(vae: VAE, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in vae.state_dict().items()}, folder / WEIGHTS)
+    (folder / CONFIG).write_text(json.dumps(dataclasses.asdict(vae.config), indent=2) + "\n")
+
+
+def load_vae(folder: Path | str, device: torch.device | str = "cpu") -> VAE:
+    """Rebuild the frozen VAE (eval mode, no grads) from vae.json + vae.safetensors."""
+    folder = Path(folder)
+    vae = VAE(VAEConfig(**json.loads((folder / CONFIG).read_text())))
+    vae.load_state_dict(load_file(folder / WEIGHTS, device=str(device)))
+    return freeze(vae.to(device))
+
+
+@torch.no_grad()
+def encode_means(vae: VAE, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Posterior means of float images in [-1, 1], batched."""
+    return torch.cat([vae.encode(chunk)[0].float() for chunk in images.split(batch_size)])
+
+
+@torch.no_grad()
+def decode(vae: VAE, latents: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Images in [-1, 1] from (unscaled) latents, batched."""
+    return torch.cat([vae.decode(chunk).float().clamp(-1, 1) for chunk in latents.split(batch_size)])
+
+
+@dataclass
+class LatentScale:
+    """Per-channel shift and scale: (latents - shift) * scale has zero mean and unit variance."""
+
+    shift: torch.Tensor  # (C,)
+    scale: torch.Tensor  # (C,)
+
+    @classmethod
+    def fit(cls, latents: torch.Tensor) -> LatentScale:
+        return cls(latents.mean((0, 2, 3)), 1 / latents.std((0, 2, 3)).clamp(min=1e-6))
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self.shift[:, None, None]) * self.scale[:, None, None]
+
+    def denormalize(self, scaled: torch.Tensor) -> torch.Tensor:
+        return scaled / self.scale[:, None, None] + self.shift[:, None, None]
+
+
+@dataclass
+class Latents:
+    """The training split's posterior means (N, C, h, w), its labels, and their LatentScale."""
+
+    latents: torch.Tensor
+    labels: torch.Tensor
+    latent_scale: LatentScale
+    num_classes: int
+
+    def scaled(self) -> torch.Tensor:
+        """What the diffusion stage trains on: zero mean, unit variance per channel."""
+        return self.latent_scale.normalize(self.latents)
+
+    def save(self, folder: Path) -> None:
+        np.save(folder / LATENTS, self.latents.cpu().numpy())
+        np.save(folder / LABELS, self.labels.cpu().numpy())
+        info = {
+            "shift": self.latent_scale.shift.tolist(), "scale": self.latent_scale.scale.tolist(),
+            "num_classes": self.num_classes, "latent_shape": list(self.latents.shape[1:]),
+        }
+        (folder / LATENTS_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_latent_info(folder: Path | str, device: torch.device | str = "cpu") -> tuple[LatentScale, dict]:
+    """The LatentScale and latents.json (num_classes, latent_shape)."""
+    info = json.loads((Path(folder) / LATENTS_INFO).read_text())
+    scale = LatentScale(*(torch.tensor(info[key], device=device) for key in ("shift", "scale")))
+    return scale, info
+
+
+@dataclass
+class LatentDecoder:
+    """Images in [-1, 1] from the diffusion stage's scaled latents."""
+
+    vae: VAE
+    latent_scale: LatentScale
+
+    def __call__(self, scaled: torch.Tensor) -> torch.Tensor:
+        return decode(self.vae, self.latent_scale.denormalize(scaled))
+
+
+def load_decoder(folder: Path | str, device: torch.device | str = "cpu") -> LatentDecoder:
+    return LatentDecoder(load_vae(folder, device), load_latent_info(folder, device)[0])
+
+
+def load_latents(folder: Path | str, device: torch.device | str = "cpu") -> Latents:
+    folder = Path(folder)
+    scale, info = load_latent_info(folder, device)
+    latents = torch.from_numpy(np.load(folder / LATENTS)).to(device)
+    labels = torch.from_numpy(np.load(folder / LABELS)).to(device)
+    return Latents(latents, labels, scale, info["num_classes"])
+
+
+def image_quality(reconstructions: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB) and SSIM of images in [-1, 1] against their targets (torchmetrics)."""
+    psnr = PeakSignalNoiseRatio(data_range=2.0).to(images.device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(images.device)
+    return {"psnr": psnr(reconstructions, images).item(), "ssim": ssim(reconstructions, images).item()}
+
+
+def reconstruction_report(vae: VAE, test: ImageSplit, mean_image: torch.Tensor) -> dict[str, float]:
+    """PSNR/SSIM of the test split's reconstructions, beside the mean training image as a baseline."""
+    images = test.floats()
+    reconstructions = decode(vae, encode_means(vae, images))
+    report = image_quality(reconstructions, images)
+    baseline = image_quality(mean_image.expand_as(images), images)
+    report.update({f"{name}_mean_image": value for name, value in baseline.items()})
+    return report
