@@ -1,12 +1,18 @@
 """`python -m flows <command>`: the pipeline's commands beside `dvc repro`.
 
-  profile NAME [--set stage.key=value ...]   write params/*.yaml for a profile (smoke, default, gpu)
+  profile NAME [--set KEY=VALUE ...]   write params/*.yaml for a profile (smoke, default, gpu)
+  run [--profile NAME] [--set ...]     the pipeline as one Prefect flow run (+ an MLflow parent run)
+  serve --cron "0 3 * * *"             serve the pipeline as a Prefect deployment on that schedule
+  compare [-n 10] [--csv FILE]         the last pipeline runs from MLflow: differing params, metrics
+
+KEY=VALUE is `stage.key=value` or DVC's `params/<stage>.yaml:key=value`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 
 from tasks.errors import StageError
 from tasks.params import profile_names, profile_params, set_overrides, write_params
@@ -20,13 +26,99 @@ def profile(args: argparse.Namespace) -> None:
         print("next: dvc repro   (or dvc exp run, to keep it as an experiment)")
 
 
+def _pipeline_parameters(args: argparse.Namespace) -> dict:
+    chosen = {
+        "profile": args.profile, "source": args.source, "ssl_objective": args.ssl_objective,
+        "diffusion_formulation": args.diffusion_formulation, "overrides": args.set or None,
+    }
+    return {key: value for key, value in chosen.items() if value is not None}
+
+
+def _prefect_api():
+    """The configured Prefect API, else a `prefect server start` for as long as the command runs."""
+    from prefect.settings import get_current_settings
+
+    from flows.server import prefect_server
+
+    return nullcontext(get_current_settings().api.url) if get_current_settings().api.url else prefect_server()
+
+
+def run(args: argparse.Namespace) -> None:
+    from flows.pipeline import pipeline
+    from flows.server import use_api
+
+    with _prefect_api() as api_url:
+        use_api(api_url)
+        state = pipeline(**_pipeline_parameters(args), return_state=True)
+    if state.is_failed():
+        print(f"pipeline failed: {state.message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def serve(args: argparse.Namespace) -> None:
+    from prefect.settings import get_current_settings
+
+    from flows.pipeline import pipeline
+
+    if not get_current_settings().api.url:
+        raise StageError(
+            "serve needs a Prefect server: run `prefect server start` in another terminal, then\n"
+            "  export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    pipeline.serve(name=args.name, cron=args.cron, parameters=_pipeline_parameters(args))
+
+
+def compare(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from tasks.compare import pipeline_runs
+
+    try:
+        table = pipeline_runs(args.last, args.sort)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    if table.empty:
+        print("no pipeline runs in MLflow yet: run `dvc repro` or `python -m flows run`")
+        return
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4g}".format):
+        print(table.to_string(index=False))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+
+
+def _add_pipeline_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--profile", choices=profile_names(), help="rewrite params/*.yaml from a profile first")
+    command.add_argument("--source", help="prepare.source")
+    command.add_argument("--ssl-objective", help="ssl.objective")
+    command.add_argument("--diffusion-formulation", help="diffusion.formulation")
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one value (repeatable)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m flows", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = root.add_subparsers(dest="command", required=True)
+
     p = commands.add_parser("profile", help="write params/*.yaml for a profile")
     p.add_argument("name", help=f"one of: {', '.join(profile_names())}")
-    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override one value (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one value (repeatable)")
     p.set_defaults(run=profile)
+
+    p = commands.add_parser("run", help="run the pipeline as one Prefect flow run")
+    _add_pipeline_options(p)
+    p.set_defaults(run=run)
+
+    p = commands.add_parser("serve", help="serve the pipeline on a cron schedule (needs PREFECT_API_URL)")
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
+    p.add_argument("--name", default="scheduled", help="deployment name")
+    _add_pipeline_options(p)
+    p.set_defaults(run=serve)
+
+    p = commands.add_parser("compare", help="the last pipeline runs from MLflow")
+    p.add_argument("-n", "--last", type=int, default=10, help="how many runs (newest first before sorting)")
+    p.add_argument("--sort", default="fid_student_4", help="headline metric to sort by (best first)")
+    p.add_argument("--csv", help="also write the table to this CSV file")
+    p.set_defaults(run=compare)
     return root
 
 

@@ -47,6 +47,7 @@ def diffusion(params: DiffusionParams) -> None:
         latent_shape = load_latents(artifacts_dir("vae")).latents.shape[1:]
         export_denoiser(Denoiser.from_params(trained.net, params, latent_shape), run.outputs.artifacts)
         denoiser = load_denoiser(run.outputs.artifacts, run.device)  # what later stages get
+        run.log_model(denoiser.net, "denoiser")
         decoder = load_decoder(artifacts_dir("vae"), run.device)
         num_classes = denoiser.net.config.num_classes
         sample = stage_task(class_grid, name="sample-grids")

@@ -31,6 +31,8 @@ def distill(params: DistillParams) -> None:
         folder = run.outputs.artifacts
         export_students(students, method, params.guidance, folder)
         students, _ = load_students(folder, run.device)  # what the fid stage gets
+        for student in students:
+            run.log_model(student.denoiser.net, f"student_{student.steps}_steps")
         decoder = load_decoder(artifacts_dir("vae"), run.device)
         sample = stage_task(class_grid, name="sample-grids")
         for student in students:

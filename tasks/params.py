@@ -6,6 +6,7 @@ of those models are the `default` profile; params/profiles/<name>.yaml overlays 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -430,13 +431,21 @@ def parse_value(raw: str) -> object:
 
 
 def set_overrides(full: dict[str, dict], overrides: list[str]) -> dict[str, dict]:
-    """Apply `stage.key.sub=value` overrides (YAML-typed values) to a full params mapping."""
-    full = {stage: dict(values) for stage, values in full.items()}
+    """Apply overrides (YAML-typed values) to a full params mapping: `stage.key.sub=value`, or
+    DVC's `-S` form `params/stage.yaml:key.sub=value`."""
+    full = copy.deepcopy(full)
     for override in overrides:
         key, sep, raw = override.partition("=")
-        stage, _, dotted = key.partition(".")
+        if ":" in key:
+            path, _, dotted = key.partition(":")
+            stage = Path(path).stem
+        else:
+            stage, _, dotted = key.partition(".")
         if not sep or not dotted or stage not in full:
-            raise ParamsError(f"override '{override}': expected stage.key=value with stage in {', '.join(full)}")
+            raise ParamsError(
+                f"override '{override}': expected stage.key=value or params/<stage>.yaml:key=value "
+                f"with stage in {', '.join(full)}"
+            )
         node = full[stage]
         *parents, leaf = dotted.split(".")
         for part in parents:

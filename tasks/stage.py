@@ -11,17 +11,19 @@ from pydantic import BaseModel
 
 from tasks.artifacts import StageOutputs, checkpoint_path, plots_dir
 from tasks.lineage import dep_hashes
-from tasks.tracking import StageTracker
+from tasks.tracking import StageTracker, current_pipeline_run
 from tasks.training import Distributed, pick_device
 
 
 class StageRun:
     """Context manager around a stage's work.
 
-    On success the outputs are renamed into place, `metrics` (plus `wall_seconds`) become
-    metrics/<stage>.json and MLflow metrics, the plots are uploaded, and the stage's
-    resumable checkpoint is removed. On failure nothing is put in place and the MLflow run
-    is marked FAILED. Only rank 0 of a torchrun launch writes or tracks anything.
+    The MLflow run is the child of the pipeline run this stage belongs to (`PipelineRun`). On
+    success the outputs are renamed into place, `metrics` (plus `wall_seconds`, the stage's own
+    work without tracking) become metrics/<stage>.json and MLflow metrics, the plots are uploaded,
+    and the stage's resumable checkpoint is removed. On failure nothing is put in place and the
+    MLflow run is marked FAILED. A pipeline run that a `dvc repro` started is brought up to date
+    (headline metrics, times) after each stage. Only rank 0 of a torchrun launch writes or tracks.
     """
 
     def __init__(self, stage: str, params: BaseModel):
@@ -39,16 +41,22 @@ class StageRun:
         return self.dist.is_main
 
     def __enter__(self) -> StageRun:
-        self.started = time.perf_counter()
         self.outputs = StageOutputs(self.stage) if self.is_main else None
+        self.pipeline = current_pipeline_run() if self.is_main else None
         self.tracker = StageTracker(
-            self.stage, self.params, deps=self.deps, device=str(self.device), enabled=self.is_main
+            self.stage, self.params, deps=self.deps, device=str(self.device), enabled=self.is_main,
+            parent=self.pipeline.run_id if self.pipeline else None,
         )
+        self.started = time.perf_counter()
         return self
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Step metrics to MLflow (e.g. the training loop's `log` callback)."""
         self.tracker.log_metrics(metrics, step)
+
+    def log_model(self, module, name: str) -> None:
+        """A trained network to MLflow (`mlflow.pytorch`), beside the DVC-tracked export."""
+        self.tracker.log_model(module, name)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.is_main:
@@ -56,6 +64,7 @@ class StageRun:
         if exc is not None:
             self.outputs.discard()
             self.tracker.finish(ok=False)
+            self._update_pipeline(ok=False)
             return False
         self.metrics["wall_seconds"] = round(time.perf_counter() - self.started, 3)
         self.outputs.metrics = self.metrics
@@ -64,4 +73,9 @@ class StageRun:
         self.tracker.log_artifacts(plots_dir(self.stage), "plots")
         self.tracker.finish(ok=True)
         shutil.rmtree(checkpoint_path(self.stage).parent, ignore_errors=True)
+        self._update_pipeline(ok=True)
         return False
+
+    def _update_pipeline(self, ok: bool) -> None:
+        if self.pipeline is not None and self.pipeline.stages_finish_it:
+            self.pipeline.finish(ok)

@@ -3,20 +3,24 @@
 Uses `MlflowClient` with explicit run ids rather than the fluent API, which is not
 thread-safe (Prefect runs tasks in threads). The store is `MLFLOW_TRACKING_URI`, else a
 SQLite file `mlflow.db` in the working directory; a run is the child of the run named by
-`LATENTLAB_PARENT_RUN_ID` when that is set.
+`LATENTLAB_PARENT_RUN_ID` when that is set, else of the parent run of the `dvc repro` it runs
+under (one `PipelineRun` per pipeline run, whoever started it).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from tasks.lineage import git_state
-from tasks.params import flatten
+from tasks.params import STAGE_PARAMS, flatten, load_params
+from tasks.pipeline import DvcInvocation, dvc_invocation, headline_metrics
 
 EXPERIMENT = "latentlab"
 PARENT_ENV = "LATENTLAB_PARENT_RUN_ID"
@@ -33,9 +37,13 @@ def client():
     return MlflowClient(tracking_uri())
 
 
+def experiment_name() -> str:
+    return os.environ.get("LATENTLAB_EXPERIMENT", EXPERIMENT)
+
+
 def experiment_id(mlflow_client, name: str | None = None) -> str:
     """The experiment's id, created with artifacts under ./mlartifacts when it is new."""
-    name = name or os.environ.get("LATENTLAB_EXPERIMENT", EXPERIMENT)
+    name = name or experiment_name()
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -49,7 +57,8 @@ class StageTracker:
     """The MLflow run of one stage execution (a no-op on DDP ranks other than 0)."""
 
     def __init__(
-        self, stage: str, params: BaseModel, *, deps: dict[str, str], device: str = "cpu", enabled: bool = True
+        self, stage: str, params: BaseModel, *, deps: dict[str, str], device: str = "cpu", enabled: bool = True,
+        parent: str | None = None,
     ):
         self.stage = stage
         self.enabled = enabled
@@ -57,7 +66,6 @@ class StageTracker:
         if not enabled:
             return
         import torch
-        from mlflow.entities import Param
 
         self._client = client()
         tags = {
@@ -69,14 +77,11 @@ class StageTracker:
             **{f"dvc.dep.{path}": digest for path, digest in deps.items()},
         }
         tags["mlflow.source.git.commit"] = tags["git.commit"]
-        parent = os.environ.get(PARENT_ENV)
         if parent:
             tags["mlflow.parentRunId"] = parent
         run = self._client.create_run(experiment_id(self._client), run_name=stage, tags=tags)
         self.run_id = run.info.run_id
-        params_flat = [Param(k, str(v)) for k, v in flatten(params, stage).items()]
-        for start in range(0, len(params_flat), _BATCH):
-            self._client.log_batch(self.run_id, params=params_flat[start : start + _BATCH])
+        _log_params(self._client, self.run_id, flatten(params, stage))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.enabled or not metrics:
@@ -104,6 +109,114 @@ class StageTracker:
         if self.enabled:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_model(self, module, name: str) -> None:
+        """`module` (a CPU copy) as an MLflow PyTorch model at `models/<name>`, loadable with
+        `mlflow.pytorch.load_model("runs:/<run id>/models/<name>")`; it carries the `models` package."""
+        if not self.enabled:
+            return
+        import mlflow.pytorch
+        import torch
+
+        import models
+
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.pytorch.save_model(
+                copy.deepcopy(module).cpu().eval(), Path(tmp) / name,
+                serialization_format="pickle", code_paths=[str(Path(models.__file__).parent)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+            self._client.log_artifacts(self.run_id, str(Path(tmp) / name), f"models/{name}")
+
     def finish(self, ok: bool) -> None:
         if self.enabled:
             self._client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def _log_params(mlflow_client, run_id: str, values: dict) -> None:
+    from mlflow.entities import Param
+
+    flat = [Param(k, str(v)) for k, v in values.items()]
+    for start in range(0, len(flat), _BATCH):
+        mlflow_client.log_batch(run_id, params=flat[start : start + _BATCH])
+
+
+PIPELINE_TAG = "latentlab.pipeline"
+INVOCATION_TAG = "latentlab.invocation"
+
+
+class PipelineRun:
+    """The parent MLflow run of one pipeline run: every stage's params, a child run per stage that
+    ran, and the headline metrics (probe top-1, FIDs, wall and compute time, overhead share).
+
+    The Prefect pipeline flow starts one and hands its id to the stages in `LATENTLAB_PARENT_RUN_ID`;
+    under a plain `dvc repro` the first stage that runs starts it, keyed on the `dvc` process, and
+    each stage after it finds it again.
+    """
+
+    def __init__(self, run_id: str, mlflow_client=None, *, stages_finish_it: bool = False):
+        self.run_id = run_id
+        self.stages_finish_it = stages_finish_it  # no flow around a plain `dvc repro` to finish it
+        self._client = mlflow_client or client()
+
+    @classmethod
+    def start(cls, name: str, trigger: str, tags: dict[str, str] | None = None, start_ms: int | None = None) -> PipelineRun:
+        mlflow_client = client()
+        tags = {PIPELINE_TAG: "true", "trigger": trigger, **git_state(), **(tags or {})}
+        tags["mlflow.source.git.commit"] = tags["git.commit"]
+        run = mlflow_client.create_run(experiment_id(mlflow_client), start_time=start_ms, run_name=name, tags=tags)
+        params = {key: value for stage in STAGE_PARAMS for key, value in flatten(load_params(stage), stage).items()}
+        _log_params(mlflow_client, run.info.run_id, params)
+        return cls(run.info.run_id, mlflow_client)
+
+    @classmethod
+    def from_env(cls) -> PipelineRun | None:
+        run_id = os.environ.get(PARENT_ENV)
+        return cls(run_id) if run_id else None
+
+    @classmethod
+    def for_dvc(cls, invocation: DvcInvocation) -> PipelineRun:
+        """The parent run of this `dvc repro` (or `dvc exp run`), started by its first stage."""
+        mlflow_client = client()
+        found = mlflow_client.search_runs(
+            [experiment_id(mlflow_client)], f"tags.`{INVOCATION_TAG}` = '{invocation.key}'", max_results=1
+        )
+        if found:
+            return cls(found[0].info.run_id, mlflow_client, stages_finish_it=True)
+        experiment = os.environ.get("DVC_EXP_NAME")
+        tags = {INVOCATION_TAG: invocation.key, **({"dvc.experiment": experiment} if experiment else {})}
+        name = experiment or time.strftime("dvc-repro-%Y%m%d-%H%M%S", time.localtime(invocation.started))
+        started = cls.start(name, "dvc repro", tags, start_ms=int(invocation.started * 1000))
+        started.stages_finish_it = True
+        return started
+
+    def finish(self, ok: bool, tags: dict[str, str] | None = None) -> None:
+        """Headline metrics as the workspace holds them now; wall time since the run started, the
+        summed `wall_seconds` of its stage runs, and the share of the wall time that was neither."""
+        from mlflow.entities import Metric, RunTag
+
+        run = self._client.get_run(self.run_id)
+        wall = time.time() - run.info.start_time / 1000
+        children = self._client.search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=1000
+        )
+        compute = sum(child.data.metrics.get("wall_seconds", 0.0) for child in children)
+        metrics = {
+            **headline_metrics(), "total_wall_seconds": wall, "compute_seconds": compute,
+            "overhead_fraction": max(0.0, 1 - compute / wall), "stages_run": len(children),
+        }
+        now = int(time.time() * 1000)
+        self._client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+        self._client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def current_pipeline_run() -> PipelineRun | None:
+    """The parent a stage run belongs to: the one named in the environment, else the one of the
+    `dvc` process it runs under (None for a stage run on its own)."""
+    named = PipelineRun.from_env()
+    if named is not None:
+        return named
+    invocation = dvc_invocation()
+    return PipelineRun.for_dvc(invocation) if invocation else None

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,45 +21,16 @@ for leaking in ("MLFLOW_TRACKING_URI", "LATENTLAB_PARENT_RUN_ID"):  # tests use 
     os.environ.pop(leaking, None)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, log: Path, seconds: float = 90) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(log.read_text()) from None
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError(f"prefect server did not start in {seconds} s")
-
-
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A `prefect server start` on a free port for the whole session (~4 s), stopped at the end."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    with open(home / "server.log", "w") as log:
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}/api"
-        _wait_healthy(url, server, home / "server.log")
-        os.environ["PREFECT_API_URL"] = url
-        os.environ["PREFECT_HOME"] = str(home)
+    from flows.server import prefect_server, use_api
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ.pop("PREFECT_API_URL", None)
+    with prefect_server() as url:
+        use_api(url)
         yield url
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def copy_repo(dest: Path) -> Path:
@@ -85,9 +53,11 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-def run(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """Run a command of the project's environment in `cwd`, with its output captured."""
+def run(args: list[str], cwd: Path, check: bool = True, **env: str | None) -> subprocess.CompletedProcess:
+    """Run a command of the project's environment in `cwd`, with its output captured; an `env`
+    value of None removes that variable."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
     done = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")

@@ -1,0 +1,130 @@
+"""One Prefect server for all the stages of a `dvc repro`.
+
+With no Prefect API configured, every flow run starts a temporary server of its own (8–10 s
+here, per stage). Stages that run under `dvc` share one instead: the first starts
+`prefect server start` in the background, the others find its address, and it stops when that
+`dvc` process ends. It keeps its records in PREFECT_HOME's database, as the temporary servers
+do, so a later `prefect server start` shows every run in the UI.
+
+`python -m flows.server PID STARTED` is that background process (it watches dvc's pid).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tasks.pipeline import DvcInvocation, dvc_invocation
+
+STARTUP_SECONDS = 60
+
+
+def _address_file(invocation: DvcInvocation) -> Path:
+    return Path(tempfile.gettempdir()) / f"latentlab-prefect-{invocation.key}.url"
+
+
+def healthy(api_url: str, timeout: float = 2) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_api() -> None:
+    """Point this process at the shared server of its `dvc` process (started if need be), unless
+    a Prefect API is configured or no `dvc` runs this stage."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    invocation = dvc_invocation()
+    if invocation is None:
+        return
+    address = _address_file(invocation)
+    if not address.exists():
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.server", str(invocation.pid), repr(invocation.started)],
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + STARTUP_SECONDS
+        while not address.exists() and time.time() < deadline:
+            time.sleep(0.2)
+    if address.exists() and healthy(api_url := address.read_text()):
+        use_api(api_url)
+    # else: Prefect starts its own temporary server, as it would without us
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def prefect_server() -> Iterator[str]:
+    """`prefect server start` on a free local port for the duration; yields its API URL."""
+    api_url = f"http://127.0.0.1:{(port := _free_port())}/api"
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + STARTUP_SECONDS
+            while not healthy(api_url, timeout=1):
+                if server.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"prefect server start did not come up:\n{log.read().decode()[-2000:]}")
+                time.sleep(0.2)
+            yield api_url
+        finally:
+            _drain_clients()
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _drain_clients() -> None:
+    """Send this process's queued Prefect logs and events before the server goes away."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    EventsWorker.drain_all(timeout=5)
+
+
+def use_api(api_url: str) -> None:
+    """Point this process (and what it starts) at `api_url`."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = api_url
+    refresh_global_settings_context()
+
+
+def serve_while(invocation: DvcInvocation) -> None:
+    """Run a server until the `dvc` process ends, its address published for the stages meanwhile."""
+    address = _address_file(invocation)
+    try:
+        with prefect_server() as api_url:
+            partial = address.with_suffix(".part")
+            partial.write_text(api_url)
+            partial.rename(address)
+            while invocation.alive():
+                time.sleep(1)
+    finally:
+        address.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    serve_while(DvcInvocation(int(sys.argv[1]), float(sys.argv[2])))

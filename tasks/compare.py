@@ -1,0 +1,43 @@
+"""The last pipeline runs side by side, from MLflow: the params that differ between them and the
+headline metrics, best first."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tasks.tracking import PIPELINE_TAG, client, experiment_name, tracking_uri
+
+HEADLINE = ["probe_top1", "fid_teacher", "fid_student_4", "total_wall_seconds", "overhead_fraction"]
+HIGHER_IS_BETTER = {"probe_top1"}
+
+
+def pipeline_runs(last: int = 10, sort: str = "fid_student_4") -> pd.DataFrame:
+    """One row per pipeline run (the MLflow parent runs), newest `last` of them, sorted by `sort`."""
+    import mlflow
+
+    if sort not in HEADLINE:
+        raise ValueError(f"cannot sort by '{sort}'; choose one of {', '.join(HEADLINE)}")
+    experiment = client().get_experiment_by_name(experiment_name())
+    if experiment is None:
+        return pd.DataFrame(columns=["run", *HEADLINE])
+    mlflow.set_tracking_uri(tracking_uri())
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment.experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = 'true'",
+        order_by=["attributes.start_time DESC"], max_results=last,
+    )
+    if runs.empty:
+        return pd.DataFrame(columns=["run", *HEADLINE])
+    table = pd.DataFrame({
+        "run": runs["tags.mlflow.runName"],
+        "started": runs["start_time"].dt.strftime("%Y-%m-%d %H:%M"),
+        "trigger": runs.get("tags.trigger"),
+        "status": runs["status"],
+        "dvc_experiment": runs.get("tags.dvc.experiment"),
+    })
+    params = runs.filter(like="params.")
+    differing = [c for c in params.columns if params[c].astype(str).nunique(dropna=False) > 1]
+    table = table.join(params[differing].rename(columns=lambda c: c.removeprefix("params.")))
+    for metric in HEADLINE:
+        table[metric] = runs.get(f"metrics.{metric}")
+    table = table.sort_values(sort, ascending=sort not in HIGHER_IS_BETTER, na_position="last", kind="stable")
+    return table.dropna(axis="columns", how="all").reset_index(drop=True)

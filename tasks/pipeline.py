@@ -1,0 +1,97 @@
+"""The pipeline as dvc.yaml defines it, asked of DVC itself: stage order, staleness, the `dvc`
+process a stage runs under, saving the workspace as an experiment, and the headline metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def stage_order() -> list[str]:
+    """dvc.yaml's stages, each after what it depends on (ties in file order)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        position = {stage.addressing: i for i, stage in enumerate(repo.index.stages)}
+        graph = repo.index.graph.reverse()  # DVC's edges point from a stage to its dependencies
+        ordered = nx.lexicographical_topological_sort(graph, key=lambda stage: position[stage.addressing])
+        return [stage.addressing for stage in ordered]
+
+
+def is_stale(stage: str) -> bool:
+    """Whether `dvc repro` would run the stage now (its deps, params, outs or command changed)."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        return bool(repo.status(targets=[stage]))
+
+
+def save_experiment(name: str) -> str:
+    """Save the workspace (params, dvc.lock, outputs) as DVC experiment `name` (`dvc exp show` lists it)."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        untracked = [] if _git_tracks("dvc.lock") else ["dvc.lock"]
+        repo.experiments.save(name=name, force=True, include_untracked=untracked)
+    return name
+
+
+def _git_tracks(path: str) -> bool:
+    return subprocess.run(["git", "ls-files", "--error-unmatch", path], capture_output=True).returncode == 0
+
+
+@dataclass(frozen=True)
+class DvcInvocation:
+    """The `dvc repro` / `dvc exp run` process a stage command runs under."""
+
+    pid: int
+    started: float  # epoch seconds
+
+    @property
+    def key(self) -> str:
+        return f"{self.pid}-{self.started:.2f}"
+
+    def alive(self) -> bool:
+        import psutil
+
+        try:
+            return psutil.Process(self.pid).create_time() == self.started
+        except psutil.Error:
+            return False
+
+
+def dvc_invocation() -> DvcInvocation | None:
+    """The nearest ancestor process that is `dvc` (DVC gives its stages no invocation id)."""
+    import psutil
+
+    for process in psutil.Process().parents():
+        try:
+            command = process.cmdline()
+        except psutil.Error:
+            continue
+        head = command[:3]
+        if any(Path(part).name == "dvc" for part in head[:2]) or head[1:3] == ["-m", "dvc"]:
+            return DvcInvocation(process.pid, process.create_time())
+    return None
+
+
+def headline_metrics(metrics_dir: Path = Path("metrics")) -> dict[str, float]:
+    """probe top-1, FID of the teacher at its most steps and of the 4-step student, where present."""
+
+    def read(stage: str) -> dict[str, float]:
+        path = metrics_dir / f"{stage}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    probe, fid = read("probe"), read("fid")
+    headline = {}
+    if "probe_top1" in probe:
+        headline["probe_top1"] = probe["probe_top1"]
+    teacher = {int(key.rpartition("_")[2]): value for key, value in fid.items() if key.startswith("fid.teacher.steps_")}
+    if teacher:
+        headline["fid_teacher"] = teacher[max(teacher)]
+    if "fid.student.steps_4" in fid:
+        headline["fid_student_4"] = fid["fid.student.steps_4"]
+    return headline

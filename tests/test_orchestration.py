@@ -1,0 +1,106 @@
+"""The front doors around the stages: the DAG read from DVC, serving on a schedule, a failing or
+briefly unreachable tracking server, bad form values, and the Prefect server a `dvc repro` shares."""
+
+import glob
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, REPO, run
+
+
+def test_stage_order_is_dvc_yamls_dag(monkeypatch):
+    from tasks.pipeline import stage_order
+
+    monkeypatch.chdir(REPO)
+    order = stage_order()
+    declared = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    assert sorted(order) == sorted(declared)
+    assert order.index("prepare") < order.index("ssl") < order.index("encoder") < order.index("vae")
+    assert order.index("diffusion") < order.index("distill") < order.index("fid")
+
+
+def test_overrides_take_dvc_and_dotted_forms_and_refuse_unknown_stages():
+    from tasks.errors import StageError
+    from tasks.params import profile_params, set_overrides
+
+    full = set_overrides(profile_params("smoke"), ["params/ssl.yaml:train.epochs=2", "probe.knn_k=7"])
+    assert full["ssl"]["train"]["epochs"] == 2 and full["probe"]["knn_k"] == 7
+    assert profile_params("smoke")["ssl"]["train"]["epochs"] == 20  # the profile itself is untouched
+    with pytest.raises(StageError, match="params/<stage>.yaml:key=value"):
+        set_overrides(full, ["params/nope.yaml:x=1"])
+
+
+def test_a_bad_form_value_fails_the_flow_before_any_stage_runs(repo_copy):
+    before = (repo_copy / "params" / "ssl.yaml").read_text()
+    done = run([sys.executable, "-m", "flows", "run", "--set", "ssl.train.epochs=-1"], repo_copy, check=False)
+    assert done.returncode == 1
+    assert "'train.epochs' = -1 is invalid" in done.stderr
+    assert (repo_copy / "params" / "ssl.yaml").read_text() == before
+    assert not (repo_copy / "artifacts" / "prepare").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_is_a_transient_failure(repo_copy):
+    from flows.pipeline import StageFailed
+    from flows.stage import TRANSIENT_EXIT
+
+    done = run(
+        [sys.executable, "-m", "flows.prepare"], repo_copy, check=False,
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_closed_port()}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+    )
+    assert done.returncode == TRANSIENT_EXIT, done.stderr[-2000:]
+    assert "transient" in done.stderr
+    assert not (repo_copy / "artifacts" / "prepare").exists()  # nothing half-written
+    assert StageFailed("prepare", TRANSIENT_EXIT, "").transient  # ...which the flow's task retries
+    assert not StageFailed("prepare", 2, "").transient  # a bad param is not retried
+
+
+def test_serve_registers_a_scheduled_deployment(repo_copy, prefect_api):
+    from prefect.client.orchestration import get_client
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows", "serve", "--cron", "0 3 * * *", "--name", "nightly-test", "--profile", "smoke"],
+        cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deployment, deadline = None, time.time() + 90
+        while deployment is None and time.time() < deadline and server.poll() is None:
+            time.sleep(1)
+            with get_client(sync_client=True) as client:
+                try:
+                    deployment = client.read_deployment_by_name("pipeline/nightly-test")
+                except Exception:  # not registered yet
+                    deployment = None
+        assert deployment is not None, server.stdout.read() if server.poll() is not None else "not registered in 90 s"
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+        assert deployment.parameters == {"profile": "smoke"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_plain_dvc_repro_shares_one_prefect_server_and_stops_it(repo_copy, tmp_path):
+    env = {"PREFECT_API_URL": None, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    done = run(["dvc", "repro", "prepare", "ssl"], repo_copy, **env)
+    assert "Starting temporary server" not in done.stdout + done.stderr
+    servers = set(re.findall(r"View at (http://127\.0\.0\.1:\d+)/", done.stdout + done.stderr))
+    assert len(servers) == 1, servers  # both stages' flow runs went to the same server
+    deadline = time.time() + 15
+    while glob.glob(os.path.join(tempfile.gettempdir(), "latentlab-prefect-*.url")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "latentlab-prefect-*.url"))  # gone with dvc
