@@ -32,7 +32,7 @@ from tasks.params import (
     set_overrides,
     write_params,
 )
-from tasks.pipeline import headline_metrics, is_stale, save_experiment, stage_order
+from tasks.pipeline import Invocation, headline_metrics, is_stale, save_experiment, stage_order
 from tasks.tracking import PARENT_ENV, PipelineRun
 
 Profile = Literal[tuple(profile_names())]
@@ -63,7 +63,8 @@ def run_stage(stage: str, parent_run_id: str) -> State | None:
         return Completed(name="Skipped", message=f"'{stage}' is up to date (dvc status)")
     logger = get_run_logger()
     env = {
-        **os.environ, PARENT_ENV: parent_run_id, "PREFECT_API_URL": get_current_settings().api.url or "",
+        **os.environ, **Invocation.of(os.getpid()).env(),  # the stages share one warm host (flows.host)
+        PARENT_ENV: parent_run_id, "PREFECT_API_URL": get_current_settings().api.url or "",
         "TQDM_MININTERVAL": "10",  # a progress line every 10 s, not a log flood
     }
     process = subprocess.Popen(

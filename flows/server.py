@@ -6,7 +6,7 @@ here, per stage). Stages that run under `dvc` share one instead: the first start
 `dvc` process ends. It keeps its records in PREFECT_HOME's database, as the temporary servers
 do, so a later `prefect server start` shows every run in the UI.
 
-`python -m flows.server PID STARTED` is that background process (it watches dvc's pid).
+`python -m flows.server PID STARTED` is that background process (`flows.background`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from tasks.pipeline import DvcInvocation, dvc_invocation
+from flows.background import clean_up, invocation_from_argv, published, start_once, wait_for
+from tasks.pipeline import Invocation, current_invocation
 
 STARTUP_SECONDS = 60
-
-
-def _address_file(invocation: DvcInvocation) -> Path:
-    return Path(tempfile.gettempdir()) / f"latentlab-prefect-{invocation.key}.url"
 
 
 def healthy(api_url: str, timeout: float = 2) -> bool:
@@ -46,19 +42,12 @@ def ensure_api() -> None:
 
     if get_current_settings().api.url:
         return
-    invocation = dvc_invocation()
+    invocation = current_invocation()
     if invocation is None:
         return
-    address = _address_file(invocation)
-    if not address.exists():
-        subprocess.Popen(
-            [sys.executable, "-m", "flows.server", str(invocation.pid), repr(invocation.started)],
-            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + STARTUP_SECONDS
-        while not address.exists() and time.time() < deadline:
-            time.sleep(0.2)
-    if address.exists() and healthy(api_url := address.read_text()):
+    start_once("prefect", "flows.server", invocation)
+    address = published("prefect", invocation, ".url")
+    if wait_for(address, STARTUP_SECONDS) and healthy(api_url := address.read_text()):
         use_api(api_url)
     # else: Prefect starts its own temporary server, as it would without us
 
@@ -112,9 +101,9 @@ def use_api(api_url: str) -> None:
     refresh_global_settings_context()
 
 
-def serve_while(invocation: DvcInvocation) -> None:
-    """Run a server until the `dvc` process ends, its address published for the stages meanwhile."""
-    address = _address_file(invocation)
+def serve_while(invocation: Invocation) -> None:
+    """Run a server until the invocation ends, its address published for the stages meanwhile."""
+    address = published("prefect", invocation, ".url")
     try:
         with prefect_server() as api_url:
             partial = address.with_suffix(".part")
@@ -123,8 +112,8 @@ def serve_while(invocation: DvcInvocation) -> None:
             while invocation.alive():
                 time.sleep(1)
     finally:
-        address.unlink(missing_ok=True)
+        clean_up("prefect", invocation, ".url")
 
 
 if __name__ == "__main__":
-    serve_while(DvcInvocation(int(sys.argv[1]), float(sys.argv[2])))
+    serve_while(invocation_from_argv())

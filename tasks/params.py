@@ -289,7 +289,7 @@ class FidParams(Strict):
     batch_size: int = Field(500, ge=1, description="images sampled and scored at once")
     samples_per_class: int = Field(8, ge=1, le=64, description="columns of each sample grid")
     inception: bool = Field(True, description="Inception-v3 FID too, when torch-fidelity and its weights are on disk (never downloaded)")
-    inception_weights: str | None = Field(None, description="the pt_inception-2015-12-05 weights file; default: torch hub's checkpoints folder")
+    inception_weights: str | None = Field(None, description="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; default: in torch hub's checkpoints folder")
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")

@@ -1,9 +1,10 @@
-"""The pipeline as dvc.yaml defines it, asked of DVC itself: stage order, staleness, the `dvc`
-process a stage runs under, saving the workspace as an experiment, and the headline metrics."""
+"""The pipeline as dvc.yaml defines it, asked of DVC itself: stage order, staleness, the process a
+pipeline run belongs to, saving the workspace as an experiment, and the headline metrics."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,13 @@ def _git_tracks(path: str) -> bool:
     return subprocess.run(["git", "ls-files", "--error-unmatch", path], capture_output=True).returncode == 0
 
 
+INVOCATION_ENV = "LATENTLAB_INVOCATION"
+
+
 @dataclass(frozen=True)
-class DvcInvocation:
-    """The `dvc repro` / `dvc exp run` process a stage command runs under."""
+class Invocation:
+    """The process a pipeline run belongs to (a `dvc repro` or `dvc exp run`, or the pipeline
+    flow): what the shared Prefect server, the stage host and the MLflow parent run are keyed on."""
 
     pid: int
     started: float  # epoch seconds
@@ -62,11 +67,25 @@ class DvcInvocation:
         except psutil.Error:
             return False
 
+    def env(self) -> dict[str, str]:
+        """What hands this invocation to a process that is not its descendant."""
+        return {INVOCATION_ENV: f"{self.pid}:{self.started!r}"}
 
-def dvc_invocation() -> DvcInvocation | None:
-    """The nearest ancestor process that is `dvc` (DVC gives its stages no invocation id)."""
+    @classmethod
+    def of(cls, pid: int) -> Invocation:
+        import psutil
+
+        return cls(pid, psutil.Process(pid).create_time())
+
+
+def current_invocation() -> Invocation | None:
+    """The invocation handed down in the environment, else the nearest ancestor that is `dvc`
+    (DVC gives its stages no invocation id); None for a stage run on its own."""
     import psutil
 
+    if handed := os.environ.get(INVOCATION_ENV):
+        pid, _, started = handed.partition(":")
+        return Invocation(int(pid), float(started))
     for process in psutil.Process().parents():
         try:
             command = process.cmdline()
@@ -74,7 +93,7 @@ def dvc_invocation() -> DvcInvocation | None:
             continue
         head = command[:3]
         if any(Path(part).name == "dvc" for part in head[:2]) or head[1:3] == ["-m", "dvc"]:
-            return DvcInvocation(process.pid, process.create_time())
+            return Invocation(process.pid, process.create_time())
     return None
 
 

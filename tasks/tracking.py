@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from tasks.lineage import git_state
 from tasks.params import STAGE_PARAMS, flatten, load_params
-from tasks.pipeline import DvcInvocation, dvc_invocation, headline_metrics
+from tasks.pipeline import Invocation, current_invocation, headline_metrics
 
 EXPERIMENT = "latentlab"
 PARENT_ENV = "LATENTLAB_PARENT_RUN_ID"
@@ -174,7 +174,7 @@ class PipelineRun:
         return cls(run_id) if run_id else None
 
     @classmethod
-    def for_dvc(cls, invocation: DvcInvocation) -> PipelineRun:
+    def for_invocation(cls, invocation: Invocation) -> PipelineRun:
         """The parent run of this `dvc repro` (or `dvc exp run`), started by its first stage."""
         mlflow_client = client()
         found = mlflow_client.search_runs(
@@ -218,5 +218,5 @@ def current_pipeline_run() -> PipelineRun | None:
     named = PipelineRun.from_env()
     if named is not None:
         return named
-    invocation = dvc_invocation()
-    return PipelineRun.for_dvc(invocation) if invocation else None
+    invocation = current_invocation()
+    return PipelineRun.for_invocation(invocation) if invocation else None

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
 from tasks.data import ImageSplit
@@ -148,6 +147,11 @@ def load_latents(folder: Path | str, device: torch.device | str = "cpu") -> Late
 
 def image_quality(reconstructions: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
     """PSNR (dB) and SSIM of images in [-1, 1] against their targets (torchmetrics)."""
+    from torchmetrics.image import (  # 2-3 s: only here
+        PeakSignalNoiseRatio,
+        StructuralSimilarityIndexMeasure,
+    )
+
     psnr = PeakSignalNoiseRatio(data_range=2.0).to(images.device)
     ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(images.device)
     return {"psnr": psnr(reconstructions, images).item(), "ssim": ssim(reconstructions, images).item()}

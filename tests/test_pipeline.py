@@ -63,9 +63,13 @@ def task_states(flow_run_id: str) -> dict[str, str]:
     """{task run name: state name} of a Prefect flow run, read back from the server."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
-        found = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        found = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100,
+        )
     return {task_run.name: task_run.state.name for task_run in found}
 
 

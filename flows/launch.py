@@ -1,0 +1,30 @@
+"""`python -m flows.launch <stage>`: what dvc.yaml runs for each stage.
+
+Under a pipeline run (a `dvc repro`, or the pipeline flow) the stage runs in a fresh process
+forked from the run's warm host (`flows.host`), which saves the ~8 s of imports each stage
+process would spend here; on its own, under torchrun, or when no host can be had, it runs in this
+process, exactly as `python -m flows.<stage>` would.
+"""
+
+import os
+import runpy
+import sys
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m flows.launch <stage> [args...]")
+    stage, argv = sys.argv[1], sys.argv[2:]
+    if "WORLD_SIZE" not in os.environ and os.environ.get("LATENTLAB_STAGE_HOST") != "off":
+        from flows.host import run_on_host
+        from tasks.pipeline import current_invocation
+
+        code = run_on_host(stage, argv, current_invocation())
+        if code is not None:
+            sys.exit(code)
+    sys.argv = [f"flows.{stage}", *argv]
+    runpy.run_module(f"flows.{stage}", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
