@@ -16,10 +16,14 @@ def main() -> None:
         sys.exit("usage: python -m flows.launch <stage> [args...]")
     stage, argv = sys.argv[1], sys.argv[2:]
     if "WORLD_SIZE" not in os.environ and os.environ.get("LATENTLAB_STAGE_HOST") != "off":
+        from flows.background import start_once
         from flows.host import run_on_host
         from tasks.pipeline import current_invocation
 
-        code = run_on_host(stage, argv, current_invocation())
+        invocation = current_invocation()
+        if invocation is not None and not os.environ.get("PREFECT_API_URL"):
+            start_once("prefect", "flows.server", invocation)  # comes up while the host warms up
+        code = run_on_host(stage, argv, invocation)
         if code is not None:
             sys.exit(code)
     sys.argv = [f"flows.{stage}", *argv]

@@ -102,9 +102,14 @@ def use_api(api_url: str) -> None:
 
 
 def serve_while(invocation: Invocation) -> None:
-    """Run a server until the invocation ends, its address published for the stages meanwhile."""
+    """Run a server until the invocation ends, its address published for the stages meanwhile
+    (nothing when a Prefect API is configured: the stages use that)."""
+    from prefect.settings import get_current_settings
+
     address = published("prefect", invocation, ".url")
     try:
+        if get_current_settings().api.url:
+            return
         with prefect_server() as api_url:
             partial = address.with_suffix(".part")
             partial.write_text(api_url)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel
 
@@ -42,36 +43,56 @@ class StageRun:
 
     def __enter__(self) -> StageRun:
         self.outputs = StageOutputs(self.stage) if self.is_main else None
+        self.pipeline = None
+        self._models: list[tuple[object, str]] = []
+        pool = ThreadPoolExecutor(1)
+        self._tracking = pool.submit(self._start_tracking)  # MLflow set-up overlaps the stage's work
+        pool.shutdown(wait=False)
+        self.started = time.perf_counter()
+        return self
+
+    def _start_tracking(self) -> StageTracker:
         self.pipeline = current_pipeline_run() if self.is_main else None
-        self.tracker = StageTracker(
+        return StageTracker(
             self.stage, self.params, deps=self.deps, device=str(self.device), enabled=self.is_main,
             parent=self.pipeline.run_id if self.pipeline else None,
         )
-        self.started = time.perf_counter()
-        return self
+
+    @property
+    def tracker(self) -> StageTracker:
+        return self._tracking.result()
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Step metrics to MLflow (e.g. the training loop's `log` callback)."""
         self.tracker.log_metrics(metrics, step)
 
     def log_model(self, module, name: str) -> None:
-        """A trained network to MLflow (`mlflow.pytorch`), beside the DVC-tracked export."""
-        self.tracker.log_model(module, name)
+        """A trained network to MLflow (`mlflow.pytorch`), beside the DVC-tracked export; logged
+        when the stage succeeds, outside its `wall_seconds`."""
+        self._models.append((module, name))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.is_main:
             return False
+        if exc is None:
+            self.metrics["wall_seconds"] = round(time.perf_counter() - self.started, 3)
+        try:
+            tracker = self.tracker  # a tracking failure (e.g. server unreachable) fails the stage
+        except BaseException:
+            self.outputs.discard()
+            raise
         if exc is not None:
             self.outputs.discard()
-            self.tracker.finish(ok=False)
+            tracker.finish(ok=False)
             self._update_pipeline(ok=False)
             return False
-        self.metrics["wall_seconds"] = round(time.perf_counter() - self.started, 3)
         self.outputs.metrics = self.metrics
         self.outputs.commit()
-        self.tracker.log_metrics(self.metrics)
-        self.tracker.log_artifacts(plots_dir(self.stage), "plots")
-        self.tracker.finish(ok=True)
+        tracker.log_metrics(self.metrics)
+        tracker.log_artifacts(plots_dir(self.stage), "plots")
+        for module, name in self._models:
+            tracker.log_model(module, name)
+        tracker.finish(ok=True)
         shutil.rmtree(checkpoint_path(self.stage).parent, ignore_errors=True)
         self._update_pipeline(ok=True)
         return False

@@ -21,6 +21,18 @@ for leaking in ("MLFLOW_TRACKING_URI", "LATENTLAB_PARENT_RUN_ID"):  # tests use 
     os.environ.pop(leaking, None)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: on shared cores a second thread mostly waits on the first at
+    every barrier (one thread was twice as fast here). Restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A `prefect server start` on a free port for the whole session (~4 s), stopped at the end."""

@@ -25,14 +25,7 @@ from models.samplers import ddim, ddpm_ancestral, euler, guided, heun
 from models.unet import UNet, UNetConfig, timestep_embedding
 from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread beats two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- exact denoisers of a Gaussian N(mean, diag(std²)); std = 0 is a point mass ---------------

@@ -26,14 +26,7 @@ def digits_augment() -> TwoViews:
     return TwoViews(16, 1, crop_scale=(0.4, 1.0), flip=False, blur_prob=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run small kernels on shared cores, where a second thread mostly waits on the
-    first at every barrier: one thread was twice as fast here. The setting is restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
