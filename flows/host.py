@@ -1,7 +1,8 @@
 """A warm host for the stage processes of one pipeline run.
 
 Every stage process would otherwise spend ~8 s here importing torch, Prefect and MLflow before
-doing any work. The host imports them once, then forks a fresh child per stage: the child takes
+doing any work. The host imports them once (the rest of the stages' modules while it waits for
+requests), then forks a fresh child per stage: the child takes
 over the caller's working directory, environment and stdin/stdout/stderr (passed over a Unix
 socket) and runs `python -m flows.<stage>` as it would have, with its own Prefect flow run and
 MLflow run; its exit code goes back to the caller. The host never touches a GPU before forking
@@ -26,10 +27,9 @@ from pathlib import Path
 from flows.background import clean_up, invocation_from_argv, published, start_once, wait_for
 from tasks.pipeline import Invocation
 
-HOST_ENV = "LATENTLAB_STAGE_HOST"  # a host's socket, handed to stages that are not below its dvc
 STARTUP_SECONDS = 120
-# after the stages' flows: Prefect must set up logging before mlflow.pytorch's basicConfig does
-WARM_AFTER_FLOWS = ["torch._dynamo", "mlflow", "mlflow.pytorch", "mlflow.store.tracking.sqlalchemy_store"]
+CORE = ["flows.stage", "tasks.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]  # torch, Prefect, MLflow
+LATER = ["torch._dynamo", "mlflow.pytorch"]  # after Prefect has set up logging (mlflow.pytorch calls basicConfig)
 
 
 def socket_path(invocation: Invocation) -> Path:
@@ -51,18 +51,16 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
 def run_on_host(stage: str, argv: list[str], invocation: Invocation | None) -> int | None:
     """Run the stage in a child of the host; its exit code, or None when no host can take it
     (the caller then runs the stage itself)."""
-    path = os.environ.get(HOST_ENV)
-    if not path and invocation is not None:
-        start_once("host", "flows.host", invocation)
-        if wait_for(socket_path(invocation), STARTUP_SECONDS):
-            path = str(socket_path(invocation))
-    if not path:
+    if invocation is None:
         return None
-    env = {**os.environ, **(invocation.env() if invocation else {})}
+    start_once("host", "flows.host", invocation)
+    if not wait_for(path := socket_path(invocation), STARTUP_SECONDS):
+        return None
+    env = {**os.environ, **invocation.env()}
     request = json.dumps({"stage": stage, "argv": argv, "cwd": os.getcwd(), "env": env}).encode()
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(path)
+        conn.connect(str(path))
         socket.send_fds(conn, [struct.pack("!Q", len(request))], [0, 1, 2])
         conn.sendall(request)
         (child,) = struct.unpack("!q", _recv_exact(conn, 8))
@@ -135,12 +133,14 @@ def _serve_one(conn: socket.socket) -> None:
 
 
 def serve_while(invocation: Invocation) -> None:
-    """Import the heavy modules and every stage's flow, then run stages until the invocation ends."""
+    """Import what every stage needs, start taking stages, and import the rest (each stage's flow,
+    torch._dynamo, mlflow.pytorch) between requests; run stages until the invocation ends."""
     import yaml
 
-    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
-    for module in [f"flows.{stage}" for stage in stages] + WARM_AFTER_FLOWS:
+    for module in CORE:
         importlib.import_module(module)
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    rest = [f"flows.{stage}" for stage in stages] + LATER
     path = socket_path(invocation)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -149,11 +149,13 @@ def serve_while(invocation: Invocation) -> None:
         listener.bind(str(partial))
         listener.listen()
         partial.rename(path)  # published only once it accepts
-        listener.settimeout(1)
         while invocation.alive():
+            listener.settimeout(0 if rest else 1)
             try:
                 conn, _ = listener.accept()
-            except TimeoutError:
+            except (BlockingIOError, TimeoutError):
+                if rest:
+                    importlib.import_module(rest.pop(0))
                 continue
             conn.settimeout(None)
             _serve_one(conn)
