@@ -17,16 +17,17 @@ def pipeline_runs(last: int = 10, sort: str = "fid_student_4") -> pd.DataFrame:
 
     if sort not in HEADLINE:
         raise ValueError(f"cannot sort by '{sort}'; choose one of {', '.join(HEADLINE)}")
+    none = pd.DataFrame(columns=["run", *HEADLINE])
     experiment = client().get_experiment_by_name(experiment_name())
     if experiment is None:
-        return pd.DataFrame(columns=["run", *HEADLINE])
+        return none
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(
         experiment_ids=[experiment.experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = 'true'",
         order_by=["attributes.start_time DESC"], max_results=last,
     )
     if runs.empty:
-        return pd.DataFrame(columns=["run", *HEADLINE])
+        return none
     table = pd.DataFrame({
         "run": runs["tags.mlflow.runName"],
         "started": runs["start_time"].dt.strftime("%Y-%m-%d %H:%M"),

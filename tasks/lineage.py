@@ -28,6 +28,11 @@ def git_state() -> dict[str, str]:
     }
 
 
+def git_tracks(path: str) -> bool:
+    """Whether git tracks `path` in this checkout."""
+    return _git("ls-files", "--error-unmatch", path) is not None
+
+
 def md5_file(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle:

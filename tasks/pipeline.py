@@ -3,11 +3,12 @@ pipeline run belongs to, saving the workspace as an experiment, and the headline
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.artifacts import metrics_path, read_json
+from tasks.lineage import git_tracks
 
 
 def stage_order() -> list[str]:
@@ -35,13 +36,9 @@ def save_experiment(name: str) -> str:
     from dvc.repo import Repo
 
     with Repo() as repo:
-        untracked = [] if _git_tracks("dvc.lock") else ["dvc.lock"]
+        untracked = [] if git_tracks("dvc.lock") else ["dvc.lock"]
         repo.experiments.save(name=name, force=True, include_untracked=untracked)
     return name
-
-
-def _git_tracks(path: str) -> bool:
-    return subprocess.run(["git", "ls-files", "--error-unmatch", path], capture_output=True).returncode == 0
 
 
 INVOCATION_ENV = "LATENTLAB_INVOCATION"
@@ -97,12 +94,11 @@ def current_invocation() -> Invocation | None:
     return None
 
 
-def headline_metrics(metrics_dir: Path = Path("metrics")) -> dict[str, float]:
+def headline_metrics() -> dict[str, float]:
     """probe top-1, FID of the teacher at its most steps and of the 4-step student, where present."""
 
     def read(stage: str) -> dict[str, float]:
-        path = metrics_dir / f"{stage}.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return read_json(metrics_path(stage)) if metrics_path(stage).exists() else {}
 
     probe, fid = read("probe"), read("fid")
     headline = {}

@@ -159,14 +159,17 @@ class PipelineRun:
         self._client = mlflow_client or client()
 
     @classmethod
-    def start(cls, name: str, trigger: str, tags: dict[str, str] | None = None, start_ms: int | None = None) -> PipelineRun:
+    def start(
+        cls, name: str, trigger: str, tags: dict[str, str] | None = None, start_ms: int | None = None,
+        stages_finish_it: bool = False,
+    ) -> PipelineRun:
         mlflow_client = client()
         tags = {PIPELINE_TAG: "true", "trigger": trigger, **git_state(), **(tags or {})}
         tags["mlflow.source.git.commit"] = tags["git.commit"]
         run = mlflow_client.create_run(experiment_id(mlflow_client), start_time=start_ms, run_name=name, tags=tags)
         params = {key: value for stage in STAGE_PARAMS for key, value in flatten(load_params(stage), stage).items()}
         _log_params(mlflow_client, run.info.run_id, params)
-        return cls(run.info.run_id, mlflow_client)
+        return cls(run.info.run_id, mlflow_client, stages_finish_it=stages_finish_it)
 
     @classmethod
     def from_env(cls) -> PipelineRun | None:
@@ -185,9 +188,7 @@ class PipelineRun:
         experiment = os.environ.get("DVC_EXP_NAME")
         tags = {INVOCATION_TAG: invocation.key, **({"dvc.experiment": experiment} if experiment else {})}
         name = experiment or time.strftime("dvc-repro-%Y%m%d-%H%M%S", time.localtime(invocation.started))
-        started = cls.start(name, "dvc repro", tags, start_ms=int(invocation.started * 1000))
-        started.stages_finish_it = True
-        return started
+        return cls.start(name, "dvc repro", tags, start_ms=int(invocation.started * 1000), stages_finish_it=True)
 
     def finish(self, ok: bool, tags: dict[str, str] | None = None) -> None:
         """Headline metrics as the workspace holds them now; wall time since the run started, the
