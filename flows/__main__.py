@@ -14,8 +14,8 @@ import argparse
 import sys
 from contextlib import nullcontext
 
+from runtime.profiles import profile_names, profile_params, set_overrides, write_params
 from tasks.errors import StageError
-from tasks.params import profile_names, profile_params, set_overrides, write_params
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -38,14 +38,14 @@ def _prefect_api():
     """The configured Prefect API, else a `prefect server start` for as long as the command runs."""
     from prefect.settings import get_current_settings
 
-    from flows.server import prefect_server
+    from runtime.server import prefect_server
 
     return nullcontext(get_current_settings().api.url) if get_current_settings().api.url else prefect_server()
 
 
 def run(args: argparse.Namespace) -> None:
     from flows.pipeline import pipeline
-    from flows.server import use_api
+    from runtime.server import use_api
 
     with _prefect_api() as api_url:
         use_api(api_url)
@@ -71,7 +71,7 @@ def serve(args: argparse.Namespace) -> None:
 def compare(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from tasks.compare import pipeline_runs
+    from runtime.compare import pipeline_runs
 
     try:
         table = pipeline_runs(args.last, args.sort)

@@ -5,9 +5,8 @@ into a per-class grid at each guidance scale, decoded by the VAE."""
 import torch
 from prefect import flow
 
-from flows.stage import main, stage_task
-from tasks.artifacts import artifacts_dir, checkpoint_path
-from tasks.data import EpochBatches
+from runtime.stage import StageRun, main, stage_task
+from tasks.artifacts import artifacts_dir
 from tasks.diffusion import (
     Denoiser,
     build_denoiser_training,
@@ -18,22 +17,16 @@ from tasks.diffusion import (
 )
 from tasks.images import save_png
 from tasks.params import DiffusionParams
-from tasks.stage import StageRun
-from tasks.training import Trainer, TrainResult
+from tasks.training import TrainingContext, TrainResult
 from tasks.vae import load_decoder, load_latents
 
 
 def train_denoiser(params: DiffusionParams, run: StageRun) -> TrainResult:
     latents = load_latents(artifacts_dir("vae"), run.device)
     scaled, labels = latents.scaled(), latents.labels
-    batches = EpochBatches(len(scaled), params.train.batch_size, params.seed, run.dist.rank, run.dist.world, run.device)
     torch.manual_seed(params.seed)
     training = build_denoiser_training(params, scaled.shape[1], latents.num_classes)
-    trainer = Trainer(
-        training, params.train, steps_per_epoch=batches.steps_per_epoch, seed=params.seed,
-        checkpoint=checkpoint_path("diffusion"), fingerprint=run.fingerprint, log=run.log,
-        device=run.device, dist=run.dist, desc=f"diffusion/{params.formulation}",
-    )
+    trainer, batches = TrainingContext.of(run).trainer(training, params.train, len(scaled), params.seed, params.formulation)
     return trainer.fit(step_rows(batches, scaled, labels))
 
 

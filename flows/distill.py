@@ -4,13 +4,13 @@ a per-class sample grid of each student at its step count, decoded by the VAE.""
 
 from prefect import flow
 
-from flows.stage import main, stage_task
+from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.diffusion import class_grid, load_denoiser
 from tasks.distill import export_students, load_students, progressive_students, reflow_student
 from tasks.images import save_png
 from tasks.params import DistillParams
-from tasks.stage import StageRun
+from tasks.training import TrainingContext
 from tasks.vae import load_decoder, load_latents
 
 
@@ -18,8 +18,8 @@ def train_students(params: DistillParams, run: StageRun):
     teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
     latents = load_latents(artifacts_dir("vae"), run.device)
     if teacher.formulation == "ddpm":
-        return "progressive", *progressive_students(teacher, params, latents.scaled(), latents.labels, run)
-    return "reflow", *reflow_student(teacher, params, latents.num_classes, run)
+        return "progressive", *progressive_students(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
+    return "reflow", *reflow_student(teacher, params, latents.num_classes, TrainingContext.of(run))
 
 
 @flow(name="distill", log_prints=True)

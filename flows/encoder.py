@@ -3,7 +3,7 @@
 import numpy as np
 from prefect import flow
 
-from flows.stage import main, stage_task
+from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.data import load_manifest, load_split
 from tasks.encoder import (
@@ -17,7 +17,6 @@ from tasks.encoder import (
 from tasks.params import EncoderParams
 from tasks.plots import scatter_by_class
 from tasks.prepare import SPLITS
-from tasks.stage import StageRun
 
 
 @flow(name="encoder", log_prints=True)

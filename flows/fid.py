@@ -8,8 +8,8 @@ import torch
 from prefect import flow
 from tqdm import tqdm
 
-from flows.stage import main, stage_task
 from models.fid import FeatureExtractor
+from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.data import load_manifest, load_split
 from tasks.diffusion import balanced_labels, load_denoiser, timed_images
@@ -19,7 +19,6 @@ from tasks.fid import FidScorer, inception_weights
 from tasks.images import grid, save_png, to_uint8
 from tasks.params import FidParams
 from tasks.plots import lines
-from tasks.stage import StageRun
 from tasks.vae import decode, encode_means, load_decoder
 
 

@@ -19,7 +19,11 @@ from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 from prefect.states import Completed, State
 
-from flows.stage import TRANSIENT_EXIT
+from runtime.dag import is_stale, save_experiment, stage_order
+from runtime.invocation import Invocation
+from runtime.profiles import profile_names, profile_params, set_overrides, write_params
+from runtime.stage import TRANSIENT_EXIT
+from runtime.tracking import PARENT_ENV, PipelineRun, headline_metrics
 from tasks.errors import StageError
 from tasks.params import (
     STAGE_PARAMS,
@@ -27,13 +31,7 @@ from tasks.params import (
     PrepareParams,
     SslParams,
     load_params,
-    profile_names,
-    profile_params,
-    set_overrides,
-    write_params,
 )
-from tasks.pipeline import Invocation, headline_metrics, is_stale, save_experiment, stage_order
-from tasks.tracking import PARENT_ENV, PipelineRun
 
 Profile = Literal[tuple(profile_names())]
 Source = PrepareParams.model_fields["source"].annotation

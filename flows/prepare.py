@@ -4,13 +4,12 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stage import main, stage_task
+from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import write_json
 from tasks.datasets import load_source
 from tasks.images import class_grid, save_png
 from tasks.params import PrepareParams
 from tasks.prepare import make_splits, manifest, write_splits
-from tasks.stage import StageRun
 
 read_raw = stage_task(load_source, name="read-raw")
 split = stage_task(make_splits, name="split")

@@ -7,16 +7,15 @@ import numpy as np
 import torch
 from prefect import flow
 
-from flows.stage import main, stage_task
 from models.backbones import build_backbone
-from tasks.artifacts import artifacts_dir, write_json
+from runtime.stage import StageRun, main, stage_task
+from tasks.artifacts import artifacts_dir, freeze, write_json
 from tasks.data import load_manifest, load_split
-from tasks.encoder import embed, freeze
+from tasks.encoder import embed
 from tasks.params import ProbeParams
 from tasks.plots import confusion, lines
 from tasks.prepare import SPLITS
 from tasks.probe import Features, Labels, evaluate_features
-from tasks.stage import StageRun
 
 
 def feature_sets(params: ProbeParams, device) -> dict[str, Features]:

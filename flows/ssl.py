@@ -5,13 +5,11 @@ import json
 import torch
 from prefect import flow
 
-from flows.stage import main, stage_task
-from tasks.artifacts import checkpoint_path
-from tasks.data import EpochBatches, load_manifest, load_split
+from runtime.stage import StageRun, main, stage_task
+from tasks.data import load_manifest, load_split
 from tasks.params import SslParams
 from tasks.ssl import build_ssl, knn_monitor
-from tasks.stage import StageRun
-from tasks.training import Trainer, TrainResult
+from tasks.training import TrainingContext, TrainResult
 
 
 def train_ssl(params: SslParams, run: StageRun) -> TrainResult:
@@ -19,12 +17,7 @@ def train_ssl(params: SslParams, run: StageRun) -> TrainResult:
     train, val = load_split("train", run.device), load_split("val", run.device)
     torch.manual_seed(params.seed)
     objective = build_ssl(params, channels, image_size)
-    batches = EpochBatches(len(train), params.train.batch_size, params.seed, run.dist.rank, run.dist.world, run.device)
-    trainer = Trainer(
-        objective, params.train, steps_per_epoch=batches.steps_per_epoch, seed=params.seed,
-        checkpoint=checkpoint_path("ssl"), fingerprint=run.fingerprint, log=run.log,
-        device=run.device, dist=run.dist, desc=f"ssl/{params.objective}",
-    )
+    trainer, batches = TrainingContext.of(run).trainer(objective, params.train, len(train), params.seed, params.objective)
     return trainer.fit(
         lambda step: train.floats(batches(step)),
         evaluate=knn_monitor(train, val),

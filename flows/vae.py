@@ -6,14 +6,13 @@ import numpy as np
 import torch
 from prefect import flow
 
-from flows.stage import main, stage_task
-from tasks.artifacts import artifacts_dir, checkpoint_path
-from tasks.data import EpochBatches, load_manifest, load_split
+from runtime.stage import StageRun, main, stage_task
+from tasks.artifacts import artifacts_dir
+from tasks.data import load_manifest, load_split
 from tasks.encoder import load_encoder
 from tasks.images import grid, save_png, to_uint8
 from tasks.params import VaeParams
-from tasks.stage import StageRun
-from tasks.training import Trainer, TrainResult, total_steps
+from tasks.training import TrainingContext, TrainResult, total_steps
 from tasks.vae import (
     Latents,
     LatentScale,
@@ -30,16 +29,11 @@ GRID_COLUMNS = 10
 
 def train_vae(params: VaeParams, run: StageRun) -> TrainResult:
     train = load_split("train", run.device)
-    batches = EpochBatches(len(train), params.train.batch_size, params.seed, run.dist.rank, run.dist.world, run.device)
-    steps = total_steps(params.train, batches.steps_per_epoch)
+    steps = total_steps(params.train, len(train) // params.train.batch_size)
     encoder = load_encoder(artifacts_dir("encoder"), run.device) if params.perceptual_weight > 0 else None
     torch.manual_seed(params.seed)
     training = build_vae_training(params, load_manifest()["image_shape"], steps, encoder)
-    trainer = Trainer(
-        training, params.train, steps_per_epoch=batches.steps_per_epoch, seed=params.seed,
-        checkpoint=checkpoint_path("vae"), fingerprint=run.fingerprint, log=run.log,
-        device=run.device, dist=run.dist, desc="vae",
-    )
+    trainer, batches = TrainingContext.of(run).trainer(training, params.train, len(train), params.seed)
     return trainer.fit(lambda step: train.floats(batches(step)))
 
 

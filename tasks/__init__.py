@@ -1,1 +1,1 @@
-"""Units of work the flows call: data, training loop, evaluation, tracking, artifact I/O."""
+"""Units of work the flows call: data loading, the training loop, evaluation, artifact I/O."""

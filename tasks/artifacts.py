@@ -10,7 +10,15 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tasks.errors import StageError
 
 ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
@@ -36,8 +44,9 @@ def checkpoint_path(stage: str) -> Path:
     return CHECKPOINTS / stage / "state.pt"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (`sha256`, or `md5` where a published checksum or DVC uses it)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -54,6 +63,40 @@ def write_json(path: Path, data: object) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+class ArtifactError(StageError):
+    """An artifact that does not load (missing, truncated, or from other code); the message names it."""
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: how every trained network is handed on."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def save_network(module: nn.Module, config: dict, folder: Path, name: str) -> None:
+    """`<name>.safetensors` (the weights) and `<name>.json` (what `load_network` rebuilds it from)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({key: tensor.detach().cpu().contiguous() for key, tensor in module.state_dict().items()}, folder / f"{name}.safetensors")
+    write_json(folder / f"{name}.json", config)
+
+
+def load_network(
+    folder: Path | str, name: str, build: Callable[[dict], nn.Module], device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict]:
+    """The frozen network `build(config)` with the saved weights, and its config. Nothing is unpickled."""
+    weights, config_path = Path(folder) / f"{name}.safetensors", Path(folder) / f"{name}.json"
+    try:
+        config = read_json(config_path)
+        module = build(config)
+        module.load_state_dict(load_file(weights, device=str(device)))
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as err:
+        raise ArtifactError(
+            f"{weights} / {config_path.name} do not load ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"rerun the stage that writes {folder}"
+        ) from err
+    return freeze(module.to(device)), config
 
 
 def _remove(path: Path) -> None:

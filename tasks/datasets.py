@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.artifacts import file_digest
 from tasks.errors import StageError
-from tasks.lineage import md5_file
 
 
 class DataError(StageError, ValueError):
@@ -85,7 +85,7 @@ def fetch(url: str, dest: Path, md5: str, timeout: float = 30) -> None:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
             while block := response.read(1 << 20):
                 out.write(block)
-        got = md5_file(tmp)
+        got = file_digest(tmp, "md5")
         if got != md5:
             raise DataError(f"{url}: checksum mismatch (md5 {got}, published {md5}); the file was not kept")
         tmp.replace(dest)

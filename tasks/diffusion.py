@@ -7,7 +7,6 @@ The distilled students are denoisers too: they are saved, loaded and sampled the
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from models.diffusion import DDPM, DenoiserTraining, RectifiedFlow
 from models.samplers import ddim, ddpm_ancestral, euler, heun
 from models.unet import UNet, UNetConfig
+from tasks.artifacts import load_network, save_network
 from tasks.data import EpochBatches
-from tasks.encoder import freeze
 from tasks.images import grid, to_uint8
 from tasks.params import DiffusionParams
 from tasks.vae import LatentDecoder
@@ -73,24 +71,17 @@ class Denoiser:
 
 def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") -> None:
     """<name>.safetensors and <name>.json: everything `load_denoiser` rebuilds it from."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {key: tensor.detach().cpu().contiguous() for key, tensor in denoiser.net.state_dict().items()}
-    save_file(state, folder / f"{name}.safetensors")
     config = {
         "unet": dataclasses.asdict(denoiser.net.config), "formulation": denoiser.formulation,
         "sampler": denoiser.sampler, "latent_shape": list(denoiser.latent_shape), "flow_time": denoiser.flow_time,
     }
-    (folder / f"{name}.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_network(denoiser.net, config, folder, name)
 
 
 def load_denoiser(folder: Path | str, device: torch.device | str = "cpu", name: str = "denoiser") -> Denoiser:
     """Rebuild a frozen denoiser (eval mode, no grads) from <name>.json + <name>.safetensors."""
-    folder = Path(folder)
-    config = json.loads((folder / f"{name}.json").read_text())
-    net = UNet(UNetConfig(**config.pop("unet")))
-    net.load_state_dict(load_file(folder / f"{name}.safetensors", device=str(device)))
-    config["latent_shape"] = tuple(config["latent_shape"])
-    return Denoiser(freeze(net.to(device)), **config)
+    net, config = load_network(folder, name, lambda config: UNet(UNetConfig(**config["unet"])), device)
+    return Denoiser(net, config["formulation"], config["sampler"], tuple(config["latent_shape"]), config["flow_time"])
 
 
 def step_rows(batches: EpochBatches, *tensors: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, ...]]:

@@ -10,13 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from models.diffusion import RectifiedFlow
 from models.distill import ProgressiveDistillation, ReflowTraining, make_reflow_pairs
-from tasks.artifacts import checkpoint_path
-from tasks.data import EpochBatches
+from tasks.artifacts import freeze
 from tasks.diffusion import (
     SAMPLERS,
     Denoiser,
@@ -25,10 +23,8 @@ from tasks.diffusion import (
     load_denoiser,
     step_rows,
 )
-from tasks.encoder import freeze
-from tasks.params import DistillParams, TrainParams
-from tasks.stage import StageRun
-from tasks.training import Trainer, TrainResult
+from tasks.params import DistillParams
+from tasks.training import TrainingContext, TrainResult
 
 STUDENTS = "students.json"
 
@@ -40,29 +36,20 @@ class Student:
     guidance: float  # what it samples at to reproduce the teacher at the target guidance
 
 
-def _trainer(module: nn.Module, train: TrainParams, batches: EpochBatches, seed: int, run: StageRun, name: str) -> Trainer:
-    """One training run of the stage, with its own resumable checkpoint."""
-    return Trainer(
-        module, train, steps_per_epoch=batches.steps_per_epoch, seed=seed,
-        checkpoint=checkpoint_path("distill").with_name(f"{name}.pt"), fingerprint=run.fingerprint,
-        log=run.log, device=run.device, dist=run.dist, desc=f"distill/{name}",
-    )
-
-
 def progressive_students(
-    teacher: Denoiser, params: DistillParams, latents: torch.Tensor, labels: torch.Tensor, run: StageRun
+    teacher: Denoiser, params: DistillParams, latents: torch.Tensor, labels: torch.Tensor, training: TrainingContext
 ) -> tuple[list[Student], list[TrainResult]]:
     """Rounds from progressive.teacher_steps down to the fewest student steps, each student a copy
     of its teacher taking half its DDIM steps; the students asked for in student_steps."""
     rounds = params.progressive
-    batches = EpochBatches(len(latents), rounds.train.batch_size, params.seed, run.dist.rank, run.dist.world, run.device)
     teacher_net, students, results = teacher.net, [], []
     steps = rounds.teacher_steps // 2
     while steps >= min(params.student_steps):
         distillation = ProgressiveDistillation(teacher_net, copy.deepcopy(teacher_net), steps, label_dropout=rounds.label_dropout)
-        result = _trainer(distillation, rounds.train, batches, params.seed + steps, run, f"student_{steps}_steps").fit(
-            step_rows(batches, latents, labels)
+        trainer, batches = training.trainer(
+            distillation, rounds.train, len(latents), params.seed + steps, f"student_{steps}_steps"
         )
+        result = trainer.fit(step_rows(batches, latents, labels))
         teacher_net = freeze((result.ema or result.module).student)
         if steps in params.student_steps:
             students.append(Student(steps, teacher.with_net(teacher_net, "ddim"), params.guidance))
@@ -72,15 +59,15 @@ def progressive_students(
 
 
 def reflow_student(
-    teacher: Denoiser, params: DistillParams, num_classes: int, run: StageRun, batch_size: int = 500
+    teacher: Denoiser, params: DistillParams, num_classes: int, training: TrainingContext, batch_size: int = 500
 ) -> tuple[list[Student], list[TrainResult]]:
     """A copy of the teacher trained on straight paths from noise to the teacher's guided samples;
     it samples with Euler at every count in student_steps, unguided."""
     reflow = params.reflow
     torch.manual_seed(params.seed)
-    labels = balanced_labels(reflow.pairs, num_classes, run.device)
+    labels = balanced_labels(reflow.pairs, num_classes, training.device)
     noise, samples = [], []
-    for chunk in tqdm(labels.split(batch_size), desc="distill/reflow pairs", disable=not run.is_main):
+    for chunk in tqdm(labels.split(batch_size), desc="distill/reflow pairs", disable=not training.is_main):
         pair = make_reflow_pairs(
             teacher.net, SAMPLERS[teacher.sampler], chunk, teacher.latent_shape, reflow.teacher_steps, params.guidance,
             batch_size=batch_size,
@@ -89,11 +76,9 @@ def reflow_student(
         samples.append(pair[1])
     noise, samples = torch.cat(noise), torch.cat(samples)
     student = copy.deepcopy(teacher.net).requires_grad_(True)
-    training = ReflowTraining(student, RectifiedFlow(**teacher.flow_time, label_dropout=0.0))
-    batches = EpochBatches(len(labels), reflow.train.batch_size, params.seed, run.dist.rank, run.dist.world, run.device)
-    result = _trainer(training, reflow.train, batches, params.seed, run, "reflow").fit(
-        step_rows(batches, noise, samples, labels)
-    )
+    reflow_training = ReflowTraining(student, RectifiedFlow(**teacher.flow_time, label_dropout=0.0))
+    trainer, batches = training.trainer(reflow_training, reflow.train, len(labels), params.seed, "reflow")
+    result = trainer.fit(step_rows(batches, noise, samples, labels))
     net = teacher.with_net(freeze((result.ema or result.module).student), "euler")
     return [Student(steps, net, 1.0) for steps in params.student_steps], [result]
 

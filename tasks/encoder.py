@@ -8,41 +8,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.backbones import build_backbone
+from tasks.artifacts import freeze, load_network, save_network
 from tasks.data import ImageSplit
 from tasks.errors import StageError
 
-WEIGHTS = "encoder.safetensors"
-CONFIG = "encoder.json"
+NAME = "encoder"  # encoder.safetensors + encoder.json
 
 
 class EncoderCollapsed(StageError):
     """Every embedding dimension is (nearly) constant: the SSL run learned nothing usable."""
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    return module.eval()
-
-
 def export_encoder(backbone: nn.Module, config: dict, folder: Path) -> None:
     """Write the backbone's weights and the config `build_backbone(**config)` rebuilds it from."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
-    save_file(state, folder / WEIGHTS)
-    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_network(backbone, config, folder, NAME)
 
 
 def load_encoder(folder: Path | str, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the frozen encoder (eval mode, no grads) from encoder.json + encoder.safetensors."""
-    folder = Path(folder)
-    config = json.loads((folder / CONFIG).read_text())
-    encoder = build_backbone(**config)
-    encoder.load_state_dict(load_file(folder / WEIGHTS, device=str(device)))
-    return freeze(encoder.to(device))
+    return load_network(folder, NAME, lambda config: build_backbone(**config), device)[0]
 
 
 @torch.no_grad()

@@ -1,12 +1,11 @@
 """Typed stage parameters: one YAML file per stage under params/, validated before any work.
 
 Each stage's file validates into the model registered for it in STAGE_PARAMS. The defaults
-of those models are the `default` profile; params/profiles/<name>.yaml overlays them.
+of those models are the `default` profile (runtime/profiles.py writes the files from profiles).
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tasks.errors import StageError
 
 PARAMS_DIR = Path("params")
-PROFILES_DIR = PARAMS_DIR / "profiles"
 
 
 class ParamsError(StageError, ValueError):
@@ -315,7 +313,7 @@ def params_path(stage: str) -> Path:
     return PARAMS_DIR / f"{stage}.yaml"
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -370,7 +368,7 @@ def validate(stage: str, data: dict, path: Path | None = None) -> Strict:
 def load_params(stage: str) -> Strict:
     """Read and validate params/<stage>.yaml."""
     path = params_path(stage)
-    return validate(stage, _read_yaml(path), path)
+    return validate(stage, read_yaml(path), path)
 
 
 def flatten(params: BaseModel, prefix: str) -> dict[str, object]:
@@ -386,82 +384,3 @@ def flatten(params: BaseModel, prefix: str) -> dict[str, object]:
 
     walk(params.model_dump(mode="json"), prefix)
     return out
-
-
-def profile_names() -> list[str]:
-    return ["default"] + sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-
-
-def _merge(base: dict, overlay: dict) -> dict:
-    merged = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def profile_params(name: str) -> dict[str, dict]:
-    """Every stage's full params under a profile: the model defaults, overlaid by the profile file."""
-    if name not in profile_names():
-        raise ParamsError(f"unknown profile '{name}'; profiles: {', '.join(profile_names())}")
-    overlay = {} if name == "default" else _read_yaml(PROFILES_DIR / f"{name}.yaml")
-    unknown = set(overlay) - set(STAGE_PARAMS)
-    if unknown:
-        raise ParamsError(
-            f"{PROFILES_DIR / name}.yaml: unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGE_PARAMS)}"
-        )
-    full = {}
-    for stage, model in STAGE_PARAMS.items():
-        data = _merge(model().model_dump(mode="json"), overlay.get(stage, {}))
-        full[stage] = validate(stage, data, PROFILES_DIR / f"{name}.yaml").model_dump(mode="json")
-    return full
-
-
-def parse_value(raw: str) -> object:
-    """A command-line value typed as YAML would, plus the `1e-3` floats YAML 1.1 reads as text."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def set_overrides(full: dict[str, dict], overrides: list[str]) -> dict[str, dict]:
-    """Apply overrides (YAML-typed values) to a full params mapping: `stage.key.sub=value`, or
-    DVC's `-S` form `params/stage.yaml:key.sub=value`."""
-    full = copy.deepcopy(full)
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if ":" in key:
-            path, _, dotted = key.partition(":")
-            stage = Path(path).stem
-        else:
-            stage, _, dotted = key.partition(".")
-        if not sep or not dotted or stage not in full:
-            raise ParamsError(
-                f"override '{override}': expected stage.key=value or params/<stage>.yaml:key=value "
-                f"with stage in {', '.join(full)}"
-            )
-        node = full[stage]
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = parse_value(raw)
-        validate(stage, full[stage], Path(f"override '{override}'"))
-    return full
-
-
-def write_params(full: dict[str, dict]) -> list[str]:
-    """Write params/<stage>.yaml for every stage; return the stages whose file changed."""
-    changed = []
-    for stage, values in full.items():
-        path = params_path(stage)
-        text = yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-            changed.append(stage)
-    return changed

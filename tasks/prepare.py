@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.artifacts import sha256_file
+from tasks.artifacts import file_digest
 from tasks.datasets import DataError, RawDataset
 from tasks.params import PrepareParams
 
@@ -106,6 +106,6 @@ def manifest(splits: dict, raw: RawDataset, params: PrepareParams, folder: Path)
             name: {raw.class_names[c]: int((labels == c).sum()) for c in range(len(raw.class_names))}
             for name, (_, labels) in splits.items()
         },
-        "sha256": {p.name: sha256_file(p) for p in sorted(folder.glob("*.npy"))},
+        "sha256": {p.name: file_digest(p) for p in sorted(folder.glob("*.npy"))},
         "seed": params.seed,
     }

@@ -20,61 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from models.lars import LARS
+from tasks.artifacts import checkpoint_path
+from tasks.data import EpochBatches
+from tasks.device import Distributed, autocast, pick_device
 from tasks.errors import StageError
 from tasks.params import TrainParams
 
 
 class NonFiniteLoss(StageError, RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a torchrun launch (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        """Read torchrun's RANK/WORLD_SIZE and join the process group (NCCL on GPU, gloo on CPU)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not torch_dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(local_rank)
-            torch_dist.init_process_group(backend)
-        return cls(rank, world, local_rank)
-
-
-def pick_device(dist: Distributed = Distributed()) -> torch.device:
-    """CUDA when present, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (precision auto/bf16), a no-op elsewhere or for fp32."""
-    enabled = device.type == "cuda" and precision in ("auto", "bf16")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -300,3 +260,38 @@ class Trainer:
                 f"{self.desc}: the loss became {losses[int(bad[0])].item()} at step {step}; "
                 "try a lower lr, grad_clip, or fp32 precision"
             )
+
+
+@dataclass
+class TrainingContext:
+    """What every trainer of one stage run shares: the stage (its checkpoint folder), the device and
+    ranks, the fingerprint a checkpoint must match, and where step metrics go."""
+
+    stage: str
+    device: torch.device = torch.device("cpu")
+    dist: Distributed = Distributed()
+    fingerprint: str = ""
+    log: Callable[[dict[str, float], int], None] | None = None
+
+    @classmethod
+    def of(cls, run) -> TrainingContext:
+        """The context of a stage run (anything with `stage`, `device`, `dist`, `fingerprint`, `log`)."""
+        return cls(run.stage, run.device, run.dist, run.fingerprint, run.log)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def trainer(
+        self, module: nn.Module, train: TrainParams, rows: int, seed: int, name: str | None = None
+    ) -> tuple[Trainer, EpochBatches]:
+        """The one loop for `module` over `rows` training rows, with a resumable checkpoint (one per
+        `name` when a stage trains several), and the batches it draws."""
+        batches = EpochBatches(rows, train.batch_size, seed, self.dist.rank, self.dist.world, self.device)
+        checkpoint = checkpoint_path(self.stage)
+        trainer = Trainer(
+            module, train, steps_per_epoch=batches.steps_per_epoch, seed=seed,
+            checkpoint=checkpoint.with_name(f"{name}.pt") if name else checkpoint, fingerprint=self.fingerprint,
+            log=self.log, device=self.device, dist=self.dist, desc=f"{self.stage}/{name}" if name else self.stage,
+        )
+        return trainer, batches

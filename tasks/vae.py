@@ -10,17 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
+from tasks.artifacts import load_network, save_network
 from tasks.data import ImageSplit
-from tasks.encoder import freeze
 from tasks.errors import StageError
 from tasks.params import VaeParams
 
-WEIGHTS = "vae.safetensors"
-CONFIG = "vae.json"
+NAME = "vae"  # vae.safetensors + vae.json
 LATENTS = "train_latents.npy"
 LABELS = "train_labels.npy"
 LATENTS_INFO = "latents.json"
@@ -49,17 +47,12 @@ def build_vae_training(
 
 
 def export_vae(vae: VAE, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in vae.state_dict().items()}, folder / WEIGHTS)
-    (folder / CONFIG).write_text(json.dumps(dataclasses.asdict(vae.config), indent=2) + "\n")
+    save_network(vae, dataclasses.asdict(vae.config), folder, NAME)
 
 
 def load_vae(folder: Path | str, device: torch.device | str = "cpu") -> VAE:
     """Rebuild the frozen VAE (eval mode, no grads) from vae.json + vae.safetensors."""
-    folder = Path(folder)
-    vae = VAE(VAEConfig(**json.loads((folder / CONFIG).read_text())))
-    vae.load_state_dict(load_file(folder / WEIGHTS, device=str(device)))
-    return freeze(vae.to(device))
+    return load_network(folder, NAME, lambda config: VAE(VAEConfig(**config)), device)[0]
 
 
 @torch.no_grad()

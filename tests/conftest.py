@@ -36,7 +36,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A `prefect server start` on a free port for the whole session (~4 s), stopped at the end."""
-    from flows.server import prefect_server, use_api
+    from runtime.server import prefect_server, use_api
 
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     os.environ.pop("PREFECT_API_URL", None)

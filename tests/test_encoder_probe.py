@@ -5,13 +5,13 @@ import torch
 
 from models.backbones import build_backbone
 from models.probe import accuracy, select_and_fit
+from tasks.artifacts import freeze
 from tasks.data import ImageSplit
 from tasks.encoder import (
     EncoderCollapsed,
     check_not_collapsed,
     embed,
     export_encoder,
-    freeze,
     load_encoder,
 )
 from tasks.probe import Features, Labels, evaluate_features, label_subset

@@ -4,8 +4,6 @@ The real stage runs are checked in test_pipeline.py (one `dvc repro` of the smok
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
@@ -36,7 +34,7 @@ from tasks.params import (
     VaeParams,
     validate,
 )
-from tasks.training import Distributed
+from tasks.training import TrainingContext
 from tasks.vae import (
     LatentDecoder,
     Latents,
@@ -58,9 +56,6 @@ def tiny_unet(in_channels: int = 2, num_classes: int = 3) -> UNet:
     return UNet(config)
 
 
-def fake_run() -> SimpleNamespace:
-    """What the distillation tasks use of a StageRun."""
-    return SimpleNamespace(device=torch.device("cpu"), dist=Distributed(), fingerprint="test", log=None, is_main=True)
 
 
 # -- VAE -------------------------------------------------------------------------------------
@@ -163,7 +158,7 @@ def distill_params(**changes) -> DistillParams:
 def test_progressive_rounds_halve_the_steps_and_each_student_starts_from_its_teacher(in_tmp):
     teacher = Denoiser(tiny_unet().requires_grad_(False), "ddpm", "ddim", (2, 4, 4))
     latents, labels = torch.randn(16, 2, 4, 4), balanced_labels(16, 3)
-    students, results = progressive_students(teacher, distill_params(), latents, labels, fake_run())
+    students, results = progressive_students(teacher, distill_params(), latents, labels, TrainingContext("distill"))
     assert [s.steps for s in students] == [2, 1] and len(results) == 2  # rounds 4 -> 2 -> 1
     assert all(s.denoiser.sampler == "ddim" and s.guidance == 1.5 for s in students)
     two_step, one_step = (s.denoiser.net for s in students)
@@ -185,7 +180,7 @@ def test_progressive_rounds_halve_the_steps_and_each_student_starts_from_its_tea
 
 def test_reflow_trains_one_student_that_samples_unguided_at_every_step_count(in_tmp):
     teacher = Denoiser(tiny_unet().requires_grad_(False), "flow", "heun", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0})
-    students, results = reflow_student(teacher, distill_params(), num_classes=3, run=fake_run(), batch_size=8)
+    students, results = reflow_student(teacher, distill_params(), num_classes=3, training=TrainingContext("distill"), batch_size=8)
     assert [s.steps for s in students] == [1, 2] and len(results) == 1 and results[0].steps == 2
     assert all(s.denoiser.sampler == "euler" and s.guidance == 1.0 for s in students)
     assert students[0].denoiser.net is students[1].denoiser.net is not teacher.net

@@ -17,7 +17,7 @@ from tests.conftest import BIN, REPO, run
 
 
 def test_stage_order_is_dvc_yamls_dag(monkeypatch):
-    from tasks.pipeline import stage_order
+    from runtime.dag import stage_order
 
     monkeypatch.chdir(REPO)
     order = stage_order()
@@ -28,8 +28,8 @@ def test_stage_order_is_dvc_yamls_dag(monkeypatch):
 
 
 def test_overrides_take_dvc_and_dotted_forms_and_refuse_unknown_stages():
+    from runtime.profiles import profile_params, set_overrides
     from tasks.errors import StageError
-    from tasks.params import profile_params, set_overrides
 
     full = set_overrides(profile_params("smoke"), ["params/ssl.yaml:train.epochs=2", "probe.knn_k=7"])
     assert full["ssl"]["train"]["epochs"] == 2 and full["probe"]["knn_k"] == 7
@@ -55,7 +55,7 @@ def _closed_port() -> int:
 
 def test_an_unreachable_tracking_server_is_a_transient_failure(repo_copy):
     from flows.pipeline import StageFailed
-    from flows.stage import TRANSIENT_EXIT
+    from runtime.stage import TRANSIENT_EXIT
 
     done = run(
         [sys.executable, "-m", "flows.prepare"], repo_copy, check=False,

@@ -6,14 +6,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tasks.params import (
-    STAGE_PARAMS,
-    ParamsError,
-    load_params,
-    profile_names,
-    profile_params,
-    validate,
-)
+from runtime.profiles import profile_names, profile_params
+from tasks.params import STAGE_PARAMS, ParamsError, load_params, validate
 from tests.conftest import REPO, run
 
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tasks.lineage import dvc_hash
+from runtime.dag import dvc_hash
 from tests.conftest import copy_repo, run
 
 STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "distill", "fid"]

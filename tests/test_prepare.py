@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.artifacts import sha256_file
+from tasks.artifacts import file_digest
 from tasks.datasets import DataError, fetch, load_source, read_idx
 from tasks.params import validate
 from tasks.prepare import make_splits, write_splits
@@ -188,7 +188,7 @@ def test_stage_writes_manifest_with_checksums_grid_and_metrics(tmp_path, prefect
     assert manifest["image_shape"] == [1, 8, 8] and len(manifest["class_names"]) == 10
     assert sum(sum(c.values()) for c in manifest["counts"].values()) == 400
     for name, digest in manifest["sha256"].items():
-        assert sha256_file(out / name) == digest
+        assert file_digest(out / name) == digest
     assert (cwd / "plots" / "prepare" / "samples.png").stat().st_size > 500
     metrics = yaml.safe_load((cwd / "metrics" / "prepare.json").read_text())
     assert metrics["train_images"] + metrics["val_images"] + metrics["test_images"] == 400

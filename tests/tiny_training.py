@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from tasks.data import EpochBatches
+from tasks.device import Distributed
 from tasks.params import TrainParams
-from tasks.training import Distributed, Trainer
+from tasks.training import Trainer
 
 
 class Regression(nn.Module):

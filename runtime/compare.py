@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tasks.tracking import PIPELINE_TAG, client, experiment_name, tracking_uri
+from runtime.tracking import PIPELINE_TAG, client, experiment_name, tracking_uri
 
 HEADLINE = ["probe_top1", "fid_teacher", "fid_student_4", "total_wall_seconds", "overhead_fraction"]
 HIGHER_IS_BETTER = {"probe_top1"}

@@ -1,7 +1,7 @@
-"""`python -m flows.launch <stage>`: what dvc.yaml runs for each stage.
+"""`python -m runtime.launch <stage>`: what dvc.yaml runs for each stage.
 
 Under a pipeline run (a `dvc repro`, or the pipeline flow) the stage runs in a fresh process
-forked from the run's warm host (`flows.host`), which saves the ~8 s of imports each stage
+forked from the run's warm host (`runtime.host`), which saves the ~8 s of imports each stage
 process would spend here; on its own, under torchrun, or when no host can be had, it runs in this
 process, exactly as `python -m flows.<stage>` would.
 """
@@ -13,16 +13,16 @@ import sys
 
 def main() -> None:
     if len(sys.argv) < 2:
-        sys.exit("usage: python -m flows.launch <stage> [args...]")
+        sys.exit("usage: python -m runtime.launch <stage> [args...]")
     stage, argv = sys.argv[1], sys.argv[2:]
     if "WORLD_SIZE" not in os.environ and os.environ.get("LATENTLAB_STAGE_HOST") != "off":
-        from flows.background import start_once
-        from flows.host import run_on_host
-        from tasks.pipeline import current_invocation
+        from runtime.background import start_once
+        from runtime.host import run_on_host
+        from runtime.invocation import current_invocation
 
         invocation = current_invocation()
         if invocation is not None and not os.environ.get("PREFECT_API_URL"):
-            start_once("prefect", "flows.server", invocation)  # comes up while the host warms up
+            start_once("prefect", "runtime.server", invocation)  # comes up while the host warms up
         code = run_on_host(stage, argv, invocation)
         if code is not None:
             sys.exit(code)

@@ -6,9 +6,9 @@ requests), then forks a fresh child per stage: the child takes
 over the caller's working directory, environment and stdin/stdout/stderr (passed over a Unix
 socket) and runs `python -m flows.<stage>` as it would have, with its own Prefect flow run and
 MLflow run; its exit code goes back to the caller. The host never touches a GPU before forking
-and lives as long as its invocation (`flows.background`).
+and lives as long as its invocation (`runtime.background`).
 
-`python -m flows.host PID STARTED` is that process.
+`python -m runtime.host PID STARTED` is that process.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import threading
 import traceback
 from pathlib import Path
 
-from flows.background import clean_up, invocation_from_argv, published, start_once, wait_for
-from tasks.pipeline import Invocation
+from runtime.background import clean_up, invocation_from_argv, published, start_once, wait_for
+from runtime.invocation import Invocation
 
 STARTUP_SECONDS = 120
-CORE = ["flows.stage", "tasks.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]  # torch, Prefect, MLflow
+CORE = ["runtime.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]  # torch, Prefect, MLflow
 LATER = ["torch._dynamo", "mlflow.pytorch"]  # after Prefect has set up logging (mlflow.pytorch calls basicConfig)
 
 
@@ -46,14 +46,14 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return data
 
 
-# --- the caller's side: `python -m flows.launch <stage>` -------------------------------------
+# --- the caller's side: `python -m runtime.launch <stage>` -------------------------------------
 
 def run_on_host(stage: str, argv: list[str], invocation: Invocation | None) -> int | None:
     """Run the stage in a child of the host; its exit code, or None when no host can take it
     (the caller then runs the stage itself)."""
     if invocation is None:
         return None
-    start_once("host", "flows.host", invocation)
+    start_once("host", "runtime.host", invocation)
     if not wait_for(path := socket_path(invocation), STARTUP_SECONDS):
         return None
     env = {**os.environ, **invocation.env()}

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.lineage import git_state
+from runtime.invocation import Invocation, current_invocation
+from runtime.lineage import git_state
+from tasks.artifacts import metrics_path, read_json
 from tasks.params import STAGE_PARAMS, flatten, load_params
-from tasks.pipeline import Invocation, current_invocation, headline_metrics
 
 EXPERIMENT = "latentlab"
 PARENT_ENV = "LATENTLAB_PARENT_RUN_ID"
@@ -138,6 +139,24 @@ def _log_params(mlflow_client, run_id: str, values: dict) -> None:
     flat = [Param(k, str(v)) for k, v in values.items()]
     for start in range(0, len(flat), _BATCH):
         mlflow_client.log_batch(run_id, params=flat[start : start + _BATCH])
+
+
+def headline_metrics() -> dict[str, float]:
+    """probe top-1, FID of the teacher at its most steps and of the 4-step student, where present."""
+
+    def read(stage: str) -> dict[str, float]:
+        return read_json(metrics_path(stage)) if metrics_path(stage).exists() else {}
+
+    probe, fid = read("probe"), read("fid")
+    headline = {}
+    if "probe_top1" in probe:
+        headline["probe_top1"] = probe["probe_top1"]
+    teacher = {int(key.rpartition("_")[2]): value for key, value in fid.items() if key.startswith("fid.teacher.steps_")}
+    if teacher:
+        headline["fid_teacher"] = teacher[max(teacher)]
+    if "fid.student.steps_4" in fid:
+        headline["fid_student_4"] = fid["fid.student.steps_4"]
+    return headline
 
 
 PIPELINE_TAG = "latentlab.pipeline"

@@ -6,7 +6,7 @@ here, per stage). Stages that run under `dvc` share one instead: the first start
 `dvc` process ends. It keeps its records in PREFECT_HOME's database, as the temporary servers
 do, so a later `prefect server start` shows every run in the UI.
 
-`python -m flows.server PID STARTED` is that background process (`flows.background`).
+`python -m runtime.server PID STARTED` is that background process (`runtime.background`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from flows.background import clean_up, invocation_from_argv, published, start_once, wait_for
-from tasks.pipeline import Invocation, current_invocation
+from runtime.background import clean_up, invocation_from_argv, published, start_once, wait_for
+from runtime.invocation import Invocation, current_invocation
 
 STARTUP_SECONDS = 60
 
@@ -45,7 +45,7 @@ def ensure_api() -> None:
     invocation = current_invocation()
     if invocation is None:
         return
-    start_once("prefect", "flows.server", invocation)
+    start_once("prefect", "runtime.server", invocation)
     address = published("prefect", invocation, ".url")
     if wait_for(address, STARTUP_SECONDS) and healthy(api_url := address.read_text()):
         use_api(api_url)

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.pipeline import Invocation
+from runtime.invocation import Invocation
 
 
 def published(kind: str, invocation: Invocation, suffix: str) -> Path:

@@ -1,19 +1,31 @@
-"""One execution of a stage: its outputs (atomic), its MLflow run, its device and wall time."""
+"""One execution of a stage: `main` is what `python -m flows.<stage>` does (validate params, find the
+Prefect API, run the flow, turn errors into one message and an exit code); `StageRun` holds the
+run's outputs (atomic), its MLflow run, its device, trainers and wall time."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from runtime.dag import dep_hashes
+from runtime.server import ensure_api
+from runtime.tracking import StageTracker, current_pipeline_run
 from tasks.artifacts import StageOutputs, checkpoint_path, plots_dir
-from tasks.lineage import dep_hashes
-from tasks.tracking import StageTracker, current_pipeline_run
-from tasks.training import Distributed, pick_device
+from tasks.device import Distributed, pick_device
+from tasks.errors import StageError
+from tasks.params import load_params
+
+TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the pipeline flow retries a stage that exits with it
 
 
 class StageRun:
@@ -100,3 +112,45 @@ class StageRun:
     def _update_pipeline(self, ok: bool) -> None:
         if self.pipeline is not None and self.pipeline.stages_finish_it:
             self.pipeline.finish(ok)
+
+
+def stage_task(fn: Callable, name: str):
+    """A Prefect task over `fn`. Stage tasks pass arrays and modules around: no input hashing,
+    no result persistence (DVC already caches the stage's outputs)."""
+    return task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
+
+
+def is_transient(err: BaseException) -> bool:
+    """A network failure (e.g. the tracking or Prefect server briefly unreachable), anywhere in
+    the chain of causes."""
+    import httpx
+    import requests
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConnectionError | TimeoutError | httpx.TransportError | requests.ConnectionError | requests.Timeout):
+            return True
+        if "Max retries exceeded" in str(err) or "Connection refused" in str(err):
+            return True  # MLflow's REST client flattens the requests error into its message
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def main(stage: str, flow: Callable) -> None:
+    try:
+        params = load_params(stage)
+        if Distributed.from_env().is_main:
+            ensure_api()
+            flow(params)
+        else:  # other torchrun ranks compute alongside rank 0 without their own flow runs
+            flow.fn(params)
+    except StageError as err:
+        print(f"error in stage '{stage}':\n{err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        traceback.print_exc()
+        print(f"error in stage '{stage}' (transient, worth a retry): {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(TRANSIENT_EXIT)

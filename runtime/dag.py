@@ -1,0 +1,79 @@
+"""The pipeline as dvc.yaml defines it, asked of dvc.yaml and DVC itself: the stages and their
+deps (and those deps' DVC hashes), the order, staleness, and saving the workspace as an experiment."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from runtime.lineage import git_tracks
+from tasks.artifacts import file_digest
+
+DVC_YAML = Path("dvc.yaml")
+
+
+def stages(dvc_yaml: Path = DVC_YAML) -> dict[str, dict]:
+    """dvc.yaml's stages as written, in file order (empty when there is no dvc.yaml)."""
+    if not dvc_yaml.exists():
+        return {}
+    return (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+
+
+def stage_deps(stage: str, dvc_yaml: Path = DVC_YAML) -> list[str]:
+    """The deps dvc.yaml lists for a stage (empty when the stage is not there)."""
+    return list(stages(dvc_yaml).get(stage, {}).get("deps", []))
+
+
+def dvc_hash(path: Path) -> str:
+    """The hash DVC 3 records in dvc.lock: md5 of a file, or md5 of a directory's listing + '.dir'."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path, "md5")
+    entries = sorted(
+        (
+            {"md5": file_digest(file, "md5"), "relpath": file.relative_to(path).as_posix()}
+            for file in path.rglob("*")
+            if file.is_file() and "__pycache__" not in file.parts  # as .dvcignore says
+        ),
+        key=lambda entry: entry["relpath"],
+    )
+    listing = json.dumps(entries, sort_keys=True).encode()
+    return hashlib.md5(listing).hexdigest() + ".dir"
+
+
+def dep_hashes(stage: str) -> dict[str, str]:
+    """`{dep path: DVC hash}` of the stage's deps as they are now."""
+    return {dep: dvc_hash(Path(dep)) for dep in stage_deps(stage) if Path(dep).exists()}
+
+
+def stage_order() -> list[str]:
+    """dvc.yaml's stages, each after what it depends on (ties in file order)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        position = {stage.addressing: i for i, stage in enumerate(repo.index.stages)}
+        graph = repo.index.graph.reverse()  # DVC's edges point from a stage to its dependencies
+        ordered = nx.lexicographical_topological_sort(graph, key=lambda stage: position[stage.addressing])
+        return [stage.addressing for stage in ordered]
+
+
+def is_stale(stage: str) -> bool:
+    """Whether `dvc repro` would run the stage now (its deps, params, outs or command changed)."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        return bool(repo.status(targets=[stage]))
+
+
+def save_experiment(name: str) -> str:
+    """Save the workspace (params, dvc.lock, outputs) as DVC experiment `name` (`dvc exp show` lists it)."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        untracked = [] if git_tracks("dvc.lock") else ["dvc.lock"]
+        repo.experiments.save(name=name, force=True, include_untracked=untracked)
+    return name

@@ -1,0 +1,59 @@
+"""The process a pipeline run belongs to: a `dvc repro` (or `dvc exp run`), or the pipeline flow."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+INVOCATION_ENV = "LATENTLAB_INVOCATION"
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """The process a pipeline run belongs to (a `dvc repro` or `dvc exp run`, or the pipeline
+    flow): what the shared Prefect server, the stage host and the MLflow parent run are keyed on."""
+
+    pid: int
+    started: float  # epoch seconds
+
+    @property
+    def key(self) -> str:
+        return f"{self.pid}-{self.started:.2f}"
+
+    def alive(self) -> bool:
+        import psutil
+
+        try:
+            return psutil.Process(self.pid).create_time() == self.started
+        except psutil.Error:
+            return False
+
+    def env(self) -> dict[str, str]:
+        """What hands this invocation to a process that is not its descendant."""
+        return {INVOCATION_ENV: f"{self.pid}:{self.started!r}"}
+
+    @classmethod
+    def of(cls, pid: int) -> Invocation:
+        import psutil
+
+        return cls(pid, psutil.Process(pid).create_time())
+
+
+def current_invocation() -> Invocation | None:
+    """The invocation handed down in the environment, else the nearest ancestor that is `dvc`
+    (DVC gives its stages no invocation id); None for a stage run on its own."""
+    import psutil
+
+    if handed := os.environ.get(INVOCATION_ENV):
+        pid, _, started = handed.partition(":")
+        return Invocation(int(pid), float(started))
+    for process in psutil.Process().parents():
+        try:
+            command = process.cmdline()
+        except psutil.Error:
+            continue
+        head = command[:3]
+        if any(Path(part).name == "dvc" for part in head[:2]) or head[1:3] == ["-m", "dvc"]:
+            return Invocation(process.pid, process.create_time())
+    return None
