@@ -7,9 +7,10 @@ from prefect import flow
 from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.diffusion import class_grid, load_denoiser
-from tasks.distill import export_students, load_students, progressive_students, reflow_student
+from tasks.distill import progressive_students, reflow_student
 from tasks.images import save_png
 from tasks.params import DistillParams
+from tasks.students import export_students, load_students
 from tasks.training import TrainingContext
 from tasks.vae import load_decoder, load_latents
 

@@ -5,7 +5,7 @@ from prefect import flow
 
 from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
-from tasks.data import load_manifest, load_split
+from tasks.data import SPLITS, load_manifest, load_split
 from tasks.encoder import (
     backbone_from_ssl,
     check_not_collapsed,
@@ -16,7 +16,6 @@ from tasks.encoder import (
 )
 from tasks.params import EncoderParams
 from tasks.plots import scatter_by_class
-from tasks.prepare import SPLITS
 
 
 @flow(name="encoder", log_prints=True)

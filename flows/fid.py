@@ -13,12 +13,12 @@ from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.data import load_manifest, load_split
 from tasks.diffusion import balanced_labels, load_denoiser, timed_images
-from tasks.distill import load_students
 from tasks.encoder import load_encoder
 from tasks.fid import FidScorer, inception_weights
 from tasks.images import grid, save_png, to_uint8
 from tasks.params import FidParams
 from tasks.plots import lines
+from tasks.students import load_students
 from tasks.vae import decode, encode_means, load_decoder
 
 

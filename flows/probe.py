@@ -10,11 +10,10 @@ from prefect import flow
 from models.backbones import build_backbone
 from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir, freeze, write_json
-from tasks.data import load_manifest, load_split
+from tasks.data import SPLITS, load_manifest, load_split
 from tasks.encoder import embed
 from tasks.params import ProbeParams
 from tasks.plots import confusion, lines
-from tasks.prepare import SPLITS
 from tasks.probe import Features, Labels, evaluate_features
 
 

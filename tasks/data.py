@@ -10,6 +10,7 @@ import torch
 from tasks.artifacts import artifacts_dir, read_json
 
 PREPARED = artifacts_dir("prepare")
+SPLITS = ("train", "val", "test")
 
 
 def load_manifest() -> dict:

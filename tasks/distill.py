@@ -1,13 +1,10 @@
 """Few-step students of a diffusion teacher, each trained by the one loop: progressive distillation
-rounds for a DDPM teacher, reflow for a rectified-flow teacher. Students are denoisers
-(tasks/diffusion.py) listed with the steps and guidance they sample at in students.json."""
+rounds for a DDPM teacher, reflow for a rectified-flow teacher (tasks/students.py exports and
+loads them)."""
 
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -15,25 +12,10 @@ from tqdm import tqdm
 from models.diffusion import RectifiedFlow
 from models.distill import ProgressiveDistillation, ReflowTraining, make_reflow_pairs
 from tasks.artifacts import freeze
-from tasks.diffusion import (
-    SAMPLERS,
-    Denoiser,
-    balanced_labels,
-    export_denoiser,
-    load_denoiser,
-    step_rows,
-)
+from tasks.diffusion import SAMPLERS, Denoiser, balanced_labels, step_rows
 from tasks.params import DistillParams
+from tasks.students import Student
 from tasks.training import TrainingContext, TrainResult
-
-STUDENTS = "students.json"
-
-
-@dataclass
-class Student:
-    steps: int  # sampler steps it was made for
-    denoiser: Denoiser
-    guidance: float  # what it samples at to reproduce the teacher at the target guidance
 
 
 def progressive_students(
@@ -81,28 +63,3 @@ def reflow_student(
     result = trainer.fit(step_rows(batches, noise, samples, labels))
     net = teacher.with_net(freeze((result.ema or result.module).student), "euler")
     return [Student(steps, net, 1.0) for steps in params.student_steps], [result]
-
-
-def export_students(students: list[Student], method: str, target_guidance: float, folder: Path) -> None:
-    """Each distinct student as a denoiser, and students.json: which one samples at which steps."""
-    index = []
-    for student in students:
-        name = "student" if method == "reflow" else f"student_{student.steps}_steps"
-        if not (folder / f"{name}.json").exists():
-            export_denoiser(student.denoiser, folder, name)
-        index.append({"steps": student.steps, "name": name, "guidance": student.guidance})
-    info = {"method": method, "target_guidance": target_guidance, "students": index}
-    (folder / STUDENTS).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def load_students(folder: Path | str, device: torch.device | str = "cpu") -> tuple[list[Student], float]:
-    """The students (fewest steps first) and the teacher guidance they reproduce."""
-    folder = Path(folder)
-    info = json.loads((folder / STUDENTS).read_text())
-    loaded: dict[str, Denoiser] = {}
-    students = []
-    for entry in sorted(info["students"], key=lambda entry: entry["steps"]):
-        if entry["name"] not in loaded:
-            loaded[entry["name"]] = load_denoiser(folder, device, entry["name"])
-        students.append(Student(entry["steps"], loaded[entry["name"]], entry["guidance"]))
-    return students, info["target_guidance"]

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from tasks.artifacts import file_digest
+from tasks.data import SPLITS
 from tasks.datasets import DataError, RawDataset
 from tasks.params import PrepareParams
-
-SPLITS = ("train", "val", "test")
 
 
 def limit_per_class(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int):

@@ -20,7 +20,7 @@ from tasks.diffusion import (
     export_denoiser,
     load_denoiser,
 )
-from tasks.distill import export_students, load_students, progressive_students, reflow_student
+from tasks.distill import progressive_students, reflow_student
 from tasks.errors import StageError
 from tasks.fid import FidScorer, inception_weights
 from tasks.params import (
@@ -34,6 +34,7 @@ from tasks.params import (
     VaeParams,
     validate,
 )
+from tasks.students import export_students, load_students
 from tasks.training import TrainingContext
 from tasks.vae import (
     LatentDecoder,

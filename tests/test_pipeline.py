@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from runtime.dag import dvc_hash
+from tests.code_deps import stage_code
 from tests.conftest import copy_repo, run
 
 STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "distill", "fid"]
@@ -207,6 +208,26 @@ def test_trained_models_load_back_from_mlflow(pipeline):
         mlflow.set_tracking_uri(None)
     assert sum(p.numel() for p in vae.parameters()) > 0
     assert type(denoiser).__name__ == type(student).__name__ == "UNet"
+
+
+def test_a_code_change_makes_exactly_the_stages_importing_it_stale(pipeline):
+    """Edit one line of the training loop (the AdamW betas): `dvc status` names exactly the stages
+    whose flows import tasks/training.py; put it back and nothing is stale."""
+    repo, _ = pipeline
+    training = repo / "tasks" / "training.py"
+    original = training.read_text()
+    assert "betas=(0.9, 0.99)" in original
+    importers = {stage for stage in STAGES if "tasks/training.py" in stage_code(repo, stage)}
+    assert importers == {"ssl", "vae", "diffusion", "distill"}
+    try:
+        training.write_text(original.replace("betas=(0.9, 0.99)", "betas=(0.9, 0.999)"))
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+        assert set(status) == importers, status
+        for stage in importers:
+            assert {"changed deps": {"tasks/training.py": "modified"}} in status[stage], status
+    finally:
+        training.write_text(original)
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 
 def test_reruns_skip_what_is_up_to_date_and_compare_shows_what_differed(pipeline):
