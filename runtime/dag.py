@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -47,6 +49,53 @@ def dvc_hash(path: Path) -> str:
 def dep_hashes(stage: str) -> dict[str, str]:
     """`{dep path: DVC hash}` of the stage's deps as they are now."""
     return {dep: dvc_hash(Path(dep)) for dep in stage_deps(stage) if Path(dep).exists()}
+
+
+def changed_deps(stage: str, before: dict[str, str]) -> list[str]:
+    """The deps whose hash differs from `before` (a `dep_hashes` result), appeared or went missing."""
+    now = dep_hashes(stage)
+    return sorted(dep for dep in set(now) | set(before) if now.get(dep) != before.get(dep))
+
+
+def restore_outs(stage: str) -> list[str]:
+    """Put back the stage's missing outputs as dvc.lock records them, copied from DVC's cache (where
+    the run cache keeps the `cache: false` metrics and plots too): `dvc repro` removes a stage's
+    outputs before running it, so a failed run would otherwise lose the last good ones. Returns the
+    paths put back."""
+    if not Path("dvc.lock").exists():
+        return []
+    from dvc.repo import Repo
+
+    restored = []
+    with Repo() as repo:
+        for dvc_stage in repo.stage.collect(stage):
+            for out in dvc_stage.outs:
+                if not out.exists and out.hash_info and _copy_from_cache(out):
+                    restored.append(out.def_path)
+    if restored:
+        print(f"put back the last good {', '.join(restored)} (as dvc.lock records them)")
+    return restored
+
+
+def _copy_from_cache(out) -> bool:
+    """Copy a DVC output (a file, or a folder listed by a `.dir` object) out of the cache, all or nothing."""
+    cached = Path(out.cache.oid_to_path(out.hash_info.value))
+    target = Path(out.fs_path)
+    if out.hash_info.isdir:
+        if not cached.is_file():
+            return False
+        files = {entry["relpath"]: Path(out.cache.oid_to_path(entry["md5"])) for entry in json.loads(cached.read_text())}
+    else:
+        files = {"": cached}
+    if not all(source.is_file() for source in files.values()):
+        return False
+    partial = target.with_name(f".{target.name}.restore-{os.getpid()}")
+    for relpath, source in files.items():
+        copy = partial / relpath if relpath else partial
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, copy)
+    os.replace(partial, target)
+    return True
 
 
 def stage_order() -> list[str]:

@@ -12,20 +12,26 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from runtime.dag import dep_hashes
+from runtime.dag import changed_deps, dep_hashes, restore_outs
 from runtime.server import ensure_api
 from runtime.tracking import StageTracker, current_pipeline_run
 from tasks.artifacts import StageOutputs, checkpoint_path, plots_dir
 from tasks.device import Distributed, pick_device
 from tasks.errors import StageError
-from tasks.params import load_params
+from tasks.params import ParamsError, flatten, load_params, params_path
 
 TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the pipeline flow retries a stage that exits with it
+CODE_LOADED_AT = time.time()  # this module is imported before any stage's code (also in the warm host)
+
+
+class InputsChanged(StageError):
+    """The stage's params or deps changed while it ran: its outputs would carry the wrong label."""
 
 
 class StageRun:
@@ -37,6 +43,11 @@ class StageRun:
     and the stage's resumable checkpoint is removed. On failure nothing is put in place and the
     MLflow run is marked FAILED. A pipeline run that a `dvc repro` started is brought up to date
     (headline metrics, times) after each stage. Only rank 0 of a torchrun launch writes or tracks.
+
+    Before putting anything in place, the run checks that params/<stage>.yaml holds the values it
+    ran with and that its deps hash as they did when it started (and that no code dep is newer than
+    the code this process loaded): DVC records those files in dvc.lock after the stage, so a change
+    under a running stage would label its outputs with inputs they did not come from.
     """
 
     def __init__(self, stage: str, params: BaseModel):
@@ -93,10 +104,16 @@ class StageRun:
         except BaseException:
             self.outputs.discard()
             raise
-        if exc is not None:
+        changed = self._changed_inputs() if exc is None else []
+        if exc is not None or changed:
             self.outputs.discard()
             tracker.finish(ok=False)
             self._update_pipeline(ok=False)
+            if changed:
+                raise InputsChanged(
+                    f"inputs changed while the stage ran: {'; '.join(changed)}. Its outputs came from the inputs it "
+                    "started with, so nothing was put in place (dvc.lock keeps the last good run); run the stage again"
+                )
             return False
         self.outputs.metrics = self.metrics
         self.outputs.commit()
@@ -108,6 +125,28 @@ class StageRun:
         shutil.rmtree(checkpoint_path(self.stage).parent, ignore_errors=True)
         self._update_pipeline(ok=True)
         return False
+
+    def _changed_inputs(self) -> list[str]:
+        """What changed since the run started: the params file's values, deps' hashes, code deps
+        edited after this process imported them."""
+        changed = [f"{dep} changed" for dep in changed_deps(self.stage, self.deps)]
+        changed += [
+            f"{dep} changed after this process loaded it"
+            for dep in self.deps
+            if dep.endswith(".py") and Path(dep).exists() and Path(dep).stat().st_mtime > CODE_LOADED_AT
+            and f"{dep} changed" not in changed
+        ]
+        path = params_path(self.stage)
+        if path.exists():
+            try:
+                now = flatten(load_params(self.stage), self.stage)
+            except ParamsError:
+                return [f"{path} changed (it no longer validates)", *changed]
+            ran = flatten(self.params, self.stage)
+            keys = [f"{key}: {ran.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(ran) | set(now)) if ran.get(key) != now.get(key)]
+            if keys:
+                changed.insert(0, f"{path} changed ({', '.join(keys)})")
+        return changed
 
     def _update_pipeline(self, ok: bool) -> None:
         if self.pipeline is not None and self.pipeline.stages_finish_it:
@@ -138,6 +177,21 @@ def is_transient(err: BaseException) -> bool:
 
 
 def main(stage: str, flow: Callable) -> None:
+    """Run the stage; when it fails in any way, put back the last good outputs that `dvc repro`
+    removed before running it (the `cache: false` metrics and plots nothing else would restore)."""
+    try:
+        _run(stage, flow)
+    except BaseException:
+        if Distributed.from_env().is_main:
+            try:
+                restore_outs(stage)
+            except Exception as err:  # the stage's own error is the one to report
+                print(f"could not put back the last good outputs of '{stage}' ({err}); `dvc checkout {stage}` "
+                      "restores the cached ones", file=sys.stderr)
+        raise
+
+
+def _run(stage: str, flow: Callable) -> None:
     try:
         params = load_params(stage)
         if Distributed.from_env().is_main:

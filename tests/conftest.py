@@ -65,12 +65,17 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def run_env(**env: str | None) -> dict[str, str]:
+    """The environment of the project's commands: this one with the venv first on PATH and `env`
+    on top (a value of None removes that variable)."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    return {key: value for key, value in full_env.items() if value is not None}
+
+
 def run(args: list[str], cwd: Path, check: bool = True, **env: str | None) -> subprocess.CompletedProcess:
     """Run a command of the project's environment in `cwd`, with its output captured; an `env`
     value of None removes that variable."""
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
-    full_env = {key: value for key, value in full_env.items() if value is not None}
-    done = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True)
+    done = subprocess.run(args, cwd=cwd, env=run_env(**env), capture_output=True, text=True)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done

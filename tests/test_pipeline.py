@@ -4,7 +4,9 @@ most tests below inspect that one run, the last ones rerun it."""
 
 import json
 import math
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,7 @@ from PIL import Image
 
 from runtime.dag import dvc_hash
 from tests.code_deps import stage_code
-from tests.conftest import copy_repo, run
+from tests.conftest import copy_repo, run, run_env
 
 STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "distill", "fid"]
 
@@ -208,6 +210,58 @@ def test_trained_models_load_back_from_mlflow(pipeline):
         mlflow.set_tracking_uri(None)
     assert sum(p.numel() for p in vae.parameters()) > 0
     assert type(denoiser).__name__ == type(student).__name__ == "UNet"
+
+
+def snapshot(repo, *paths) -> dict[str, bytes]:
+    """{file: bytes} of every file under `paths` (files or folders)."""
+    files = [f for p in paths for f in ([repo / p] if (repo / p).is_file() else sorted((repo / p).rglob("*")))]
+    return {str(f.relative_to(repo)): f.read_bytes() for f in files if f.is_file()}
+
+
+def test_a_failed_stage_keeps_the_last_good_outputs(pipeline):
+    """`dvc repro` removes a stage's outputs before running it; the metrics and plots are not in
+    DVC's cache to check out, so the stage puts every output back when it fails."""
+    repo, _ = pipeline
+    outputs = ("metrics/probe.json", "plots/probe", "artifacts/probe")
+    before, lock = snapshot(repo, *outputs), (repo / "dvc.lock").read_text()
+    assert "metrics/probe.json" in before and any(name.startswith("plots/probe/") for name in before)
+    params = repo / "params" / "probe.yaml"
+    good = params.read_text()
+    try:
+        params.write_text(good.replace("knn_k: 20", "knn_k: 0"))
+        failed = run(["dvc", "repro", "probe"], repo, check=False)
+        assert failed.returncode != 0 and "params/probe.yaml: key 'knn_k' = 0" in failed.stderr, failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert snapshot(repo, *outputs) == before
+        assert (repo / "dvc.lock").read_text() == lock
+    finally:
+        params.write_text(good)
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
+
+def test_a_params_edit_while_a_stage_trains_fails_it_and_changes_nothing(pipeline):
+    """dvc.lock records the params file as it is when the stage ends: an edit while ssl trains
+    would label the old run's outputs with the new value."""
+    repo, _ = pipeline
+    outputs = ("metrics/ssl.json", "artifacts/ssl")
+    before, lock = snapshot(repo, *outputs), (repo / "dvc.lock").read_text()
+    params = repo / "params" / "ssl.yaml"
+    good = params.read_text()
+    stage = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "ssl"], cwd=repo, env=run_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((repo / "artifacts").glob(".ssl.tmp*")) and stage.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the stage's outputs are being written: it is training
+        params.write_text(good.replace("knn_every_epochs: 10", "knn_every_epochs: 5"))
+        out, err = stage.communicate(timeout=300)
+    finally:
+        params.write_text(good)
+    assert stage.returncode != 0, out + err
+    assert "inputs changed while the stage ran: params/ssl.yaml changed (ssl.knn_every_epochs: 10 -> 5)" in err, err
+    assert snapshot(repo, *outputs) == before
+    assert (repo / "dvc.lock").read_text() == lock
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 
 def test_a_code_change_makes_exactly_the_stages_importing_it_stale(pipeline):
