@@ -134,6 +134,8 @@ class Trainer:
         self.start_step = self._resume()
 
     # -- checkpoints -------------------------------------------------------------------
+    CHECKPOINT_KEYS = {"step", "fingerprint", "module", "optimizer", "scheduler", "ema"}
+
     def _state(self, step: int) -> dict:
         return {
             "step": step,
@@ -153,21 +155,58 @@ class Trainer:
         os.replace(tmp, self.checkpoint)
 
     def _resume(self) -> int:
+        """The step to start from: the checkpoint's, when it loads and was made with this stage's
+        params, deps and world size. One that does not load is set aside (`<name>.corrupt`)."""
         if self.checkpoint is None or not self.checkpoint.exists():
             return 0
-        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
+        try:
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        except Exception as err:  # nothing but tensors and plain containers is unpickled
+            return self._set_aside(f"truncated, or not a checkpoint of plain tensors: {type(err).__name__}")
+        try:
+            self._check_state(state)
+        except ValueError as err:
+            return self._set_aside(str(err))
+        if state["fingerprint"] != self.fingerprint:
             if self.dist.is_main:
                 print(f"[{self.desc}] ignoring {self.checkpoint}: it was made with other params or data")
             return 0
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and state["ema"] is not None:
+        if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if self.dist.is_main:
             print(f"[{self.desc}] resuming from step {state['step']} of {self.steps} ({self.checkpoint})")
         return int(state["step"])
+
+    def _set_aside(self, reason: str) -> int:
+        """Rename the checkpoint that does not load to `<name>.corrupt`, say so, start from step 0."""
+        if self.dist.is_main:
+            aside = self.checkpoint.with_name(self.checkpoint.name + ".corrupt")
+            self.checkpoint.replace(aside)
+            print(f"[{self.desc}] {self.checkpoint} does not load ({reason}); set it aside as {aside.name} "
+                  "and training from step 0")
+        return 0
+
+    def _check_state(self, state: object) -> None:
+        """Raise ValueError unless `state` is a checkpoint of this trainer (what `_state` saves), so
+        that loading it cannot fail halfway."""
+        if not isinstance(state, dict) or set(state) != self.CHECKPOINT_KEYS:
+            raise ValueError("not a training checkpoint")
+        if state["fingerprint"] != self.fingerprint:
+            return  # ignored, never loaded
+        if not all(isinstance(state[key], dict) for key in ("module", "optimizer", "scheduler")):
+            raise ValueError("its module, optimizer or scheduler state is not a mapping")
+        for name, module in (("module", self.module), ("ema", self.ema)):
+            expected = None if module is None else {k: v.shape for k, v in module.state_dict().items()}
+            found = state[name]
+            if isinstance(found, dict):
+                found = {k: getattr(v, "shape", None) for k, v in found.items()}
+            if found != expected:
+                raise ValueError(f"its {name} weights do not fit the model")
+        if not isinstance(state["step"], int) or not 0 <= state["step"] <= self.steps:
+            raise ValueError(f"step {state['step']!r} is outside 0..{self.steps}")
 
     # -- the loop ----------------------------------------------------------------------
     def fit(
