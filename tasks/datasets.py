@@ -2,16 +2,20 @@
 
 Each reader returns `RawDataset` with uint8 (N, C, H, W) images; sources that ship a test
 split return it separately. Missing files are fetched from the canonical mirrors (when
-allowed and online) and verified against their published MD5s.
+allowed and online); every file, fetched or already there, must match its published MD5.
+Nothing read runs code: CIFAR-10's pickled batches go through an unpickler that builds only
+containers, bytes and uint8 arrays.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import struct
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +42,7 @@ class RawDataset:
 class RemoteFile:
     name: str
     md5: str  # published checksum of the file as served
+    content_md5: str | None = None  # published checksum of its gunzipped content (a .gz compressed again still matches)
 
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -46,19 +51,19 @@ MIRRORS: dict[str, tuple[list[str], list[RemoteFile]]] = {
     "mnist": (
         ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://yann.lecun.com/exdb/mnist/"],
         [
-            RemoteFile("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            RemoteFile("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
-            RemoteFile("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-            RemoteFile("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+            RemoteFile("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
+            RemoteFile("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
         ],
     ),
     "fashion_mnist": (
         ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
         [
-            RemoteFile("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            RemoteFile("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
-            RemoteFile("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-            RemoteFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+            RemoteFile("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+            RemoteFile("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
         ],
     ),
     "cifar10": (
@@ -94,9 +99,13 @@ def fetch(url: str, dest: Path, md5: str, timeout: float = 30) -> None:
 
 
 def ensure_files(source: str, root: Path, download: bool) -> None:
-    """Make sure the source's files are in `root`, downloading the missing ones if allowed."""
+    """Make sure the source's files are in `root` (downloading the missing ones if allowed) and are
+    the published ones."""
     mirrors, files = MIRRORS[source]
     missing = [f for f in files if not (root / f.name).exists()]
+    for remote in files:
+        if remote not in missing:
+            verify(root / remote.name, remote, source, download)
     if not missing:
         return
     names = ", ".join(f.name for f in missing)
@@ -115,6 +124,32 @@ def ensure_files(source: str, root: Path, download: bool) -> None:
                 f"{root}: missing {remote.name} and it could not be downloaded ({'; '.join(errors)}). "
                 f"Offline? Copy the {source} files ({names}) into {root}."
             )
+
+
+def verify(path: Path, remote: RemoteFile, source: str, download: bool) -> None:
+    """Refuse a file on disk that is not the published one: its MD5 must match, or for a .gz
+    compressed again, the MD5 of its content."""
+    got = file_digest(path, "md5")
+    if got == remote.md5 or (remote.content_md5 is not None and gunzipped_md5(path) == remote.content_md5):
+        return
+    again = "delete it and rerun (download: true fetches it again)" if download else "replace it with the original"
+    raise DataError(
+        f"{path}: MD5 {got} is not the published {source} {remote.name} (MD5 {remote.md5}"
+        f"{f', or {remote.content_md5} uncompressed' if remote.content_md5 else ''}); the file is corrupt or "
+        f"another one: {again}"
+    )
+
+
+def gunzipped_md5(path: Path) -> str | None:
+    """MD5 of a gzip file's content (None when it does not decompress)."""
+    digest = hashlib.md5()
+    try:
+        with gzip.open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return digest.hexdigest()
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -152,6 +187,32 @@ def read_idx_source(source: str, root: Path) -> RawDataset:
     return RawDataset(train_x, train_y, CLASS_NAMES[source], test_x, test_y)
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch without running code: the only callables it hands the pickle are
+    numpy's array reconstruction and latin-1 bytes (protocol 2 from Python 3); anything else a
+    pickle names (os.system, eval, ...) is refused before it is looked up."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        return self.ALLOWED[module, name]
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"it encodes bytes as {encoding!r}, which a CIFAR-10 batch never does")
+    return text.encode("latin1")
+
+
 def read_cifar10(root: Path) -> RawDataset:
     path = root / "cifar-10-python.tar.gz"
     batches: dict[str, dict] = {}
@@ -159,9 +220,13 @@ def read_cifar10(root: Path) -> RawDataset:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name
-                if name.startswith(("data_batch_", "test_batch")):
-                    batches[name] = pickle.load(tar.extractfile(member), encoding="bytes")
-    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError) as err:
+                if member.isfile() and name.startswith(("data_batch_", "test_batch")):
+                    try:
+                        batches[name] = _check_batch(BatchUnpickler(tar.extractfile(member), encoding="bytes").load())
+                    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as err:
+                        raise DataError(f"{path}: {member.name} is not a CIFAR-10 batch ({err}); nothing in it was run. "
+                                        "Replace the file with the original cifar-10-python.tar.gz") from None
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as err:
         raise DataError(f"{path}: not a readable CIFAR-10 python tarball ({err})") from None
     train_names = [f"data_batch_{i}" for i in range(1, 6)]
     if any(name not in batches for name in [*train_names, "test_batch"]):
@@ -170,11 +235,23 @@ def read_cifar10(root: Path) -> RawDataset:
     def stack(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         images = np.concatenate([batches[n][b"data"] for n in names]).reshape(-1, 3, 32, 32)
         labels = np.concatenate([batches[n][b"labels"] for n in names]).astype(np.int64)
-        return images.astype(np.uint8), labels
+        return images, labels
 
     train_x, train_y = stack(train_names)
     test_x, test_y = stack(["test_batch"])
     return RawDataset(train_x, train_y, CLASS_NAMES["cifar10"], test_x, test_y)
+
+
+def _check_batch(batch: object) -> dict:
+    """A batch holds b"data", uint8 rows of 3x32x32 pixels, and b"labels", one class 0-9 per row."""
+    if not isinstance(batch, dict) or not {b"data", b"labels"} <= set(batch):
+        raise ValueError("expected a mapping with b'data' and b'labels'")
+    data, labels = batch[b"data"], np.asarray(batch[b"labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError("b'data' is not a uint8 array of 3072-pixel rows")
+    if labels.shape != (len(data),) or labels.dtype.kind not in "iu" or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+        raise ValueError("b'labels' is not one class 0-9 per row")
+    return {b"data": data, b"labels": labels}
 
 
 def read_digits() -> RawDataset:
