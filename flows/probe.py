@@ -1,15 +1,13 @@
 """probe: linear probe and kNN on the frozen embeddings, label efficiency, and two baselines
 (raw pixels, a randomly initialised encoder of the same architecture)."""
 
-import json
 
-import numpy as np
 import torch
 from prefect import flow
 
 from models.backbones import build_backbone
 from runtime.stage import StageRun, main, stage_task
-from tasks.artifacts import artifacts_dir, freeze, write_json
+from tasks.artifacts import artifacts_dir, freeze, read_array, read_json, write_json
 from tasks.data import SPLITS, load_manifest, load_split
 from tasks.encoder import embed
 from tasks.params import ProbeParams
@@ -20,13 +18,13 @@ from tasks.probe import Features, Labels, evaluate_features
 def feature_sets(params: ProbeParams, device) -> dict[str, Features]:
     """SSL embeddings, and (with baselines) raw pixels and a random encoder's features."""
     encoder_dir = artifacts_dir("encoder")
-    embeddings = (torch.from_numpy(np.load(encoder_dir / f"{name}_embeddings.npy")).to(device) for name in SPLITS)
+    embeddings = (torch.from_numpy(read_array(encoder_dir / f"{name}_embeddings.npy", ndim=2, kinds="f")).to(device) for name in SPLITS)
     sets = {"ssl": Features(*embeddings)}
     if params.baselines:
         splits = [load_split(name, device) for name in SPLITS]
         sets["raw_pixels"] = Features(*(s.floats().flatten(1) for s in splits))
         torch.manual_seed(params.seed)
-        config = json.loads((encoder_dir / "encoder.json").read_text())
+        config = read_json(encoder_dir / "encoder.json")
         random_encoder = freeze(build_backbone(**config).to(device))
         sets["random_encoder"] = Features(*(embed(random_encoder, s) for s in splits))
     return sets

@@ -44,9 +44,13 @@ def profile_params(name: str) -> dict[str, dict]:
     return full
 
 
-def parse_value(raw: str) -> object:
+def parse_value(raw: str, override: str = "") -> object:
     """A command-line value typed as YAML would, plus the `1e-3` floats YAML 1.1 reads as text."""
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ParamsError(f"override '{override or raw}': the value {raw!r} is not valid YAML ({problem})") from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -73,9 +77,12 @@ def set_overrides(full: dict[str, dict], overrides: list[str]) -> dict[str, dict
             )
         node = full[stage]
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = parse_value(raw)
+            if not isinstance(node, dict):
+                section = ".".join([stage, *parents[: depth + 1]])
+                raise ParamsError(f"override '{override}': {section} is a value ({node!r}), not a section with keys")
+        node[leaf] = parse_value(raw, override)
         validate(stage, full[stage], Path(f"override '{override}'"))
     return full
 

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -61,12 +62,50 @@ def write_json(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 class ArtifactError(StageError):
     """An artifact that does not load (missing, truncated, or from other code); the message names it."""
+
+
+def unreadable(path: Path | str, problem: str) -> ArtifactError:
+    """The error for a file the pipeline wrote that does not read back: names it, and for a stage's
+    artifact how to get a good one back."""
+    path = Path(path)
+    parts = path.parts
+    if len(parts) > 2 and parts[0] == ARTIFACTS.name:
+        return ArtifactError(
+            f"{path}: {problem}; `dvc repro {parts[1]}` puts back (or rebuilds) what the {parts[1]} stage wrote"
+        )
+    return ArtifactError(f"{path}: {problem}")
+
+
+def read_json(path: Path | str, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON mapping the pipeline wrote, holding at least `keys`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise unreadable(path, "missing") from None
+    except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
+        raise unreadable(path, f"not readable JSON ({str(err).splitlines()[0][:200]})") from None
+    if not isinstance(data, dict):
+        raise unreadable(path, f"expected a JSON mapping, found {type(data).__name__}")
+    if missing := [key for key in keys if key not in data]:
+        raise unreadable(path, f"missing key(s) {', '.join(missing)}")
+    return data
+
+
+def read_array(path: Path | str, ndim: int, kinds: str) -> np.ndarray:
+    """A .npy array the pipeline wrote (never unpickled), with `ndim` dimensions and a dtype of one of
+    numpy's `kinds` (e.g. "u" unsigned, "i" signed, "f" float)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise unreadable(path, "missing") from None
+    except (OSError, ValueError, EOFError) as err:  # truncated, not .npy, object arrays
+        raise unreadable(path, f"not a readable .npy array ({str(err).splitlines()[0][:200]})") from None
+    if not isinstance(array, np.ndarray) or array.ndim != ndim or array.dtype.kind not in kinds:
+        found = f"{array.ndim}-D {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise unreadable(path, f"expected a {ndim}-D array of kind {kinds!r}, found {found}")
+    return array
 
 
 def freeze(module: nn.Module) -> nn.Module:

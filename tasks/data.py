@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from tasks.artifacts import artifacts_dir, read_json
+from tasks.artifacts import artifacts_dir, read_array, read_json, unreadable
 
 PREPARED = artifacts_dir("prepare")
 SPLITS = ("train", "val", "test")
 
 
 def load_manifest() -> dict:
-    return read_json(PREPARED / "manifest.json")
+    return read_json(PREPARED / "manifest.json", keys=("image_shape", "class_names", "counts"))
 
 
 @dataclass
@@ -33,9 +32,12 @@ class ImageSplit:
 
 
 def load_split(split: str, device: torch.device | str = "cpu") -> ImageSplit:
-    images = torch.from_numpy(np.load(PREPARED / f"{split}_images.npy"))
-    labels = torch.from_numpy(np.load(PREPARED / f"{split}_labels.npy"))
-    return ImageSplit(images.to(device), labels.to(device))
+    """A prepared split: uint8 images (N, C, H, W) and integer labels (N,)."""
+    images = read_array(PREPARED / f"{split}_images.npy", ndim=4, kinds="u")
+    labels = read_array(PREPARED / f"{split}_labels.npy", ndim=1, kinds="iu")
+    if len(images) != len(labels):
+        raise unreadable(PREPARED / f"{split}_labels.npy", f"{len(labels)} labels for {len(images)} images")
+    return ImageSplit(torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device))
 
 
 class EpochBatches:

@@ -3,7 +3,6 @@ embed every split, and refuse a collapsed representation."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from models.backbones import build_backbone
-from tasks.artifacts import freeze, load_network, save_network
+from tasks.artifacts import freeze, load_network, read_json, save_network, unreadable
 from tasks.data import ImageSplit
 from tasks.errors import StageError
 
@@ -64,10 +63,14 @@ def check_not_collapsed(embeddings: torch.Tensor, tolerance: float = 1e-4) -> di
 
 def backbone_from_ssl(folder: Path) -> tuple[nn.Module, dict]:
     """The online backbone of a trained SSL objective (heads and target networks stripped)."""
-    config = json.loads((folder / "config.json").read_text())["backbone"]
-    state = torch.load(folder / "objective.pt", map_location="cpu", weights_only=True)
-    backbone = build_backbone(**config)
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    config = read_json(folder / "config.json", keys=("backbone",))["backbone"]
+    try:
+        state = torch.load(folder / "objective.pt", map_location="cpu", weights_only=True)
+        backbone = build_backbone(**config)
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    except Exception as err:  # truncated, not plain tensors (nothing else is unpickled), other weights
+        raise unreadable(folder / "objective.pt", f"does not load with config.json ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0][:200]})") from None
     return freeze(backbone), config
 
 

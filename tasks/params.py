@@ -22,9 +22,9 @@ class ParamsError(StageError, ValueError):
 
 
 class Strict(BaseModel):
-    """Unknown keys are refused, values are never coerced silently."""
+    """Unknown keys are refused, values are never coerced silently, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainParams(Strict):
@@ -314,14 +314,17 @@ def params_path(stage: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict:
+    """A params or profile file's mapping; an empty file is refused (it would silently mean every default)."""
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot be read ({err.strerror})") from None
     if data is None:
-        return {}
+        raise ParamsError(f"{path}: empty; expected the stage's keys (`python -m flows profile default` writes every params file)")
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data

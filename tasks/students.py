@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tasks.artifacts import read_json
 from tasks.diffusion import Denoiser, export_denoiser, load_denoiser
 
 STUDENTS = "students.json"
@@ -36,7 +37,7 @@ def export_students(students: list[Student], method: str, target_guidance: float
 def load_students(folder: Path | str, device: torch.device | str = "cpu") -> tuple[list[Student], float]:
     """The students (fewest steps first) and the teacher guidance they reproduce."""
     folder = Path(folder)
-    info = json.loads((folder / STUDENTS).read_text())
+    info = read_json(folder / STUDENTS, keys=("students", "target_guidance"))
     loaded: dict[str, Denoiser] = {}
     students = []
     for entry in sorted(info["students"], key=lambda entry: entry["steps"]):

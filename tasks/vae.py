@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
-from tasks.artifacts import load_network, save_network
+from tasks.artifacts import load_network, read_array, read_json, save_network, unreadable
 from tasks.data import ImageSplit
 from tasks.errors import StageError
 from tasks.params import VaeParams
@@ -110,7 +110,7 @@ class Latents:
 
 def load_latent_info(folder: Path | str, device: torch.device | str = "cpu") -> tuple[LatentScale, dict]:
     """The LatentScale and latents.json (num_classes, latent_shape)."""
-    info = json.loads((Path(folder) / LATENTS_INFO).read_text())
+    info = read_json(Path(folder) / LATENTS_INFO, keys=("shift", "scale", "num_classes", "latent_shape"))
     scale = LatentScale(*(torch.tensor(info[key], device=device) for key in ("shift", "scale")))
     return scale, info
 
@@ -133,9 +133,11 @@ def load_decoder(folder: Path | str, device: torch.device | str = "cpu") -> Late
 def load_latents(folder: Path | str, device: torch.device | str = "cpu") -> Latents:
     folder = Path(folder)
     scale, info = load_latent_info(folder, device)
-    latents = torch.from_numpy(np.load(folder / LATENTS)).to(device)
-    labels = torch.from_numpy(np.load(folder / LABELS)).to(device)
-    return Latents(latents, labels, scale, info["num_classes"])
+    latents = read_array(folder / LATENTS, ndim=4, kinds="f")
+    labels = read_array(folder / LABELS, ndim=1, kinds="iu")
+    if len(labels) != len(latents) or list(latents.shape[1:]) != info["latent_shape"]:
+        raise unreadable(folder / LATENTS, f"{latents.shape} latents do not match {len(labels)} labels and {LATENTS_INFO}")
+    return Latents(torch.from_numpy(latents).to(device), torch.from_numpy(labels).to(device), scale, info["num_classes"])
 
 
 def image_quality(reconstructions: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
