@@ -6,19 +6,21 @@ from prefect import flow
 
 from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import write_json
-from tasks.datasets import load_source
+from tasks.datasets import fetch_missing, load_source
 from tasks.images import class_grid, save_png
 from tasks.params import PrepareParams
 from tasks.prepare import make_splits, manifest, write_splits
 
+fetch_raw = stage_task(fetch_missing, name="fetch-raw")
 read_raw = stage_task(load_source, name="read-raw")
 split = stage_task(make_splits, name="split")
 
 
 @flow(name="prepare", log_prints=True)
 def prepare(params: PrepareParams) -> None:
+    root = Path(params.root or f"data/raw/{params.source}")
+    fetch_raw(params.source, root, params.download)  # before the run records its deps (data/raw)
     with StageRun("prepare", params) as run:
-        root = Path(params.root or f"data/raw/{params.source}")
         raw = read_raw(params.source, root, download=params.download, channels=params.channels)
         splits = split(raw, params)
         folder = run.outputs.artifacts

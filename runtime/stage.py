@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import time
@@ -176,9 +177,28 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
+class ReportedOnce(logging.Filter):
+    """Prefect logs a failing task's and flow's exception with its traceback, then again in each
+    final state: for a StageError, a message meant for the user, `main` prints it once instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, StageError):
+            self.messages.add(str(error))
+            return False
+        return not any(message in record.getMessage() for message in self.messages)
+
+
 def main(stage: str, flow: Callable) -> None:
     """Run the stage; when it fails in any way, put back the last good outputs that `dvc repro`
     removed before running it (the `cache: false` metrics and plots nothing else would restore)."""
+    once = ReportedOnce()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(once)
     try:
         _run(stage, flow)
     except BaseException:

@@ -98,6 +98,12 @@ def fetch(url: str, dest: Path, md5: str, timeout: float = 30) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def fetch_missing(source: str, root: Path, download: bool) -> None:
+    """Download a file source's missing files (when allowed), and check every one is the published file."""
+    if source in MIRRORS:
+        ensure_files(source, root, download)
+
+
 def ensure_files(source: str, root: Path, download: bool) -> None:
     """Make sure the source's files are in `root` (downloading the missing ones if allowed) and are
     the published ones."""
@@ -126,11 +132,19 @@ def ensure_files(source: str, root: Path, download: bool) -> None:
             )
 
 
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) checked in this process
+
+
 def verify(path: Path, remote: RemoteFile, source: str, download: bool) -> None:
     """Refuse a file on disk that is not the published one: its MD5 must match, or for a .gz
     compressed again, the MD5 of its content."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
     got = file_digest(path, "md5")
     if got == remote.md5 or (remote.content_md5 is not None and gunzipped_md5(path) == remote.content_md5):
+        _VERIFIED.add(key)
         return
     again = "delete it and rerun (download: true fetches it again)" if download else "replace it with the original"
     raise DataError(

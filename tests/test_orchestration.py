@@ -38,6 +38,7 @@ def test_overrides_take_dvc_and_dotted_forms_and_refuse_unknown_stages():
         set_overrides(full, ["params/nope.yaml:x=1"])
 
 
+@pytest.mark.slow
 def test_a_bad_form_value_fails_the_flow_before_any_stage_runs(repo_copy):
     before = (repo_copy / "params" / "ssl.yaml").read_text()
     done = run([sys.executable, "-m", "flows", "run", "--set", "ssl.train.epochs=-1"], repo_copy, check=False)
@@ -53,6 +54,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_is_a_transient_failure(repo_copy):
     from flows.pipeline import StageFailed
     from runtime.stage import TRANSIENT_EXIT
@@ -69,6 +71,7 @@ def test_an_unreachable_tracking_server_is_a_transient_failure(repo_copy):
     assert not StageFailed("prepare", 2, "").transient  # a bad param is not retried
 
 
+@pytest.mark.slow
 def test_serve_registers_a_scheduled_deployment(repo_copy, prefect_api):
     from prefect.client.orchestration import get_client
 
@@ -94,6 +97,7 @@ def test_serve_registers_a_scheduled_deployment(repo_copy, prefect_api):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_plain_dvc_repro_shares_one_prefect_server_and_stops_it(repo_copy, tmp_path):
     def published() -> set[str]:  # other pipeline runs on this machine may have theirs
         return set(glob.glob(os.path.join(tempfile.gettempdir(), "latentlab-*-*")))

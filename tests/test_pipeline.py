@@ -19,6 +19,8 @@ from runtime.dag import dvc_hash
 from tests.code_deps import stage_code
 from tests.conftest import copy_repo, run, run_env
 
+pytestmark = pytest.mark.slow
+
 STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "distill", "fid"]
 
 
@@ -262,6 +264,28 @@ def test_a_params_edit_while_a_stage_trains_fails_it_and_changes_nothing(pipelin
     assert snapshot(repo, *outputs) == before
     assert (repo / "dvc.lock").read_text() == lock
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
+
+@pytest.mark.parametrize(
+    "spoilt, stage, message",
+    [
+        ("artifacts/prepare/train_images.npy", "ssl", "artifacts/prepare/train_images.npy: not a readable .npy array"),
+        ("artifacts/encoder/encoder.safetensors", "vae", "artifacts/encoder/encoder.safetensors / encoder.json do not load"),
+    ],
+)
+def test_an_artifact_truncated_between_stages_stops_the_next_one_naming_it(pipeline, spoilt, stage, message):
+    """`dvc repro` would rebuild what changed; run directly, the next stage meets the bad file."""
+    repo, _ = pipeline
+    outputs = (f"metrics/{stage}.json", f"artifacts/{stage}", f"plots/{stage}")
+    before, good = snapshot(repo, *outputs), (repo / spoilt).read_bytes()
+    try:
+        (repo / spoilt).write_bytes(good[: len(good) // 2])
+        done = run([sys.executable, "-m", f"flows.{stage}"], repo, check=False)
+    finally:
+        (repo / spoilt).write_bytes(good)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count(message) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert snapshot(repo, *outputs) == before
 
 
 def test_a_code_change_makes_exactly_the_stages_importing_it_stale(pipeline):

@@ -183,6 +183,7 @@ def stage_dir(tmp_path: Path, **params) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_stage_writes_manifest_with_checksums_grid_and_metrics(tmp_path, prefect_api):
     cwd = stage_dir(tmp_path, source="digits", image_size=8, limit_per_class=40)
     run([sys.executable, "-m", "flows.prepare"], cwd)
@@ -197,6 +198,7 @@ def test_stage_writes_manifest_with_checksums_grid_and_metrics(tmp_path, prefect
     assert metrics["train_images"] + metrics["val_images"] + metrics["test_images"] == 400
 
 
+@pytest.mark.slow
 def test_stage_on_bad_data_fails_clearly_and_leaves_nothing(tmp_path, prefect_api):
     root = fake_mnist(tmp_path / "data" / "raw" / "mnist", n_train=50, n_labels=40)
     cwd = stage_dir(tmp_path, source="mnist", root=str(root), download=False)
