@@ -24,7 +24,7 @@ def feature_sets(params: ProbeParams, device) -> dict[str, Features]:
         splits = [load_split(name, device) for name in SPLITS]
         sets["raw_pixels"] = Features(*(s.floats().flatten(1) for s in splits))
         torch.manual_seed(params.seed)
-        config = read_json(encoder_dir / "encoder.json")
+        config = read_json(encoder_dir / "encoder.json", keys=("name", "in_channels", "image_size"))
         random_encoder = freeze(build_backbone(**config).to(device))
         sets["random_encoder"] = Features(*(embed(random_encoder, s) for s in splits))
     return sets

@@ -18,7 +18,7 @@ import torch
 from models.diffusion import DDPM, DenoiserTraining, RectifiedFlow
 from models.samplers import ddim, ddpm_ancestral, euler, heun
 from models.unet import UNet, UNetConfig
-from tasks.artifacts import load_network, save_network
+from tasks.artifacts import load_network, save_network, unreadable
 from tasks.data import EpochBatches
 from tasks.images import grid, to_uint8
 from tasks.params import DiffusionParams
@@ -81,6 +81,8 @@ def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") ->
 def load_denoiser(folder: Path | str, device: torch.device | str = "cpu", name: str = "denoiser") -> Denoiser:
     """Rebuild a frozen denoiser (eval mode, no grads) from <name>.json + <name>.safetensors."""
     net, config = load_network(folder, name, lambda config: UNet(UNetConfig(**config["unet"])), device)
+    if missing := [key for key in ("formulation", "sampler", "latent_shape", "flow_time") if key not in config]:
+        raise unreadable(Path(folder) / f"{name}.json", f"missing key(s) {', '.join(missing)}")
     return Denoiser(net, config["formulation"], config["sampler"], tuple(config["latent_shape"]), config["flow_time"])
 
 

@@ -110,7 +110,11 @@ class Latents:
 
 def load_latent_info(folder: Path | str, device: torch.device | str = "cpu") -> tuple[LatentScale, dict]:
     """The LatentScale and latents.json (num_classes, latent_shape)."""
-    info = read_json(Path(folder) / LATENTS_INFO, keys=("shift", "scale", "num_classes", "latent_shape"))
+    path = Path(folder) / LATENTS_INFO
+    info = read_json(path, keys=("shift", "scale", "num_classes", "latent_shape"))
+    channels = info["latent_shape"][0] if isinstance(info["latent_shape"], list) and info["latent_shape"] else None
+    if not all(isinstance(info[key], list) and len(info[key]) == channels for key in ("shift", "scale")):
+        raise unreadable(path, "shift and scale must hold one number per channel of latent_shape")
     scale = LatentScale(*(torch.tensor(info[key], device=device) for key in ("shift", "scale")))
     return scale, info
 

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from models.backbones import build_backbone
+from models.unet import UNet, UNetConfig
 from runtime.profiles import profile_params, set_overrides
 from tasks.artifacts import ArtifactError
 from tasks.data import load_manifest, load_split
+from tasks.diffusion import Denoiser, export_denoiser, load_denoiser
 from tasks.encoder import backbone_from_ssl, export_encoder, load_encoder
 from tasks.params import ParamsError, load_params
 from tasks.students import load_students
@@ -212,8 +214,10 @@ def latents(in_tmp) -> Path:
          "artifacts/vae/train_latents.npy: not a readable .npy array"),
         (lambda f: (f / "latents.json").write_text('{"shift": [0, 0]}'),
          "artifacts/vae/latents.json: missing key(s) scale, num_classes, latent_shape"),
+        (lambda f: (f / "latents.json").write_text('{"shift": [0], "scale": [1], "num_classes": 3, "latent_shape": [2, 4, 4]}'),
+         "artifacts/vae/latents.json: shift and scale must hold one number per channel of latent_shape"),
     ],
-    ids=["latent-shape", "label-count", "truncated", "info-keys"],
+    ids=["latent-shape", "label-count", "truncated", "info-keys", "info-channels"],
 )
 def test_spoilt_latents_are_refused_by_name(latents, spoil, message):
     assert len(load_latents(latents).labels) == 6
@@ -222,6 +226,17 @@ def test_spoilt_latents_are_refused_by_name(latents, spoil, message):
         load_latents(latents)
     assert message in str(caught.value)
     assert "`dvc repro vae`" in str(caught.value)
+
+
+def test_a_denoiser_config_without_its_sampling_keys_is_refused_by_name(in_tmp):
+    config = UNetConfig(2, 3, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2)
+    denoiser = Denoiser(UNet(config), "flow", "euler", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0})
+    export_denoiser(denoiser, Path("artifacts/diffusion"))
+    settings = json.loads(Path("artifacts/diffusion/denoiser.json").read_text())
+    del settings["sampler"]
+    Path("artifacts/diffusion/denoiser.json").write_text(json.dumps(settings))
+    with pytest.raises(ArtifactError, match=r"artifacts/diffusion/denoiser.json: missing key\(s\) sampler; `dvc repro diffusion`"):
+        load_denoiser("artifacts/diffusion")
 
 
 def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
