@@ -49,7 +49,7 @@ def parse_value(raw: str, override: str = "") -> object:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0]
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ParamsError(f"override '{override or raw}': the value {raw!r} is not valid YAML ({problem})") from None
     if isinstance(value, str):
         try:

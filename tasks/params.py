@@ -319,6 +319,9 @@ def read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    except yaml.MarkedYAMLError as err:
+        where = f" at line {err.problem_mark.line + 1}, column {err.problem_mark.column + 1}" if err.problem_mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {err.problem}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     except OSError as err:
