@@ -4,6 +4,7 @@ run's outputs (atomic), its MLflow run, its device, trainers and wall time."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -193,25 +194,32 @@ class ReportedOnce(logging.Filter):
         return not any(message in record.getMessage() for message in self.messages)
 
 
+def keeps_last_good_outputs(main: Callable[[str, Callable], None]) -> Callable[[str, Callable], None]:
+    """`main`, reporting a StageError once, and putting back the last good outputs that `dvc repro`
+    removed before running the stage when it fails in any way (the `cache: false` metrics and
+    plots, which nothing else would restore)."""
+
+    @functools.wraps(main)
+    def run(stage: str, flow: Callable) -> None:
+        once = ReportedOnce()
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(once)
+        try:
+            main(stage, flow)
+        except BaseException:
+            if Distributed.from_env().is_main:
+                try:
+                    restore_outs(stage)
+                except Exception as err:  # the stage's own error is the one to report
+                    print(f"could not put back the last good outputs of '{stage}' ({err}); `dvc checkout {stage}` "
+                          "restores the cached ones", file=sys.stderr)
+            raise
+
+    return run
+
+
+@keeps_last_good_outputs
 def main(stage: str, flow: Callable) -> None:
-    """Run the stage; when it fails in any way, put back the last good outputs that `dvc repro`
-    removed before running it (the `cache: false` metrics and plots nothing else would restore)."""
-    once = ReportedOnce()
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(once)
-    try:
-        _run(stage, flow)
-    except BaseException:
-        if Distributed.from_env().is_main:
-            try:
-                restore_outs(stage)
-            except Exception as err:  # the stage's own error is the one to report
-                print(f"could not put back the last good outputs of '{stage}' ({err}); `dvc checkout {stage}` "
-                      "restores the cached ones", file=sys.stderr)
-        raise
-
-
-def _run(stage: str, flow: Callable) -> None:
     try:
         params = load_params(stage)
         if Distributed.from_env().is_main:
