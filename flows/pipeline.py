@@ -21,6 +21,7 @@ from prefect.states import Completed, State
 
 from runtime.dag import is_stale, save_experiment, stage_order
 from runtime.invocation import Invocation
+from runtime.lifetime import child_dies_with_us
 from runtime.profiles import profile_names, profile_params, set_overrides, write_params
 from runtime.stage import TRANSIENT_EXIT
 from runtime.tracking import PARENT_ENV, PipelineRun, headline_metrics
@@ -65,8 +66,9 @@ def run_stage(stage: str, parent_run_id: str) -> State | None:
         PARENT_ENV: parent_run_id, "PREFECT_API_URL": get_current_settings().api.url or "",
         "TQDM_MININTERVAL": "10",  # a progress line every 10 s, not a log flood
     }
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # killed with this flow run's process (its stage then goes too)
         ["dvc", "repro", "--single-item", stage], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        **child_dies_with_us(),
     )
     tail = deque(maxlen=LOG_TAIL)
     for line in process.stdout:

@@ -6,7 +6,10 @@ requests), then forks a fresh child per stage: the child takes
 over the caller's working directory, environment and stdin/stdout/stderr (passed over a Unix
 socket) and runs `python -m flows.<stage>` as it would have, with its own Prefect flow run and
 MLflow run; its exit code goes back to the caller. The host never touches a GPU before forking
-and lives as long as its invocation (`runtime.background`).
+and lives as long as its invocation (`runtime.background`); a child dies with the host, with the
+invocation, or with its caller (`runtime.lifetime`). Only this user's processes can connect (the
+socket is in a private directory, and the peer's uid is checked); a request that is not a
+well-formed one for a stage of dvc.yaml is logged and dropped, and the host carries on.
 
 `python -m runtime.host PID STARTED` is that process.
 """
@@ -22,12 +25,16 @@ import struct
 import sys
 import threading
 import traceback
+from contextlib import suppress
 from pathlib import Path
 
 from runtime.background import clean_up, invocation_from_argv, published, start_once, wait_for
 from runtime.invocation import Invocation
+from runtime.lifetime import die_with_parent, end_with
 
 STARTUP_SECONDS = 120
+REQUEST_SECONDS = 10  # to send a request, once connected
+MAX_REQUEST_BYTES = 8 << 20  # the caller's environment is most of it
 CORE = ["runtime.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]  # torch, Prefect, MLflow
 LATER = ["torch._dynamo", "mlflow.pytorch"]  # after Prefect has set up logging (mlflow.pytorch calls basicConfig)
 
@@ -39,11 +46,16 @@ def socket_path(invocation: Invocation) -> Path:
 def _recv_exact(conn: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
-        chunk = conn.recv(size - len(data))
+        chunk = conn.recv(min(size - len(data), 1 << 20))
         if not chunk:
-            raise ConnectionError("stage host closed the connection")
+            raise ConnectionError("the other side closed the connection")
         data += chunk
     return data
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
 
 
 # --- the caller's side: `python -m runtime.launch <stage>` -------------------------------------
@@ -61,6 +73,8 @@ def run_on_host(stage: str, argv: list[str], invocation: Invocation | None) -> i
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(str(path))
+        if _peer_uid(conn) != os.getuid():
+            return None
         socket.send_fds(conn, [struct.pack("!Q", len(request))], [0, 1, 2])
         conn.sendall(request)
         (child,) = struct.unpack("!q", _recv_exact(conn, 8))
@@ -77,9 +91,11 @@ def run_on_host(stage: str, argv: list[str], invocation: Invocation | None) -> i
 
 # --- the host's side ---------------------------------------------------------------------------
 
-def _run_child(request: dict, fds: list[int]) -> None:
+def _run_child(request: dict, fds: list[int], conn: socket.socket, host: int) -> None:
     """In the forked child: become the caller's stage process, run the stage, exit."""
     try:
+        die_with_parent(host)
+        end_with([], conn)  # the caller gone (killed with its dvc): the stage goes too
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -109,26 +125,76 @@ def _run_child(request: dict, fds: list[int]) -> None:
     os._exit(code)
 
 
-def _serve_one(conn: socket.socket) -> None:
+class BadRequest(ValueError):
+    """A connection that does not carry a well-formed stage request."""
+
+
+def _read_request(conn: socket.socket, stages: list[str]) -> tuple[dict, list[int]]:
+    """The request and the caller's stdin/stdout/stderr; BadRequest (its fds closed) otherwise."""
+    if (uid := _peer_uid(conn)) != os.getuid():
+        raise BadRequest(f"a connection from uid {uid}")
+    conn.settimeout(REQUEST_SECONDS)
     data, fds, _, _ = socket.recv_fds(conn, 8, 3)
-    (size,) = struct.unpack("!Q", data + _recv_exact(conn, 8 - len(data)))
-    request = json.loads(_recv_exact(conn, size))
+    try:
+        if len(fds) != 3:
+            raise BadRequest(f"{len(fds)} file descriptors instead of 3 (stdin, stdout, stderr)")
+        (size,) = struct.unpack("!Q", data + _recv_exact(conn, 8 - len(data)))
+        if size > MAX_REQUEST_BYTES:
+            raise BadRequest(f"a request of {size} bytes (at most {MAX_REQUEST_BYTES})")
+        try:
+            request = json.loads(_recv_exact(conn, size))
+        except (ValueError, RecursionError) as err:
+            raise BadRequest(f"a request that is not JSON ({err})") from None
+        _check_request(request, stages)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    conn.settimeout(None)
+    return request, fds
+
+
+def _check_request(request: object, stages: list[str]) -> None:
+    def strings(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+    if not isinstance(request, dict) or set(request) != {"stage", "argv", "cwd", "env"}:
+        raise BadRequest("a request without exactly the keys stage, argv, cwd, env")
+    if request["stage"] not in stages:
+        raise BadRequest(f"stage {request['stage']!r}, which is not one of dvc.yaml's: {', '.join(stages)}")
+    if not strings(request["argv"]):
+        raise BadRequest("argv that is not a list of strings")
+    if not isinstance(request["cwd"], str) or not os.path.isabs(request["cwd"]) or not os.path.isdir(request["cwd"]):
+        raise BadRequest(f"cwd {request['cwd']!r}, which is not an existing absolute directory")
+    env = request["env"]
+    if not isinstance(env, dict) or not strings(list(env)) or not strings(list(env.values())):
+        raise BadRequest("env that is not a mapping of strings to strings")
+
+
+def _serve_one(conn: socket.socket, stages: list[str]) -> None:
+    """Fork a child for the request on `conn`, or log why not and drop the connection."""
+    try:
+        request, fds = _read_request(conn, stages)
+    except Exception as err:  # the host serves the next request whatever this one was
+        print(f"stage host: dropped a connection: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        conn.close()
+        return
+    host = os.getpid()
     child = os.fork()
     if child == 0:
-        conn.close()
-        _run_child(request, fds)
+        _run_child(request, fds, conn, host)
     for fd in fds:
         os.close(fd)
 
     def report() -> None:
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
-        try:
+        with suppress(OSError):  # the caller is gone
             conn.sendall(struct.pack("!i", code if code >= 0 else 128 - code))  # a signal: 128 + its number
-        finally:
-            conn.close()
+        conn.close()
 
-    conn.sendall(struct.pack("!q", child))
+    with suppress(OSError):  # the caller is gone: the child sees it too, and ends
+        conn.sendall(struct.pack("!q", child))
     threading.Thread(target=report, daemon=True).start()
 
 
@@ -139,7 +205,7 @@ def serve_while(invocation: Invocation) -> None:
 
     for module in CORE:
         importlib.import_module(module)
-    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    stages = list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])
     rest = [f"flows.{stage}" for stage in stages] + LATER
     path = socket_path(invocation)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -157,8 +223,7 @@ def serve_while(invocation: Invocation) -> None:
                 if rest:
                     importlib.import_module(rest.pop(0))
                 continue
-            conn.settimeout(None)
-            _serve_one(conn)
+            _serve_one(conn, stages)
     finally:
         listener.close()
         clean_up("host", invocation, ".sock")

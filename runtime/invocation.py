@@ -22,10 +22,12 @@ class Invocation:
         return f"{self.pid}-{self.started:.2f}"
 
     def alive(self) -> bool:
+        """Still running (a zombie, killed but not yet reaped, is not)."""
         import psutil
 
         try:
-            return psutil.Process(self.pid).create_time() == self.started
+            process = psutil.Process(self.pid)
+            return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
 
@@ -38,6 +40,23 @@ class Invocation:
         import psutil
 
         return cls(pid, psutil.Process(pid).create_time())
+
+
+def lineage(invocation: Invocation) -> list[Invocation]:
+    """The processes a stage process lives by: its ancestors up to and including `invocation`
+    (the shell and `dvc` between them, under the pipeline flow), or just `invocation` when it is no
+    ancestor (a stage forked by the warm host)."""
+    import psutil
+
+    chain = []
+    for process in psutil.Process().parents():
+        try:
+            chain.append(Invocation(process.pid, process.create_time()))
+        except psutil.Error:
+            break
+        if chain[-1] == invocation:
+            return chain
+    return [invocation]
 
 
 def current_invocation() -> Invocation | None:

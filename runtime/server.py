@@ -4,7 +4,9 @@ With no Prefect API configured, every flow run starts a temporary server of its 
 here, per stage). Stages that run under `dvc` share one instead: the first starts
 `prefect server start` in the background, the others find its address, and it stops when that
 `dvc` process ends. It keeps its records in PREFECT_HOME's database, as the temporary servers
-do, so a later `prefect server start` shows every run in the UI.
+do, so a later `prefect server start` shows every run in the UI. A stage on its own starts a server
+of its own instead of Prefect's temporary one, which would outlive a `kill -9` of the stage; every
+server started here is killed with the process that started it (`runtime.lifetime`).
 
 `python -m runtime.server PID STARTED` is that background process (`runtime.background`).
 """
@@ -12,6 +14,7 @@ do, so a later `prefect server start` shows every run in the UI.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,11 +23,21 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from runtime.background import clean_up, invocation_from_argv, published, start_once, wait_for
+from runtime.background import (
+    UnsafeHelpersDir,
+    clean_up,
+    invocation_from_argv,
+    published,
+    start_once,
+    wait_for,
+)
 from runtime.invocation import Invocation, current_invocation
+from runtime.lifetime import child_dies_with_us
 
 STARTUP_SECONDS = 60
+LOCAL_API = re.compile(r"http://127\.0\.0\.1:\d{1,5}/api")  # what `prefect_server` serves
 
 
 def healthy(api_url: str, timeout: float = 2) -> bool:
@@ -35,21 +48,46 @@ def healthy(api_url: str, timeout: float = 2) -> bool:
         return False
 
 
-def ensure_api() -> None:
-    """Point this process at the shared server of its `dvc` process (started if need be), unless
-    a Prefect API is configured or no `dvc` runs this stage."""
+@contextmanager
+def stage_api() -> Iterator[None]:
+    """Point this stage process at a Prefect API for the duration: the configured one, else the
+    shared server of the `dvc` it runs under (started if need be), else a server of its own."""
     from prefect.settings import get_current_settings
 
     if get_current_settings().api.url:
+        yield
         return
+    if (api_url := _shared_api()) is not None:
+        use_api(api_url)
+        yield
+        return
+    with prefect_server() as api_url:
+        use_api(api_url)
+        yield
+
+
+def _shared_api() -> str | None:
+    """The address of the shared server of this stage's `dvc` process; None without one."""
     invocation = current_invocation()
     if invocation is None:
-        return
-    start_once("prefect", "runtime.server", invocation)
-    address = published("prefect", invocation, ".url")
-    if wait_for(address, STARTUP_SECONDS) and healthy(api_url := address.read_text()):
-        use_api(api_url)
-    # else: Prefect starts its own temporary server, as it would without us
+        return None
+    try:
+        start_once("prefect", "runtime.server", invocation)
+        address = published("prefect", invocation, ".url")
+    except UnsafeHelpersDir as err:
+        print(f"warning: not using the shared Prefect server: {err}", file=sys.stderr)
+        return None
+    return read_api_url(address) if wait_for(address, STARTUP_SECONDS) else None
+
+
+def read_api_url(address: Path) -> str | None:
+    """The API URL in `address` if it is a local server's (`LOCAL_API`) and that server answers."""
+    api_url = address.read_text().strip()
+    if LOCAL_API.fullmatch(api_url) and healthy(api_url):
+        return api_url
+    print(f"warning: {address} holds {api_url[:100]!r}, not the address of a healthy local Prefect server; ignored",
+          file=sys.stderr)
+    return None
 
 
 def _free_port() -> int:
@@ -65,7 +103,7 @@ def prefect_server() -> Iterator[str]:
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **child_dies_with_us(),
         )
         try:
             deadline = time.time() + STARTUP_SECONDS

@@ -4,16 +4,20 @@ run's outputs (atomic), its MLflow run, its device, trainers and wall time."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
@@ -21,9 +25,16 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from runtime.dag import changed_deps, dep_hashes, restore_outs
-from runtime.server import ensure_api
-from runtime.tracking import StageTracker, current_pipeline_run
-from tasks.artifacts import StageOutputs, checkpoint_path, plots_dir
+from runtime.invocation import current_invocation, lineage
+from runtime.lifetime import end_with
+from runtime.server import stage_api
+from runtime.tracking import (
+    StageTracker,
+    TrackingUnreachable,
+    check_reachable,
+    current_pipeline_run,
+)
+from tasks.artifacts import CHECKPOINTS, StageOutputs, checkpoint_path, plots_dir
 from tasks.device import Distributed, pick_device
 from tasks.errors import StageError
 from tasks.params import ParamsError, flatten, load_params, params_path
@@ -162,20 +173,47 @@ def stage_task(fn: Callable, name: str):
 
 
 def is_transient(err: BaseException) -> bool:
-    """A network failure (e.g. the tracking or Prefect server briefly unreachable), anywhere in
-    the chain of causes."""
+    """A network failure (the tracking or Prefect server unreachable, timing out, or failing every
+    retry), anywhere in the chain of causes. MLflow's REST client raises an `MlflowException`
+    while handling the `requests` error, so that error is its `__context__`."""
     import httpx
     import requests
 
+    network = (
+        ConnectionError, TimeoutError, httpx.TransportError,
+        requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
+    )
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, ConnectionError | TimeoutError | httpx.TransportError | requests.ConnectionError | requests.Timeout):
+        if isinstance(err, network):
             return True
-        if "Max retries exceeded" in str(err) or "Connection refused" in str(err):
-            return True  # MLflow's REST client flattens the requests error into its message
         err = err.__cause__ or err.__context__
     return False
+
+
+@contextmanager
+def stage_lock(stage: str) -> Iterator[None]:
+    """Hold this folder's lock of `stage` for the duration, or refuse with a StageError naming its
+    holder: two runs of a stage would share its checkpoint and temporary outputs. The kernel
+    releases it when the process ends, however it ends, so it never goes stale."""
+    path = CHECKPOINTS / f".{stage}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            raise StageError(
+                f"stage '{stage}' is already running in {os.getcwd()}: {holder} holds {path}; "
+                "wait for it to finish, or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 class ReportedOnce(logging.Filter):
@@ -220,11 +258,16 @@ def keeps_last_good_outputs(main: Callable[[str, Callable], None]) -> Callable[[
 
 @keeps_last_good_outputs
 def main(stage: str, flow: Callable) -> None:
+    """What `python -m flows.<stage>` does. A stage run under `dvc` (or the pipeline flow) ends
+    when that ends."""
     try:
         params = load_params(stage)
+        if (invocation := current_invocation()) is not None:
+            end_with(lineage(invocation), what=f"stage '{stage}'")
         if Distributed.from_env().is_main:
-            ensure_api()
-            flow(params)
+            check_reachable()
+            with stage_lock(stage), stage_api():
+                flow(params)
         else:  # other torchrun ranks compute alongside rank 0 without their own flow runs
             flow.fn(params)
     except StageError as err:
@@ -233,6 +276,7 @@ def main(stage: str, flow: Callable) -> None:
     except Exception as err:
         if not is_transient(err):
             raise
-        traceback.print_exc()
+        if not isinstance(err, TrackingUnreachable):
+            traceback.print_exc()
         print(f"error in stage '{stage}' (transient, worth a retry): {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(TRANSIENT_EXIT)

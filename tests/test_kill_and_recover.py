@@ -1,0 +1,274 @@
+"""Kills and failures: a `kill -9` of `dvc`, of the pipeline flow or of a lone stage leaves no
+process running and nothing put in place, and a rerun picks up from the checkpoint; two runs of
+one stage never share its checkpoint; the helpers meet in a private directory, check what they
+read and survive bad requests; a failure is transient by its exception types."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import BIN, REPO, run
+
+GONE_SECONDS = 20  # how long the processes of a killed run may take to notice
+
+
+def start(args: list[str], cwd: Path, log: Path, **env: str | None) -> subprocess.Popen:
+    """`run`'s environment, in the background, its output in `log`."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
+    with open(log, "w") as out:
+        return subprocess.Popen(args, cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_until_training(process: subprocess.Popen, repo: Path, log: Path) -> None:
+    """Until the ssl stage has saved a resumable checkpoint."""
+    deadline = time.time() + 900
+    while not list((repo / "checkpoints" / "ssl").glob("*.pt")):
+        assert process.poll() is None, f"exited {process.returncode} before training:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def running(processes) -> list[str]:
+    """The command lines of those of `processes` still running (a zombie has ended)."""
+    found = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(process.cmdline()))
+        except psutil.Error:
+            pass
+    return found
+
+
+def processes_in(repo: Path) -> list[psutil.Process]:
+    """Processes whose working directory is in `repo` (a killed run's would be)."""
+    found = []
+    for process in psutil.process_iter(["cwd"]):
+        if process.info["cwd"] and Path(process.info["cwd"]).is_relative_to(repo):
+            found.append(process)
+    return found
+
+
+def kill_and_check_nothing_outlives(process: subprocess.Popen, repo: Path, helpers_key: str) -> None:
+    """`kill -9` the process; within GONE_SECONDS nothing it started may run any more, nor any
+    process in `repo`, and its helpers' files are gone; nothing is put in place afterwards."""
+    from runtime.background import helpers_dir
+
+    started = psutil.Process(process.pid).children(recursive=True)
+    assert started, "the run had started nothing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + GONE_SECONDS
+
+    def left() -> list[str]:
+        files = [path.name for path in helpers_dir().glob(f"*-{helpers_key}-*")]
+        return running([*started, *processes_in(repo)]) + files
+
+    while left() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left(), left()
+    time.sleep(2)  # an orphan would put the outputs in place when it finished
+    assert not (repo / "artifacts" / "ssl").exists() and not (repo / "metrics" / "ssl.json").exists()
+    assert list((repo / "checkpoints" / "ssl").glob("*.pt")), "the checkpoint was removed"
+
+
+def rerun_resumes(repo: Path, **env: str | None) -> None:
+    done = run(["dvc", "repro", "ssl"], repo, **env)
+    assert "resuming from step" in done.stdout + done.stderr
+    assert (repo / "artifacts" / "ssl" / "config.json").exists()
+    assert not list((repo / "checkpoints" / "ssl").glob("*.pt"))
+
+
+@pytest.fixture
+def ssl_repo(repo_copy, tmp_path) -> Path:
+    """The smoke profile with a checkpoint every few ssl steps, and no Prefect API configured."""
+    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "ssl.train.checkpoint_every=4"], repo_copy)
+    return repo_copy
+
+
+NO_API = {"PREFECT_API_URL": None}
+
+
+@pytest.mark.slow
+def test_killing_dvc_stops_its_stage_and_a_rerun_resumes(ssl_repo, tmp_path):
+    env = {**NO_API, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    dvc = start(["dvc", "repro", "ssl"], ssl_repo, log := tmp_path / "dvc.log", **env)
+    wait_until_training(dvc, ssl_repo, log)
+    kill_and_check_nothing_outlives(dvc, ssl_repo, str(dvc.pid))  # the stage, the host, the server
+    rerun_resumes(ssl_repo, **env)
+
+
+@pytest.mark.slow
+def test_killing_the_pipeline_flow_stops_its_stages(ssl_repo, tmp_path):
+    env = {**NO_API, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    flow = start([sys.executable, "-m", "flows", "run"], ssl_repo, log := tmp_path / "flow.log", **env)
+    wait_until_training(flow, ssl_repo, log)
+    kill_and_check_nothing_outlives(flow, ssl_repo, str(flow.pid))  # its dvc, the stage, both servers
+    rerun_resumes(ssl_repo, **env)
+
+
+@pytest.mark.slow
+def test_killing_a_lone_stage_stops_its_prefect_server(ssl_repo, tmp_path, prefect_api):
+    run([sys.executable, "-m", "flows.prepare"], ssl_repo)
+    env = {**NO_API, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    stage = start([sys.executable, "-m", "flows.ssl"], ssl_repo, log := tmp_path / "ssl.log", **env)
+    wait_until_training(stage, ssl_repo, log)
+    assert "Starting temporary server" not in log.read_text()
+    kill_and_check_nothing_outlives(stage, ssl_repo, str(stage.pid))
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_running_stage_is_refused(repo_copy, monkeypatch):
+    from runtime.stage import stage_lock
+
+    monkeypatch.chdir(repo_copy)
+    scratch = repo_copy / "artifacts" / ".ssl.tmp" / "being-written"
+    scratch.parent.mkdir(parents=True)
+    scratch.write_text("the running stage's")
+    with stage_lock("ssl"):  # as a running `dvc repro ssl` holds it
+        done = run([sys.executable, "-m", "flows.ssl"], repo_copy, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"stage 'ssl' is already running in {repo_copy}: PID {os.getpid()} " in done.stderr
+    assert scratch.read_text() == "the running stage's"  # its temporary outputs untouched
+    assert "Traceback" not in done.stderr
+
+
+# --- the helpers' directory, their addresses and the stage host ---------------------------------
+
+@pytest.fixture
+def own_tmp(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_helpers_meet_in_a_private_directory(own_tmp):
+    from runtime.background import UnsafeHelpersDir, helpers_dir
+
+    made = helpers_dir()
+    assert made.parent == own_tmp and made.stat().st_uid == os.getuid()
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    made.chmod(0o777)  # e.g. made by someone else, for everyone
+    with pytest.raises(UnsafeHelpersDir, match=rf"{made} is not a private directory of yours \(drwxrwxrwx"):
+        helpers_dir()
+    made.rmdir()
+    (elsewhere := own_tmp / "elsewhere").mkdir(mode=0o700)
+    made.symlink_to(elsewhere)
+    with pytest.raises(UnsafeHelpersDir, match="lrwx"):
+        helpers_dir()
+
+
+def test_a_published_server_address_is_checked_before_use(tmp_path, prefect_api):
+    from runtime.server import read_api_url
+
+    address = tmp_path / "prefect.url"
+    address.write_text(prefect_api)
+    assert read_api_url(address) == prefect_api
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    for planted in ("http://attacker.example:4200/api", f"http://127.0.0.1:{closed}/api", "file:///etc/passwd"):
+        address.write_text(planted)
+        assert read_api_url(address) is None, planted
+
+
+def _send(path: Path, payload: bytes, fds: list[int] | None) -> bytes:
+    """One raw connection to the host: `payload` (with `fds` passed alongside), then its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(path))
+        if fds is not None:
+            socket.send_fds(conn, [payload[:8]], fds)
+            payload = payload[8:]
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(30)
+        try:
+            return conn.recv(8)
+        except ConnectionResetError:  # closed with the rest of the request unread
+            return b""
+
+
+def _framed(request: object) -> bytes:
+    body = request if isinstance(request, bytes) else json.dumps(request).encode()
+    return struct.pack("!Q", len(body)) + body
+
+
+@pytest.mark.slow  # the host imports torch, Prefect and MLflow
+def test_the_stage_host_survives_bad_requests(tmp_path, monkeypatch):
+    from runtime.background import published, start_once, wait_for
+    from runtime.host import STARTUP_SECONDS, run_on_host, socket_path
+    from runtime.invocation import Invocation
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    pipeline_run = subprocess.Popen(["sleep", "600"])  # what the host lives by, as by a dvc repro
+    invocation = Invocation.of(pipeline_run.pid)
+    try:
+        monkeypatch.chdir(REPO)  # the host reads dvc.yaml's stages where it starts
+        start_once("host", "runtime.host", invocation)
+        assert wait_for(path := socket_path(invocation), STARTUP_SECONDS)
+        std = [0, 1, 2]
+        good = {"stage": "prepare", "argv": [], "cwd": str(tmp_path), "env": {}}
+        bad = [
+            (b"", None),  # connects and hangs up
+            (struct.pack("!Q", 1 << 62) + b"{}", std),  # an absurd length
+            (_framed(b"{not json"), std),
+            (_framed(b"\xff\xfe\x00"), std),  # not UTF-8
+            (_framed(b"[" * 100_000 + b"]" * 100_000), std),  # nested past the recursion limit
+            (_framed(good), None),  # no stdin/stdout/stderr passed
+            (_framed(good), [0]),
+            (_framed(["prepare"]), std),
+            (_framed({**good, "stage": "../../tmp/evil"}), std),
+            (_framed({**good, "argv": "prepare"}), std),
+            (_framed({**good, "cwd": "relative"}), std),
+            (_framed({**good, "env": {"A": 1}}), std),
+            (_framed({**good, "extra": 1}), std),
+        ]
+        for payload, fds in bad:
+            assert _send(path, payload, fds) == b"", payload[:40]  # dropped, nothing started
+        monkeypatch.chdir(tmp_path)  # no params here: the stage fails with its message, exit 2
+        assert run_on_host("prepare", [], invocation) == 2  # ...run by the host, still serving
+        log = published("host", invocation, ".log").read_text()
+        assert log.count("stage host: dropped a connection") == len(bad), log
+        assert "which is not one of dvc.yaml's" in log and "1 file descriptors instead of 3" in log
+    finally:
+        pipeline_run.kill()
+        pipeline_run.wait()
+        for number, handler in handlers.items():  # run_on_host forwards them to its stage
+            signal.signal(number, handler)
+    deadline = time.time() + GONE_SECONDS
+    while path.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not path.exists()  # the host went with its invocation
+    published("host", invocation, ".log").unlink()
+
+
+# --- transient failures --------------------------------------------------------------------------
+
+def test_a_failure_is_transient_by_its_exception_types(monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from runtime.stage import is_transient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    with pytest.raises(MlflowException) as unreachable:
+        MlflowClient(f"http://127.0.0.1:{closed}").get_experiment_by_name("latentlab")
+    assert is_transient(unreachable.value)
+    assert not is_transient(MlflowException("Max retries exceeded: Connection refused"))  # words, not a network error
+    assert not is_transient(ValueError("Connection refused"))
