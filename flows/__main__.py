@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
+from typing import get_args
 
 from runtime.profiles import profile_names, profile_params, set_overrides, write_params
 from tasks.errors import StageError
+from tasks.params import STAGE_PARAMS
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -56,6 +58,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
+    """The pipeline as deployment `pipeline/<name>` on a cron schedule, its runs executed here, until
+    SIGTERM (the runs in progress end Cancelled) or Ctrl-C (they end Crashed); the schedule is then
+    paused."""
+    import asyncio
+
+    from prefect.runner import Runner
     from prefect.settings import get_current_settings
 
     from flows.pipeline import pipeline
@@ -65,7 +73,22 @@ def serve(args: argparse.Namespace) -> None:
             "serve needs a Prefect server: run `prefect server start` in another terminal, then\n"
             "  export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    pipeline.serve(name=args.name, cron=args.cron, parameters=_pipeline_parameters(args))
+
+    class StopsOnSigterm(Runner):
+        def handle_sigterm(self, *args) -> None:
+            """Stop as `Runner.astop` does: cancel the runs in progress, then stop polling. (Prefect
+            3.8's own handler calls the async `stop` without awaiting it, then waits for the runs.)"""
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(loop.create_task, self.astop())
+
+    runner = StopsOnSigterm(name=args.name)
+    deployment_id = runner.add_flow(pipeline, name=args.name, cron=args.cron, parameters=_pipeline_parameters(args))
+    ui = get_current_settings().ui_url
+    print(f"serving deployment 'pipeline/{args.name}' on '{args.cron}'; run it now from {ui}/deployments/deployment/"
+          f"{deployment_id} (Run > Custom run) or with: prefect deployment run 'pipeline/{args.name}'", flush=True)
+    with suppress(KeyboardInterrupt):
+        asyncio.run(runner.start())
+    print(f"serve stopped; the schedule of 'pipeline/{args.name}' is paused until it is served again")
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -89,9 +112,10 @@ def compare(args: argparse.Namespace) -> None:
 
 def _add_pipeline_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--profile", choices=profile_names(), help="rewrite params/*.yaml from a profile first")
-    command.add_argument("--source", help="prepare.source")
-    command.add_argument("--ssl-objective", help="ssl.objective")
-    command.add_argument("--diffusion-formulation", help="diffusion.formulation")
+    for option, field in (("--source", "prepare.source"), ("--ssl-objective", "ssl.objective"),
+                          ("--diffusion-formulation", "diffusion.formulation")):
+        stage, _, key = field.partition(".")
+        command.add_argument(option, choices=get_args(STAGE_PARAMS[stage].model_fields[key].annotation), help=field)
     command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one value (repeatable)")
 
 

@@ -1,20 +1,27 @@
 """The pipeline flow: dvc.yaml's stages in DVC's order, each a task run in the Prefect UI.
 
 A stage DVC considers up to date ends as a `Skipped` (completed) task run; a stale one runs as
-`dvc repro --single-item <stage>`, its output streamed into the task run's logs, so DVC still
-decides, caches and locks everything (`dvc status` is clean afterwards). One MLflow parent run
-covers the flow run; a run that changed anything is saved as a DVC experiment of the same name.
+`dvc repro --single-item <stage>`, so DVC still decides, caches and locks everything (`dvc status`
+is clean afterwards). The stage's own flow run is a subflow run of its task run, named after the
+stage and tagged with the pipeline run (`runtime.stage.main`); it holds the stage's logs, while
+the task run holds what the stage process prints besides (progress bars at every quarter, dvc's
+own lines). One MLflow parent run covers the flow run; a run that changed anything is saved as a
+DVC experiment of the same name.
+
+No `from __future__ import annotations` here: a served deployment's runs get this flow pickled by
+value into a fresh process, where string annotations would no longer resolve.
 """
 
-from __future__ import annotations
-
+import logging
 import os
+import re
 import subprocess
 from collections import deque
-from typing import Literal
+from typing import Literal, get_args
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 from prefect.states import Completed, State
@@ -23,7 +30,7 @@ from runtime.dag import is_stale, save_experiment, stage_order
 from runtime.invocation import Invocation
 from runtime.lifetime import child_dies_with_us
 from runtime.profiles import profile_names, profile_params, set_overrides, write_params
-from runtime.stage import TRANSIENT_EXIT
+from runtime.stage import FLOW_RUN_TAGS_ENV, PARENT_TASK_RUN_ENV, TRANSIENT_EXIT
 from runtime.tracking import PARENT_ENV, PipelineRun, headline_metrics
 from tasks.errors import StageError
 from tasks.params import (
@@ -34,10 +41,18 @@ from tasks.params import (
     load_params,
 )
 
-Profile = Literal[tuple(profile_names())]
-Source = PrepareParams.model_fields["source"].annotation
-Objective = SslParams.model_fields["objective"].annotation
-Formulation = DiffusionParams.model_fields["formulation"].annotation
+KEEP = "keep"  # the run form's default choice: leave params/*.yaml's value as it is
+
+
+def _choices(annotation) -> object:
+    """A run-form drop-down: `keep`, then the allowed values of a params field."""
+    return Literal[(KEEP, *get_args(annotation))]
+
+
+Profile = Literal[(KEEP, *profile_names())]
+Source = _choices(PrepareParams.model_fields["source"].annotation)
+Objective = _choices(SslParams.model_fields["objective"].annotation)
+Formulation = _choices(DiffusionParams.model_fields["formulation"].annotation)
 LOG_TAIL = 12  # lines of a failed stage's output in its error
 
 
@@ -52,6 +67,54 @@ def _retry_transient(task, task_run, state: State) -> bool:
     return isinstance(state.data, StageFailed) and state.data.transient
 
 
+PROGRESS = re.compile(r"(?P<bar>.*?)\s*(?P<percent>\d+)%\|")  # a tqdm redraw: "<desc>:  42%|████  | 5/12 ..."
+DVC_HINTS = re.compile(  # dvc's per-stage bookkeeping and advice, nothing to act on inside the pipeline
+    r"(Generating|Updating) lock file|To (track the changes with git|enable auto staging), run:"
+    r"|\s*(git add dvc\.lock|dvc config core\.autostage true)$|Use `dvc push`"
+)
+ERROR_START = re.compile(r"^(error|ERROR|Traceback)|\b(ERROR|\w+Error)\b")
+
+
+class StageOutput:
+    """Which lines of a stage process's console output go into its task run's logs, and at what
+    level: a progress bar's redraw only when it reaches a new quarter, no dvc hints, a warning at
+    WARNING, an error and every line after it at ERROR. The stage's own Prefect logs are not on
+    the console under the pipeline (they go to its flow run), so nothing is logged twice."""
+
+    def __init__(self):
+        self.quarters: dict[str, int] = {}  # the last quarter shown, by progress bar
+        self.failing = False
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL)
+
+    def level(self, line: str) -> int | None:
+        """The level to log `line` at; None to leave it out."""
+        if progress := PROGRESS.match(line):
+            quarter = min(int(progress["percent"]), 100) // 25
+            if self.quarters.get(progress["bar"]) == quarter:
+                return None
+            self.quarters[progress["bar"]] = quarter
+            return logging.INFO
+        self.tail.append(line)
+        if DVC_HINTS.match(line):
+            return None
+        self.failing = self.failing or bool(ERROR_START.search(line))
+        if self.failing:
+            return logging.ERROR
+        return logging.WARNING if "warning" in line.lower() else logging.INFO
+
+
+def _stage_env(task_run_id: str, parent_run_id: str) -> dict[str, str]:
+    """The stage process's environment: this one without the runner's hand-over to this flow run's
+    process (PREFECT__*), plus the pipeline run's invocation (the stages share one warm host), its
+    MLflow parent run, the Prefect API, and the task run the stage's flow run hangs under."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT__")}
+    return {
+        **env, **Invocation.of(os.getpid()).env(),
+        PARENT_ENV: parent_run_id, "PREFECT_API_URL": get_current_settings().api.url or "",
+        PARENT_TASK_RUN_ENV: task_run_id, FLOW_RUN_TAGS_ENV: f"pipeline:{flow_run.get_name()}",
+    }
+
+
 @task(
     name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_transient,
     cache_policy=NO_CACHE, persist_result=False,
@@ -61,56 +124,51 @@ def run_stage(stage: str, parent_run_id: str) -> State | None:
     if not is_stale(stage):
         return Completed(name="Skipped", message=f"'{stage}' is up to date (dvc status)")
     logger = get_run_logger()
-    env = {
-        **os.environ, **Invocation.of(os.getpid()).env(),  # the stages share one warm host (flows.host)
-        PARENT_ENV: parent_run_id, "PREFECT_API_URL": get_current_settings().api.url or "",
-        "TQDM_MININTERVAL": "10",  # a progress line every 10 s, not a log flood
-    }
-    process = subprocess.Popen(  # killed with this flow run's process (its stage then goes too)
-        ["dvc", "repro", "--single-item", stage], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        **child_dies_with_us(),
+    process = subprocess.Popen(
+        ["dvc", "repro", "--single-item", stage], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_stage_env(str(TaskRunContext.get().task_run.id), parent_run_id),
+        **child_dies_with_us(),  # killed with this flow run's process (its stage then goes too)
     )
-    tail = deque(maxlen=LOG_TAIL)
-    for line in process.stdout:
-        if line := line.rstrip():
-            logger.info(line)
-            tail.append(line)
+    output = StageOutput()
+    for line in process.stdout:  # text mode: a progress bar's carriage returns end lines too
+        if (line := line.rstrip()) and (level := output.level(line)) is not None:
+            logger.log(level, line)
     if process.wait():
-        raise StageFailed(stage, process.returncode, "\n".join(tail))
+        raise StageFailed(stage, process.returncode, "\n".join(output.tail))
     return None
 
 
 def apply_params(
-    profile: str | None, source: str | None, ssl_objective: str | None, diffusion_formulation: str | None,
-    overrides: list[str],
+    profile: str, source: str, ssl_objective: str, diffusion_formulation: str, overrides: tuple[str, ...],
 ) -> list[str]:
-    """Write params/*.yaml: a profile (or the files as they are), the form's choices, then the
-    free-form overrides. Every value is validated before any file is written."""
-    full = profile_params(profile) if profile else {s: load_params(s).model_dump(mode="json") for s in STAGE_PARAMS}
+    """Write params/*.yaml: a profile (`keep`: the files as they are), the form's choices (`keep`
+    leaves a value as it is), then the free-form overrides. Every value is validated before any
+    file is written."""
+    full = profile_params(profile) if profile != KEEP else {s: load_params(s).model_dump(mode="json") for s in STAGE_PARAMS}
     chosen = {"prepare.source": source, "ssl.objective": ssl_objective, "diffusion.formulation": diffusion_formulation}
-    sets = [f"{key}={value}" for key, value in chosen.items() if value is not None]
+    sets = [f"{key}={value}" for key, value in chosen.items() if value != KEEP]
     return write_params(set_overrides(full, sets + list(overrides)))
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(
-    profile: Profile | None = None,
-    source: Source | None = None,
-    ssl_objective: Objective | None = None,
-    diffusion_formulation: Formulation | None = None,
-    overrides: list[str] | None = None,
+    profile: Profile = KEEP,
+    source: Source = KEEP,
+    ssl_objective: Objective = KEEP,
+    diffusion_formulation: Formulation = KEEP,
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """Run dvc.yaml's stages, skipping the up-to-date ones.
 
     Args:
-        profile: rewrite every params file from this profile first; empty keeps them as they are.
-        source: dataset (prepare.source).
-        ssl_objective: ssl.objective.
-        diffusion_formulation: diffusion.formulation (flow or ddpm).
-        overrides: DVC-style `params/<stage>.yaml:key=value` (or `stage.key=value`) values.
+        profile: rewrite every params file from this profile first; keep: the files as they are.
+        source: dataset (prepare.source); keep: as the params files say.
+        ssl_objective: ssl.objective; keep: as the params files say.
+        diffusion_formulation: diffusion.formulation (flow or ddpm); keep: as the params files say.
+        overrides: DVC-style `params/<stage>.yaml:key=value` (or `stage.key=value`) values, applied last.
     """
     try:
-        changed = apply_params(profile, source, ssl_objective, diffusion_formulation, overrides or [])
+        changed = apply_params(profile, source, ssl_objective, diffusion_formulation, overrides)
     except StageError as err:
         raise ValueError(str(err)) from None  # shown in the UI as the flow run's failure
     if changed:

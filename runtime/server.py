@@ -104,6 +104,7 @@ def prefect_server() -> Iterator[str]:
         server = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **child_dies_with_us(),
+            env={**os.environ, "PREFECT_UI_API_URL": api_url},  # else its UI calls port 4200
         )
         try:
             deadline = time.time() + STARTUP_SECONDS
@@ -114,7 +115,7 @@ def prefect_server() -> Iterator[str]:
                 time.sleep(0.2)
             yield api_url
         finally:
-            _drain_clients()
+            drain_clients()
             server.terminate()
             try:
                 server.wait(timeout=30)
@@ -122,8 +123,8 @@ def prefect_server() -> Iterator[str]:
                 server.kill()
 
 
-def _drain_clients() -> None:
-    """Send this process's queued Prefect logs and events before the server goes away."""
+def drain_clients() -> None:
+    """Send this process's queued Prefect logs and events (before the server or this process goes away)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 

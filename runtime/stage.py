@@ -1,5 +1,6 @@
 """One execution of a stage: `main` is what `python -m flows.<stage>` does (validate params, find the
-Prefect API, run the flow, turn errors into one message and an exit code); `StageRun` holds the
+Prefect API, run the flow — as a subflow run of the pipeline flow's task run when that started it —,
+turn errors into one message and an exit code); `StageRun` holds the
 run's outputs (atomic), its MLflow run, its device, trainers and wall time."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ from pydantic import BaseModel
 from runtime.dag import changed_deps, dep_hashes, restore_outs
 from runtime.invocation import current_invocation, lineage
 from runtime.lifetime import end_with
-from runtime.server import stage_api
+from runtime.server import drain_clients, stage_api
 from runtime.tracking import (
     StageTracker,
     TrackingUnreachable,
@@ -45,6 +47,8 @@ CODE_LOADED_AT = time.time()  # this module is imported before any stage's code 
 
 class InputsChanged(StageError):
     """The stage's params or deps changed while it ran: its outputs would carry the wrong label."""
+PARENT_TASK_RUN_ENV = "LATENTLAB_PARENT_TASK_RUN_ID"  # the pipeline flow's task run this stage runs for
+FLOW_RUN_TAGS_ENV = "LATENTLAB_FLOW_RUN_TAGS"  # comma-separated tags of the stage's flow run there
 
 
 class StageRun:
@@ -256,6 +260,54 @@ def keeps_last_good_outputs(main: Callable[[str, Callable], None]) -> Callable[[
     return run
 
 
+def _warnings_to_run_logs() -> None:
+    """Python warnings raised in a flow or task run go to its logs at WARNING, so the UI's level
+    filter finds them; others print as usual."""
+    show = warnings.showwarning
+
+    def log_or_show(message, category, filename, lineno, file=None, line=None):
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+
+        try:
+            logger = get_run_logger()
+        except MissingContextError:
+            return show(message, category, filename, lineno, file, line)
+        logger.warning("%s: %s", category.__name__, message)
+
+    warnings.showwarning = log_or_show
+
+
+def run_flow(stage: str, flow, params: BaseModel) -> None:
+    """The stage's flow run. Started by the pipeline flow (`PARENT_TASK_RUN_ENV` set), it is a subflow
+    run of the stage's task run there, named after the stage and tagged with the pipeline run; its
+    logs then go to the API only, since the pipeline task logs this process's console output.
+    Otherwise a flow run of its own. Its last logs are sent before this returns: a stage process
+    forked by the warm host ends with `os._exit`, which runs no exit handlers."""
+    try:
+        if parent := os.environ.get(PARENT_TASK_RUN_ENV):
+            _run_as_subflow(stage, flow, params, parent)
+        else:
+            flow(params)
+    finally:
+        drain_clients()
+
+
+def _run_as_subflow(stage: str, flow, params: BaseModel, parent_task_run_id: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow as run_flow_run
+
+    for run_logger in ("prefect.flow_runs", "prefect.task_runs"):  # their API handler sends them
+        logging.getLogger(run_logger).propagate = False
+    parameters = {"params": params}
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(
+            flow, name=stage, parameters=flow.serialize_parameters(parameters), parent_task_run_id=parent_task_run_id,
+            tags=[tag for tag in os.environ.get(FLOW_RUN_TAGS_ENV, "").split(",") if tag],
+        )
+    run_flow_run(flow, flow_run=flow_run, parameters=parameters)
+
+
 @keeps_last_good_outputs
 def main(stage: str, flow: Callable) -> None:
     """What `python -m flows.<stage>` does. A stage run under `dvc` (or the pipeline flow) ends
@@ -266,8 +318,9 @@ def main(stage: str, flow: Callable) -> None:
             end_with(lineage(invocation), what=f"stage '{stage}'")
         if Distributed.from_env().is_main:
             check_reachable()
+            _warnings_to_run_logs()
             with stage_lock(stage), stage_api():
-                flow(params)
+                run_flow(stage, flow, params)
         else:  # other torchrun ranks compute alongside rank 0 without their own flow runs
             flow.fn(params)
     except StageError as err:

@@ -5,6 +5,7 @@ and its weights are already on disk (never downloaded)."""
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,11 +24,12 @@ def inception_weights(params: FidParams) -> Path | None:
         return None
     path = Path(params.inception_weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS)
     if importlib.util.find_spec("torch_fidelity") is None:
-        print("fid: Inception-v3 FID skipped: torch-fidelity is not installed (pip install torch-fidelity)")
+        warnings.warn("Inception-v3 FID skipped: torch-fidelity is not installed (pip install torch-fidelity)", stacklevel=2)
         return None
     if not path.is_file():
-        print(f"fid: Inception-v3 FID skipped: no weights at {path}; this stage never downloads them. "
-              f"Put torch-fidelity's {INCEPTION_WEIGHTS} there, or set fid.inception_weights to its path.")
+        warnings.warn(f"Inception-v3 FID skipped: no weights at {path}; this stage never downloads them. "
+                      f"Put torch-fidelity's {INCEPTION_WEIGHTS} there, or set fid.inception_weights to its path.",
+                      stacklevel=2)
         return None
     return path
 
