@@ -53,7 +53,7 @@ def log_network(
         run.info.experiment_id, name, source_run_id=run_id, tags=tags, params=run.data.params, model_type=kind
     )
     mlflow.set_tracking_uri(mlflow_client.tracking_uri)  # Model.log writes through the fluent client
-    Model.log(
+    info = Model.log(
         artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
         python_model=str(PYFUNC), artifacts={file.name: str(file) for file in files},
         model_config={"kind": kind, "network": files[0].stem},
@@ -61,6 +61,8 @@ def log_network(
         input_example=(example, params) if params else example,
         pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in REQUIREMENTS],
     )
+    if info.signature is None:  # MLflow only warns when the example does not run
+        raise RuntimeError(f"the MLflow model '{name}' of run {run_id} did not run on its input example (see the warning above)")
     return model.model_id
 
 

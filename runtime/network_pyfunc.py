@@ -22,21 +22,29 @@ from mlflow.pyfunc import PythonModel
 
 from tasks.diffusion import load_denoiser, timed_images
 from tasks.encoder import load_encoder
+from tasks.vae import NAME as VAE
 from tasks.vae import encode_means, load_decoder, load_vae
 
 
-def _encoder(folder: Path, config: dict, device: str):
-    encoder = load_encoder(folder, device)
+def _folder(artifacts: dict[str, str], network: str) -> Path:
+    """Where `<network>.safetensors` and `.json` are (their own folder while the model is logged,
+    the model's artifacts folder once it is)."""
+    return Path(artifacts[f"{network}.safetensors"]).parent
+
+
+def _encoder(artifacts: dict[str, str], config: dict, device: str):
+    encoder = load_encoder(_folder(artifacts, config["network"]), device)
     return lambda images, params: encoder(images).float()
 
 
-def _vae(folder: Path, config: dict, device: str):
-    vae = load_vae(folder, device)
+def _vae(artifacts: dict[str, str], config: dict, device: str):
+    vae = load_vae(_folder(artifacts, config["network"]), device)
     return lambda images, params: encode_means(vae, images)
 
 
-def _generator(folder: Path, config: dict, device: str):
-    denoiser, decoder = load_denoiser(folder, device, config["network"]), load_decoder(folder, device)
+def _generator(artifacts: dict[str, str], config: dict, device: str):
+    denoiser = load_denoiser(_folder(artifacts, config["network"]), device, config["network"])
+    decoder = load_decoder(_folder(artifacts, VAE), device)
 
     def generate(labels: torch.Tensor, params: dict) -> torch.Tensor:
         return timed_images(denoiser, decoder, labels, int(params["steps"]), float(params["guidance"]), int(params["seed"]))[0]
@@ -51,8 +59,7 @@ class Network(PythonModel):
     def load_context(self, context) -> None:
         config = context.model_config
         self.device = config.get("device", "cpu")
-        folder = Path(next(iter(context.artifacts.values()))).parent  # MLflow puts every artifact in one folder
-        self.run = KINDS[config["kind"]](folder, config, self.device)
+        self.run = KINDS[config["kind"]](context.artifacts, config, self.device)
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         with torch.no_grad():
