@@ -95,6 +95,7 @@ def compare(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from runtime.compare import pipeline_runs
+    from runtime.tracking import tracking_uri, ui_url
 
     try:
         table = pipeline_runs(args.last, args.sort)
@@ -105,6 +106,7 @@ def compare(args: argparse.Namespace) -> None:
         return
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4g}".format):
         print(table.to_string(index=False))
+    print(f"in `mlflow ui --backend-store-uri {tracking_uri()}`: {ui_url()}")
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")

@@ -40,9 +40,12 @@ def diffusion(params: DiffusionParams) -> None:
         latent_shape = load_latents(artifacts_dir("vae")).latents.shape[1:]
         export_denoiser(Denoiser.from_params(trained.net, params, latent_shape), run.outputs.artifacts)
         denoiser = load_denoiser(run.outputs.artifacts, run.device)  # what later stages get
-        run.log_model(denoiser.net, "denoiser")
         decoder = load_decoder(artifacts_dir("vae"), run.device)
         num_classes = denoiser.net.config.num_classes
+        run.log_model(
+            "denoiser", "generator", torch.arange(num_classes), steps=params.sample_steps,
+            guidance=params.guidance_scales[-1], seed=params.seed,
+        )
         sample = stage_task(class_grid, name="sample-grids")
         for guidance in params.guidance_scales:
             image, images_per_s = sample(

@@ -2,6 +2,7 @@
 round halves the steps, the student starting from its teacher) or reflow for the rectified flow;
 a per-class sample grid of each student at its step count, decoded by the VAE."""
 
+import torch
 from prefect import flow
 
 from runtime.stage import StageRun, main, stage_task
@@ -10,7 +11,7 @@ from tasks.diffusion import class_grid, load_denoiser
 from tasks.distill import progressive_students, reflow_student
 from tasks.images import save_png
 from tasks.params import DistillParams
-from tasks.students import export_students, load_students
+from tasks.students import export_students, load_students, student_network
 from tasks.training import TrainingContext
 from tasks.vae import load_decoder, load_latents
 
@@ -32,12 +33,15 @@ def distill(params: DistillParams) -> None:
         folder = run.outputs.artifacts
         export_students(students, method, params.guidance, folder)
         students, _ = load_students(folder, run.device)  # what the fid stage gets
-        for student in students:
-            run.log_model(student.denoiser.net, f"student_{student.steps}_steps")
         decoder = load_decoder(artifacts_dir("vae"), run.device)
         sample = stage_task(class_grid, name="sample-grids")
         for student in students:
             net = student.denoiser.net
+            run.log_model(
+                f"student_{student.steps}_steps", "generator", torch.arange(net.config.num_classes),
+                network=student_network(method, student.steps), steps=student.steps, guidance=student.guidance,
+                seed=params.seed,
+            )
             image, images_per_s = sample(
                 student.denoiser, decoder, net.config.num_classes, params.samples_per_class, student.steps,
                 student.guidance, params.seed,

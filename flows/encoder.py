@@ -25,8 +25,8 @@ def encoder(params: EncoderParams) -> None:
         backbone, config = backbone_from_ssl(artifacts_dir("ssl"))
         export_encoder(backbone, config, folder)
         frozen = load_encoder(folder, run.device)  # what later stages get: rebuilt from the two files alone
-        run.log_model(frozen, "encoder")
         splits = {name: load_split(name, run.device) for name in SPLITS}
+        run.log_model("encoder", "encoder", splits["test"].floats(slice(0, 2)))
         embeddings = stage_task(lambda: {n: embed(frozen, s, params.batch_size) for n, s in splits.items()}, name="embed")()
         run.metrics.update(check_not_collapsed(embeddings["train"], params.collapse_tolerance))
         for name, features in embeddings.items():

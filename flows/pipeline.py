@@ -183,12 +183,9 @@ def pipeline(
             (skipped if state.name == "Skipped" else ran).append(stage)
         experiment = save_experiment(name) if ran else None
     except BaseException:
-        parent.finish(ok=False, tags={"stages.ran": ",".join(ran)})
+        parent.finish(ok=False)
         raise
-    tags = {"stages.ran": ",".join(ran), "stages.skipped": ",".join(skipped)}
-    if experiment:
-        tags["dvc.experiment"] = experiment
-    parent.finish(ok=True, tags=tags)
+    parent.finish(ok=True, tags={"dvc.experiment": experiment} if experiment else None)  # deleted if nothing ran
     headline = headline_metrics()
     print(f"ran {ran or 'nothing'}, skipped {skipped or 'nothing'}; "
           f"{'saved as DVC experiment ' + experiment if experiment else 'no new experiment'}; {headline}")

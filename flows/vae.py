@@ -53,9 +53,8 @@ def vae(params: VaeParams) -> None:
         folder = run.outputs.artifacts
         export_vae(result.module.vae, folder)
         model = load_vae(folder, run.device)  # what later stages get: rebuilt from the two files alone
-        run.log_model(model, "vae")
-
         train, test = load_split("train", run.device), load_split("test", run.device)
+        run.log_model("vae", "vae", test.floats(slice(0, 2)))
         means = stage_task(encode_means, name="encode-train")(model, train.floats())
         latents = Latents(means, train.labels, LatentScale.fit(means), len(load_manifest()["class_names"]))
         latents.save(folder)

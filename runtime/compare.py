@@ -1,18 +1,20 @@
-"""The last pipeline runs side by side, from MLflow: the params that differ between them and the
-headline metrics, best first."""
+"""The last pipeline runs side by side, from MLflow: the stages each ran, the params that differ
+between them and the headline metrics, best first. Only runs that ran a stage are results: a run
+that found every stage up to date leaves no parent run (`PipelineRun.finish`), and one recorded
+before that rule (`stages_run` 0) is left out too."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from runtime.tracking import PIPELINE_TAG, client, experiment_name, tracking_uri
+from runtime.tracking import HEADLINE, PIPELINE_TAG, client, experiment_name, tracking_uri
 
-HEADLINE = ["probe_top1", "fid_teacher", "fid_student_4", "total_wall_seconds", "overhead_fraction"]
 HIGHER_IS_BETTER = {"probe_top1"}
 
 
 def pipeline_runs(last: int = 10, sort: str = "fid_student_4") -> pd.DataFrame:
-    """One row per pipeline run (the MLflow parent runs), newest `last` of them, sorted by `sort`."""
+    """One row per pipeline run that ran a stage (the MLflow parent runs), newest `last` of them,
+    sorted by `sort`."""
     import mlflow
 
     if sort not in HEADLINE:
@@ -23,7 +25,7 @@ def pipeline_runs(last: int = 10, sort: str = "fid_student_4") -> pd.DataFrame:
         return none
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(
-        experiment_ids=[experiment.experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = 'true'",
+        experiment_ids=[experiment.experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = 'true' AND metrics.stages_run > 0",
         order_by=["attributes.start_time DESC"], max_results=last,
     )
     if runs.empty:
@@ -34,6 +36,7 @@ def pipeline_runs(last: int = 10, sort: str = "fid_student_4") -> pd.DataFrame:
         "trigger": runs.get("tags.trigger"),
         "status": runs["status"],
         "dvc_experiment": runs.get("tags.dvc.experiment"),
+        "ran": runs.get("tags.stages.ran"),
     })
     params = runs.filter(like="params.")
     differing = [c for c in params.columns if params[c].astype(str).nunique(dropna=False) > 1]

@@ -15,6 +15,7 @@ from runtime.lineage import git_tracks
 from tasks.artifacts import file_digest
 
 DVC_YAML = Path("dvc.yaml")
+DVC_LOCK = Path("dvc.lock")
 
 
 def stages(dvc_yaml: Path = DVC_YAML) -> dict[str, dict]:
@@ -27,6 +28,23 @@ def stages(dvc_yaml: Path = DVC_YAML) -> dict[str, dict]:
 def stage_deps(stage: str, dvc_yaml: Path = DVC_YAML) -> list[str]:
     """The deps dvc.yaml lists for a stage (empty when the stage is not there)."""
     return list(stages(dvc_yaml).get(stage, {}).get("deps", []))
+
+
+def stage_outs(stage: str, dvc_yaml: Path = DVC_YAML) -> list[str]:
+    """The outs dvc.yaml lists for a stage (its DVC-cached outputs; metrics and plots aside)."""
+    outs = stages(dvc_yaml).get(stage, {}).get("outs", [])
+    return [out if isinstance(out, str) else next(iter(out)) for out in outs]
+
+
+def locked_outs(dvc_lock: Path = DVC_LOCK, dvc_yaml: Path = DVC_YAML) -> dict[str, dict[str, str]]:
+    """`{stage: {out path: DVC hash}}` as dvc.lock records them (empty before any `dvc repro`)."""
+    if not dvc_lock.exists():
+        return {}
+    locked = (yaml.safe_load(dvc_lock.read_text()) or {}).get("stages", {})
+    return {
+        stage: {out["path"]: out["md5"] for out in entry.get("outs", []) if out["path"] in stage_outs(stage, dvc_yaml)}
+        for stage, entry in locked.items()
+    }
 
 
 def dvc_hash(path: Path) -> str:

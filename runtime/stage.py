@@ -26,17 +26,19 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from runtime.dag import changed_deps, dep_hashes, restore_outs
+from runtime.dag import changed_deps, dep_hashes, dvc_hash, restore_outs, stage_outs
 from runtime.invocation import current_invocation, lineage
 from runtime.lifetime import end_with
+from runtime.mlflow_models import network_files
 from runtime.server import drain_clients, stage_api
 from runtime.tracking import (
+    OUT_TAG,
     StageTracker,
     TrackingUnreachable,
     check_reachable,
     current_pipeline_run,
 )
-from tasks.artifacts import CHECKPOINTS, StageOutputs, checkpoint_path, plots_dir
+from tasks.artifacts import CHECKPOINTS, StageOutputs, artifacts_dir, checkpoint_path, plots_dir
 from tasks.device import Distributed, pick_device
 from tasks.errors import StageError
 from tasks.params import ParamsError, flatten, load_params, params_path
@@ -56,8 +58,9 @@ class StageRun:
 
     The MLflow run is the child of the pipeline run this stage belongs to (`PipelineRun`). On
     success the outputs are renamed into place, `metrics` (plus `wall_seconds`, the stage's own
-    work without tracking) become metrics/<stage>.json and MLflow metrics, the plots are uploaded,
-    and the stage's resumable checkpoint is removed. On failure nothing is put in place and the
+    work without tracking) become metrics/<stage>.json and MLflow metrics, the run is tagged with
+    the DVC hash of each out (`dvc.out.<path>`, what a later pipeline run that reuses them links
+    to), the plots and models are uploaded, and the stage's resumable checkpoint is removed. On failure nothing is put in place and the
     MLflow run is marked FAILED. A pipeline run that a `dvc repro` started is brought up to date
     (headline metrics, times) after each stage. Only rank 0 of a torchrun launch writes or tracks.
 
@@ -84,7 +87,7 @@ class StageRun:
     def __enter__(self) -> StageRun:
         self.outputs = StageOutputs(self.stage) if self.is_main else None
         self.pipeline = None
-        self._models: list[tuple[object, str]] = []
+        self._models: list[tuple] = []
         pool = ThreadPoolExecutor(1)
         self._tracking = pool.submit(self._start_tracking)  # MLflow set-up overlaps the stage's work
         pool.shutdown(wait=False)
@@ -106,10 +109,16 @@ class StageRun:
         """Step metrics to MLflow (e.g. the training loop's `log` callback)."""
         self.tracker.log_metrics(metrics, step)
 
-    def log_model(self, module, name: str) -> None:
-        """A trained network to MLflow (`mlflow.pytorch`), beside the DVC-tracked export; logged
-        when the stage succeeds, outside its `wall_seconds`."""
-        self._models.append((module, name))
+    def log_model(
+        self, name: str, kind: str, example, network: str | None = None, **params: float
+    ) -> None:
+        """The network this stage exported as artifacts/<stage>/<network>.{safetensors,json}
+        (`network` defaults to `name`) as the MLflow logged model `name` of its run, a pyfunc of
+        `kind` (`runtime/network_pyfunc.py`: encoder, vae or generator) with `example` as its input
+        example and `params` as predict's defaults; logged when the stage succeeds, outside its
+        `wall_seconds`."""
+        example = example.cpu().numpy() if hasattr(example, "cpu") else example
+        self._models.append((name, kind, network or name, example, params))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.is_main:
@@ -135,9 +144,11 @@ class StageRun:
         self.outputs.metrics = self.metrics
         self.outputs.commit()
         tracker.log_metrics(self.metrics)
+        tracker.set_tags({f"{OUT_TAG}{out}": dvc_hash(Path(out)) for out in stage_outs(self.stage)})
         tracker.log_artifacts(plots_dir(self.stage), "plots")
-        for module, name in self._models:
-            tracker.log_model(module, name)
+        for name, kind, network, example, params in self._models:
+            files = network_files(artifacts_dir(self.stage), network, kind)
+            tracker.log_model(name, kind, files, example, params)
         tracker.finish(ok=True)
         shutil.rmtree(checkpoint_path(self.stage).parent, ignore_errors=True)
         self._update_pipeline(ok=True)

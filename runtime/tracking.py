@@ -9,23 +9,37 @@ under (one `PipelineRun` per pipeline run, whoever started it).
 
 from __future__ import annotations
 
-import copy
+import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel
 
+from runtime.dag import locked_outs, stages
 from runtime.invocation import Invocation, current_invocation
 from runtime.lineage import git_state
-from tasks.artifacts import metrics_path, read_json
+from runtime.mlflow_models import log_network, register_current
+from tasks.artifacts import artifacts_dir, metrics_path, plots_dir, read_json
 from tasks.params import STAGE_PARAMS, flatten, load_params
 
 EXPERIMENT = "latentlab"
 PARENT_ENV = "LATENTLAB_PARENT_RUN_ID"
 _BATCH = 100  # MLflow's limit of params per log_batch call
+HEADLINE = ["probe_top1", "fid_teacher", "fid_student_4", "total_wall_seconds", "overhead_fraction"]
+# What MLflow 3's experiment-kind selector writes; the 3.17 UI follows its own "GenAI / Model
+# training" switch instead, which `ui_url` sets (README: Tracking).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# A view of the runs table the UI opens with `?viewStateShareKey=headline` (what its Share button
+# saves, as plain JSON): the pipeline runs' headline metrics and what ran, as columns.
+RUNS_VIEW = "headline"
+RUNS_VIEW_STATE = {
+    "selectedColumns": [
+        *(f"metrics.`{metric}`" for metric in HEADLINE), "tags.`stages.ran`", "tags.`trigger`", "attributes.`Models`",
+    ],
+}
 
 
 def tracking_uri() -> str:
@@ -64,15 +78,28 @@ def experiment_name() -> str:
 
 
 def experiment_id(mlflow_client, name: str | None = None) -> str:
-    """The experiment's id, created with artifacts under ./mlartifacts when it is new."""
+    """The experiment's id, created with artifacts under ./mlartifacts when it is new, and marked a
+    model-training experiment (`EXPERIMENT_KIND`) unless someone chose another kind."""
     name = name or experiment_name()
     found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:"):
-        location = Path("mlartifacts").resolve().as_uri()
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    view = (f"mlflow.sharedViewState.{RUNS_VIEW}", json.dumps(RUNS_VIEW_STATE))
+    if found is None:
+        location = None
+        if tracking_uri().startswith("sqlite:"):
+            location = Path("mlartifacts").resolve().as_uri()
+        return mlflow_client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND, view]))
+    for key, value in (EXPERIMENT_KIND, view):
+        if key not in found.tags:  # a store from before the tag, or kept as someone set it
+            mlflow_client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def ui_url(base: str = "http://127.0.0.1:5000") -> str:
+    """The `mlflow ui` page of the experiment's runs with the headline columns, in the UI's model
+    training view (MLflow 3.17 opens in its GenAI view otherwise)."""
+    found = client().get_experiment_by_name(experiment_name())
+    experiment = found.experiment_id if found else "0"
+    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}"
 
 
 class StageTracker:
@@ -131,23 +158,13 @@ class StageTracker:
         if self.enabled:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, module, name: str) -> None:
-        """`module` (a CPU copy) as an MLflow PyTorch model at `models/<name>`, loadable with
-        `mlflow.pytorch.load_model("runs:/<run id>/models/<name>")`; it carries the `models` package."""
-        if not self.enabled:
-            return
-        import mlflow.pytorch
-        import torch
-
-        import models
-
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.pytorch.save_model(
-                copy.deepcopy(module).cpu().eval(), Path(tmp) / name,
-                serialization_format="pickle", code_paths=[str(Path(models.__file__).parent)],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
-            self._client.log_artifacts(self.run_id, str(Path(tmp) / name), f"models/{name}")
+    def log_model(
+        self, name: str, kind: str, files: list[Path], example: np.ndarray, params: dict | None = None
+    ) -> None:
+        """The network in `files` (safetensors + JSON) as the MLflow logged model `name` of this
+        run: a pyfunc of `kind` (`runtime/network_pyfunc.py`), loadable without unpickling anything."""
+        if self.enabled:
+            log_network(self._client, self.run_id, name, kind, files, example, params, tags={"stage": self.stage})
 
     def finish(self, ok: bool) -> None:
         if self.enabled:
@@ -182,6 +199,8 @@ def headline_metrics() -> dict[str, float]:
 
 PIPELINE_TAG = "latentlab.pipeline"
 INVOCATION_TAG = "latentlab.invocation"
+OUT_TAG = "dvc.out."  # + an out's path: its DVC hash, on the stage run that made it
+REUSED_TAG = "reused."  # + a stage: the run that made the outputs a pipeline run reused
 
 
 class PipelineRun:
@@ -231,26 +250,86 @@ class PipelineRun:
         return cls.start(name, "dvc repro", tags, start_ms=int(invocation.started * 1000), stages_finish_it=True)
 
     def finish(self, ok: bool, tags: dict[str, str] | None = None) -> None:
-        """Headline metrics as the workspace holds them now; wall time since the run started, the
-        summed `wall_seconds` of its stage runs, and the share of the wall time that was neither."""
+        """Record what the pipeline run did: headline metrics as the workspace holds them now; wall
+        time since the run started, the summed `wall_seconds` of its stage runs and the share of the
+        wall time that was neither; which stages ran (`stages.ran`) and, for a run that succeeded,
+        the run that made each output it reused (`reused.<stage>`, `stages.reused`, the run's
+        description), the FID table and plot under `fid/`, and the registry's `@current` models.
+        A run that succeeded without running any stage recorded no result: it is deleted."""
         from mlflow.entities import Metric, RunTag
 
         run = self._client.get_run(self.run_id)
+        experiment = run.info.experiment_id
+        children = self._client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=1000)
+        if ok and not children:  # every stage was up to date (the Prefect flow run still shows it)
+            self._client.delete_run(self.run_id)
+            return
+        ran = [stage for stage in stages() if any(child.data.tags.get("stage") == stage for child in children)]
+        sources = output_sources(self._client, experiment, children) if ok else {}
+        reused = {stage: source for stage, source in sources.items() if stage not in ran}
         wall = time.time() - run.info.start_time / 1000
-        children = self._client.search_runs(
-            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=1000
-        )
         compute = sum(child.data.metrics.get("wall_seconds", 0.0) for child in children)
         metrics = {
             **headline_metrics(), "total_wall_seconds": wall, "compute_seconds": compute,
-            "overhead_fraction": max(0.0, 1 - compute / wall), "stages_run": len(children),
+            "overhead_fraction": max(0.0, 1 - compute / wall), "stages_run": len(ran),
+        }
+        summary = {
+            "stages.ran": ",".join(ran), "stages.reused": ",".join(reused),
+            **{REUSED_TAG + stage: source.info.run_id for stage, source in reused.items()},
+            "mlflow.note.content": _describe(ran, reused, [s for s in locked_outs() if s not in ran and s not in reused] if ok else []),
         }
         now = int(time.time() * 1000)
         self._client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in {**summary, **(tags or {})}.items()],
         )
+        for key in run.data.tags:  # a plain `dvc repro` finishes after each stage: drop what ran since
+            if key.startswith(REUSED_TAG) and key.removeprefix(REUSED_TAG) not in reused:
+                self._client.delete_tag(self.run_id, key)
+        if ok:
+            for path in [artifacts_dir("fid") / "fid_table.md", *sorted(plots_dir("fid").glob("fid_vs_steps*"))]:
+                if path.is_file():
+                    self._client.log_artifact(self.run_id, str(path), "fid")
+            register_current(self._client, sources, self.run_id)
         self._client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def output_sources(mlflow_client, experiment: str, children) -> dict:
+    """`{stage: the finished stage run that made its current outputs}`, in dvc.yaml's order: this
+    pipeline run's own stage runs, else the newest run whose `dvc.out.<path>` tags hold the hashes
+    dvc.lock records (none for outputs made outside this tracking store)."""
+    own = {
+        child.data.tags.get("stage"): child
+        for child in sorted(children, key=lambda child: child.info.start_time) if child.info.status == "FINISHED"
+    }
+    locked = locked_outs()
+    sources = {}
+    for stage in stages():
+        if stage in own:
+            sources[stage] = own[stage]
+        elif outs := locked.get(stage):
+            match = " AND ".join(f"tags.`{OUT_TAG}{path}` = '{digest}'" for path, digest in outs.items())
+            found = mlflow_client.search_runs(
+                [experiment], f"{match} AND attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if found:
+                sources[stage] = found[0]
+    return sources
+
+
+def _describe(ran: list[str], reused: dict, untracked: list[str]) -> str:
+    """The parent run's description (Markdown, shown on its Overview): what ran, what was reused."""
+    lines = [f"**Ran:** {', '.join(ran) or 'nothing'} (the child runs)."]
+    if reused:
+        links = [
+            f"{stage} ([{source.info.run_name}](#/experiments/{source.info.experiment_id}/runs/{source.info.run_id}))"
+            for stage, source in reused.items()
+        ]
+        lines.append(f"**Reused the outputs of:** {', '.join(links)}.")
+    if untracked:
+        lines.append(f"**Reused, made outside this tracking store:** {', '.join(untracked)}.")
+    return "\n\n".join(lines)
 
 
 def current_pipeline_run() -> PipelineRun | None:

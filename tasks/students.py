@@ -22,11 +22,16 @@ class Student:
     guidance: float  # what it samples at to reproduce the teacher at the target guidance
 
 
+def student_network(method: str, steps: int) -> str:
+    """The name a student's files are exported under: reflow makes one student for every step count."""
+    return "student" if method == "reflow" else f"student_{steps}_steps"
+
+
 def export_students(students: list[Student], method: str, target_guidance: float, folder: Path) -> None:
     """Each distinct student as a denoiser, and students.json: which one samples at which steps."""
     index = []
     for student in students:
-        name = "student" if method == "reflow" else f"student_{student.steps}_steps"
+        name = student_network(method, student.steps)
         if not (folder / f"{name}.json").exists():
             export_denoiser(student.denoiser, folder, name)
         index.append({"steps": student.steps, "name": name, "guidance": student.guidance})
