@@ -21,6 +21,7 @@ from runtime.dag import dep_hashes
 from runtime.server import ensure_api
 from runtime.tracking import StageTracker, current_pipeline_run
 from tasks.artifacts import StageOutputs, checkpoint_path, plots_dir
+from tasks.curves import StepCurves
 from tasks.device import Distributed, pick_device
 from tasks.errors import StageError
 from tasks.params import load_params
@@ -32,7 +33,8 @@ class StageRun:
     """Context manager around a stage's work.
 
     The MLflow run is the child of the pipeline run this stage belongs to (`PipelineRun`). On
-    success the outputs are renamed into place, `metrics` (plus `wall_seconds`, the stage's own
+    success the outputs are renamed into place (with the logged step metrics as curves in
+    plots/<stage>/train.csv and eval.csv), `metrics` (plus `wall_seconds`, the stage's own
     work without tracking) become metrics/<stage>.json and MLflow metrics, the plots are uploaded,
     and the stage's resumable checkpoint is removed. On failure nothing is put in place and the
     MLflow run is marked FAILED. A pipeline run that a `dvc repro` started is brought up to date
@@ -56,6 +58,7 @@ class StageRun:
     def __enter__(self) -> StageRun:
         self.outputs = StageOutputs(self.stage) if self.is_main else None
         self.pipeline = None
+        self.curves = StepCurves()
         self._models: list[tuple[object, str]] = []
         pool = ThreadPoolExecutor(1)
         self._tracking = pool.submit(self._start_tracking)  # MLflow set-up overlaps the stage's work
@@ -75,8 +78,10 @@ class StageRun:
         return self._tracking.result()
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Step metrics to MLflow (e.g. the training loop's `log` callback)."""
+        """Step metrics to MLflow and the stage's curves (e.g. the training loop's `log` callback)."""
         self.tracker.log_metrics(metrics, step)
+        if step is not None:
+            self.curves.add(metrics, step)
 
     def log_model(self, module, name: str) -> None:
         """A trained network to MLflow (`mlflow.pytorch`), beside the DVC-tracked export; logged
@@ -99,6 +104,7 @@ class StageRun:
             self._update_pipeline(ok=False)
             return False
         self.outputs.metrics = self.metrics
+        self.curves.write(self.outputs.plots)
         self.outputs.commit()
         tracker.log_metrics(self.metrics)
         tracker.log_artifacts(plots_dir(self.stage), "plots")
