@@ -15,7 +15,7 @@ from tasks.diffusion import (
     load_denoiser,
     step_rows,
 )
-from tasks.images import save_png
+from tasks.images import captioned, save_png
 from tasks.params import DiffusionParams
 from tasks.training import TrainingContext, TrainResult
 from tasks.vae import load_decoder, load_latents
@@ -47,12 +47,13 @@ def diffusion(params: DiffusionParams) -> None:
             guidance=params.guidance_scales[-1], seed=params.seed,
         )
         sample = stage_task(class_grid, name="sample-grids")
+        grids = {}
         for guidance in params.guidance_scales:
-            image, images_per_s = sample(
+            grids[f"guidance {guidance:g}"], images_per_s = sample(
                 denoiser, decoder, num_classes, params.samples_per_class, params.sample_steps, guidance, params.seed
             )
-            save_png(image, run.outputs.plots / f"samples_guidance_{guidance:g}.png")
             run.metrics[f"sampling_images_per_s.guidance_{guidance:g}"] = round(images_per_s, 1)
+        save_png(captioned(grids), run.outputs.plots / "samples.png")
         run.metrics.update(
             steps=result.steps, train_seconds=round(result.seconds, 2), images_per_s=round(result.images_per_s, 1),
             parameters=sum(p.numel() for p in denoiser.net.parameters()),

@@ -9,7 +9,7 @@ from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.diffusion import class_grid, load_denoiser
 from tasks.distill import progressive_students, reflow_student
-from tasks.images import save_png
+from tasks.images import captioned, save_png, steps_caption
 from tasks.params import DistillParams
 from tasks.students import export_students, load_students, student_network
 from tasks.training import TrainingContext
@@ -35,6 +35,7 @@ def distill(params: DistillParams) -> None:
         students, _ = load_students(folder, run.device)  # what the fid stage gets
         decoder = load_decoder(artifacts_dir("vae"), run.device)
         sample = stage_task(class_grid, name="sample-grids")
+        grids = {}
         for student in students:
             net = student.denoiser.net
             run.log_model(
@@ -42,12 +43,12 @@ def distill(params: DistillParams) -> None:
                 network=student_network(method, student.steps), steps=student.steps, guidance=student.guidance,
                 seed=params.seed,
             )
-            image, images_per_s = sample(
+            grids[f"{steps_caption(student.steps)}, guidance {student.guidance:g}"], images_per_s = sample(
                 student.denoiser, decoder, net.config.num_classes, params.samples_per_class, student.steps,
                 student.guidance, params.seed,
             )
-            save_png(image, run.outputs.plots / f"samples_student_{student.steps}_steps.png")
             run.metrics[f"sampling_images_per_s.steps_{student.steps}"] = round(images_per_s, 1)
+        save_png(captioned(grids), run.outputs.plots / "samples.png")
         seconds = sum(result.seconds for result in results)
         run.metrics.update(
             steps=sum(result.steps for result in results), train_seconds=round(seconds, 2),

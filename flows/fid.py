@@ -11,11 +11,12 @@ from tqdm import tqdm
 from models.fid import FeatureExtractor
 from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
+from tasks.curves import write_csv
 from tasks.data import load_manifest, load_split
 from tasks.diffusion import balanced_labels, load_denoiser, timed_images
 from tasks.encoder import load_encoder
 from tasks.fid import FidScorer, inception_weights
-from tasks.images import grid, save_png, to_uint8
+from tasks.images import captioned, grid, save_png, steps_caption, to_uint8
 from tasks.params import FidParams
 from tasks.plots import lines
 from tasks.students import load_students
@@ -53,12 +54,16 @@ def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
         "prior_vs_test": scorer(decode(decoder.vae, prior_latents)),
     }
     labels = balanced_labels(params.samples, num_classes, device)
-    sampled = [("teacher", steps, teacher, guidance) for steps in params.teacher_steps]
+    sampled = [("teacher", steps, teacher, guidance) for steps in sorted(params.teacher_steps)]
     sampled += [("student", s.steps, s.denoiser, s.guidance) for s in students]
+    grids = {"teacher": {}, "student": {}}
     for kind, steps, denoiser, scale in tqdm(sampled, desc="fid", unit="row", disable=not run.is_main):
         images, images_per_s = timed_images(denoiser, decoder, labels, steps, scale, params.seed, params.batch_size)
-        rows[f"{kind}.steps_{steps}"] = {**scorer(images), "images_per_s": images_per_s}
-        save_png(class_rows(images, num_classes, params.samples_per_class), plots / f"samples_{kind}_steps_{steps}.png")
+        row = rows[f"{kind}.steps_{steps}"] = {**scorer(images), "images_per_s": images_per_s}
+        caption = f"{steps_caption(steps)}, FID {row['fid']:.3g}"
+        grids[kind][caption] = class_rows(images, num_classes, params.samples_per_class)
+    for kind, panels in grids.items():
+        save_png(captioned(panels), plots / f"samples_{kind}.png")
     return rows
 
 
@@ -71,10 +76,10 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(text) + "\n"
 
 
-def fid_by_steps(rows: dict[str, dict[str, float]], kind: str) -> tuple[list[int], list[float]]:
-    """(steps, FID) of the `kind.steps_N` rows, fewest steps first."""
-    found = sorted((int(name.rpartition("_")[2]), row["fid"]) for name, row in rows.items() if name.startswith(f"{kind}."))
-    return [steps for steps, _ in found], [fid for _, fid in found]
+def by_steps(rows: dict[str, dict[str, float]], kind: str) -> list[dict[str, float]]:
+    """The `kind.steps_N` rows, fewest steps first, each with its `steps`."""
+    found = ({"steps": int(name.rpartition("_")[2]), **row} for name, row in rows.items() if name.startswith(f"{kind}."))
+    return sorted(found, key=lambda row: row["steps"])
 
 
 @flow(name="fid", log_prints=True)
@@ -85,9 +90,13 @@ def fid(params: FidParams) -> None:
             for metric, value in row.items():
                 run.metrics[f"{metric}.{name}"] = round(value, 1 if metric == "images_per_s" else 5)
         (run.outputs.artifacts / "fid_table.md").write_text(table(rows))
-        series = {kind: fid_by_steps(rows, kind) for kind in ("teacher", "student")}
-        span = [1, max(params.teacher_steps)]
-        series["real train vs test (floor)"] = (span, [rows["floor_train_vs_test"]["fid"]] * 2)
+        curves = {kind: by_steps(rows, kind) for kind in ("teacher", "student")}
+        floor = rows["floor_train_vs_test"]["fid"]
+        curves["floor"] = [{"steps": steps, "fid": floor} for steps in (1, max(params.teacher_steps))]
+        for kind, points in curves.items():  # what dvc.yaml's FID plots draw
+            write_csv(run.outputs.plots / f"{kind}.csv", points)
+        series = {kind: ([p["steps"] for p in points], [p["fid"] for p in points]) for kind, points in curves.items()}
+        series["real train vs test (floor)"] = series.pop("floor")
         lines(series, "sampling steps", "FID (SSL encoder features)", "FID vs sampling steps (lower is better)",
               run.outputs.plots / "fid_vs_steps.png", logx=True)
         print("fid:\n" + table(rows))

@@ -137,10 +137,17 @@ def is_stale(stage: str) -> bool:
 
 
 def save_experiment(name: str) -> str:
-    """Save the workspace (params, dvc.lock, outputs) as DVC experiment `name` (`dvc exp show` lists it)."""
+    """Save the workspace (params, dvc.lock, outputs) as DVC experiment `name` (`dvc exp show` lists it).
+
+    Every output kept in git (`cache: false`: metrics/, plots/) goes in whole, files git does not
+    track yet too, as `dvc exp run` adds its stages' outputs; DVC's save alone would leave them out.
+    """
     from dvc.repo import Repo
 
     with Repo() as repo:
-        untracked = [] if git_tracks("dvc.lock") else ["dvc.lock"]
+        in_git = [os.path.relpath(out.fs_path, repo.root_dir) for out in repo.index.outs if not out.use_cache]
+        untracked = [path for path in in_git if os.path.exists(path)]
+        if not git_tracks("dvc.lock"):
+            untracked.append("dvc.lock")
         repo.experiments.save(name=name, force=True, include_untracked=untracked)
     return name

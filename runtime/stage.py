@@ -39,6 +39,7 @@ from runtime.tracking import (
     current_pipeline_run,
 )
 from tasks.artifacts import CHECKPOINTS, StageOutputs, artifacts_dir, checkpoint_path, plots_dir
+from tasks.curves import StepCurves
 from tasks.device import Distributed, pick_device
 from tasks.errors import StageError
 from tasks.params import ParamsError, flatten, load_params, params_path
@@ -49,6 +50,8 @@ CODE_LOADED_AT = time.time()  # this module is imported before any stage's code 
 
 class InputsChanged(StageError):
     """The stage's params or deps changed while it ran: its outputs would carry the wrong label."""
+
+
 PARENT_TASK_RUN_ENV = "LATENTLAB_PARENT_TASK_RUN_ID"  # the pipeline flow's task run this stage runs for
 FLOW_RUN_TAGS_ENV = "LATENTLAB_FLOW_RUN_TAGS"  # comma-separated tags of the stage's flow run there
 
@@ -60,7 +63,8 @@ class StageRun:
     success the outputs are renamed into place, `metrics` (plus `wall_seconds`, the stage's own
     work without tracking) become metrics/<stage>.json and MLflow metrics, the run is tagged with
     the DVC hash of each out (`dvc.out.<path>`, what a later pipeline run that reuses them links
-    to), the plots and models are uploaded, and the stage's resumable checkpoint is removed. On failure nothing is put in place and the
+    to), the logged step metrics become curves in plots/<stage>/train.csv and eval.csv, the plots
+    and models are uploaded, and the stage's resumable checkpoint is removed. On failure nothing is put in place and the
     MLflow run is marked FAILED. A pipeline run that a `dvc repro` started is brought up to date
     (headline metrics, times) after each stage. Only rank 0 of a torchrun launch writes or tracks.
 
@@ -87,6 +91,7 @@ class StageRun:
     def __enter__(self) -> StageRun:
         self.outputs = StageOutputs(self.stage) if self.is_main else None
         self.pipeline = None
+        self.curves = StepCurves()
         self._models: list[tuple] = []
         pool = ThreadPoolExecutor(1)
         self._tracking = pool.submit(self._start_tracking)  # MLflow set-up overlaps the stage's work
@@ -106,8 +111,10 @@ class StageRun:
         return self._tracking.result()
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Step metrics to MLflow (e.g. the training loop's `log` callback)."""
+        """Step metrics to MLflow and the stage's curves (e.g. the training loop's `log` callback)."""
         self.tracker.log_metrics(metrics, step)
+        if step is not None:
+            self.curves.add(metrics, step)
 
     def log_model(
         self, name: str, kind: str, example, network: str | None = None, **params: float
@@ -142,6 +149,7 @@ class StageRun:
                 )
             return False
         self.outputs.metrics = self.metrics
+        self.curves.write(self.outputs.plots)
         self.outputs.commit()
         tracker.log_metrics(self.metrics)
         tracker.set_tags({f"{OUT_TAG}{out}": dvc_hash(Path(out)) for out in stage_outs(self.stage)})

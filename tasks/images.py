@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,35 @@ def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int, seed: int
             row = np.concatenate([row, np.full((per_class - len(row), *images.shape[1:]), 255, np.uint8)])
         rows.append(row)
     return grid(np.concatenate(rows), ncols=per_class)
+
+
+def steps_caption(steps: int) -> str:
+    """'1 step', '4 steps': how a sample grid's caption names its sampler steps."""
+    return f"{steps} step" if steps == 1 else f"{steps} steps"
+
+
+def captioned(panels: dict[str, np.ndarray], ncols: int = 4, pad: int = 12, font_size: int = 14) -> np.ndarray:
+    """Several grids (H, W, C) in one labelled image: `ncols` a row, each under its caption
+    (e.g. {"guidance 2": grid}); the grids' pixels are kept as they are."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    caption_height = font_size + 8
+    grids = list(panels.values())
+    channels = max(g.shape[2] for g in grids)
+    cell_height = max(g.shape[0] for g in grids) + caption_height
+    cell_width = math.ceil(max(*(g.shape[1] for g in grids), *(font.getlength(c) for c in panels))) + pad
+    nrows = -(-len(grids) // ncols)
+    canvas = np.full((nrows * cell_height + pad, min(ncols, len(grids)) * cell_width + pad, channels), 255, np.uint8)
+    captions = []
+    for i, (caption, panel) in enumerate(panels.items()):
+        row, col = divmod(i, ncols)
+        top, left = pad + row * cell_height, pad + col * cell_width
+        canvas[top + caption_height : top + caption_height + panel.shape[0], left : left + panel.shape[1]] = panel
+        captions.append(((left, top), caption))
+    image = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+    draw = ImageDraw.Draw(image)
+    for position, caption in captions:
+        draw.text(position, caption, fill=0 if channels == 1 else (0, 0, 0), font=font)
+    array = np.asarray(image)
+    return array[..., None] if channels == 1 else array

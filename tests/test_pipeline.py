@@ -5,6 +5,7 @@ most tests below inspect that one run, the last ones rerun it."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -169,19 +170,22 @@ def test_stage_outputs_rebuild_the_vae_and_the_denoiser(pipeline, monkeypatch):
     monkeypatch.chdir(repo)
     from tasks.data import load_split
     from tasks.diffusion import class_grid, load_denoiser
+    from tasks.images import captioned
     from tasks.params import load_params
     from tasks.vae import encode_means, load_decoder, load_latents
 
     decoder = load_decoder("artifacts/vae")  # the VAE re-encodes the training split to the saved latents
     saved = load_latents("artifacts/vae").latents
     torch.testing.assert_close(encode_means(decoder.vae, load_split("train").floats()), saved, atol=1e-5, rtol=0)
-    params = load_params("diffusion")  # the denoiser redraws the stage's sample grid
+    params = load_params("diffusion")  # the denoiser redraws the stage's sample grids
     denoiser = load_denoiser("artifacts/diffusion")
-    guidance = params.guidance_scales[-1]
-    image, _ = class_grid(denoiser, decoder, denoiser.net.config.num_classes, params.samples_per_class,
-                          params.sample_steps, guidance, params.seed)
-    stored = np.asarray(Image.open(f"plots/diffusion/samples_guidance_{guidance:g}.png"))
-    assert np.array_equal(stored, image[..., 0])
+    grids = {
+        f"guidance {guidance:g}": class_grid(denoiser, decoder, denoiser.net.config.num_classes,
+                                             params.samples_per_class, params.sample_steps, guidance, params.seed)[0]
+        for guidance in params.guidance_scales
+    }
+    stored = np.asarray(Image.open("plots/diffusion/samples.png"))
+    assert np.array_equal(stored, captioned(grids)[..., 0])
 
 
 def test_generative_results_reach_dvc_metrics_plots_and_mlflow(pipeline):
@@ -195,10 +199,84 @@ def test_generative_results_reach_dvc_metrics_plots_and_mlflow(pipeline):
     client, runs = mlflow_runs(repo)
     plots = {stage: [a.path for a in client.list_artifacts(runs[stage].info.run_id, "plots")] for stage in ("vae", "diffusion", "fid")}
     assert "plots/reconstructions.png" in plots["vae"] and "plots/prior_samples.png" in plots["vae"]
-    assert any(path.startswith("plots/samples_guidance_") for path in plots["diffusion"])
+    assert "plots/samples.png" in plots["diffusion"] and "plots/train.csv" in plots["diffusion"]
     assert "plots/fid_vs_steps.png" in plots["fid"]
     assert runs["fid"].data.metrics["fid.student.steps_4"] == fid["fid.student.steps_4"]
     assert len(client.get_metric_history(runs["diffusion"].info.run_id, "train/loss")) > 3
+
+
+CURVES = ["fid_vs_steps", "sampling_speed", "ssl_loss", "ssl_knn", "vae_loss", "diffusion_loss", "distill_loss"]
+IMAGES = [
+    "plots/prepare/samples.png", "plots/encoder/embedding_2d.png", "plots/probe/confusion.png",
+    "plots/probe/label_efficiency.png", "plots/vae/reconstructions.png", "plots/vae/prior_samples.png",
+    "plots/diffusion/samples.png", "plots/distill/samples.png", "plots/fid/samples_teacher.png",
+    "plots/fid/samples_student.png",
+]
+
+
+def test_dvc_plots_show_draws_the_curves_and_the_sample_figures(pipeline):
+    repo, _ = pipeline
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    assert "errors" not in shown, shown["errors"]
+    assert list(shown["data"]) == CURVES + IMAGES  # dvc.yaml's plots, in its order, and nothing else
+    specs = {name: shown["data"][name][0]["content"] for name in CURVES}
+    defined = {name: props for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+               if isinstance(entry, dict) for name, props in entry.items()}
+    for name, spec in specs.items():  # dvc.yaml's title and axis labels reach the chart
+        assert spec["title"]["text"] == defined[name]["title"] and spec["title"]["text"].startswith(name.split("_")[0])
+        text = json.dumps(spec)
+        assert f'"title": "{defined[name]["x_label"]}"' in text and f'"title": "{defined[name]["y_label"]}"' in text
+
+    rows = specs["fid_vs_steps"]["data"]["values"]  # teacher and student on one chart, by steps
+    assert specs["fid_vs_steps"]["encoding"]["x"]["scale"]["type"] == "log"
+    fid = metrics(repo, "fid")
+    for kind in ("teacher", "student"):
+        points = [(int(r["steps"]), float(r["fid"])) for r in rows if r["filename"] == f"{kind}.csv"]
+        steps = sorted(int(key.rpartition("_")[2]) for key in fid if key.startswith(f"fid.{kind}."))
+        assert [s for s, _ in points] == steps  # numeric order: 1, 2, 4, 8, 16
+        assert all(value == pytest.approx(fid[f"fid.{kind}.steps_{s}"], rel=1e-4) for s, value in points)
+    assert {float(r["fid"]) for r in rows if r["filename"] == "floor.csv"} == {pytest.approx(fid["fid.floor_train_vs_test"], rel=1e-4)}
+
+    for name in ("ssl_loss", "vae_loss", "diffusion_loss", "distill_loss"):  # a point per logged training step
+        steps = [int(r["step"]) for r in specs[name]["data"]["values"]]
+        assert len(steps) > 3 and steps == sorted(set(steps)), (name, steps)
+    knn = specs["ssl_knn"]["data"]["values"]
+    assert float(knn[-1]["knn_top1"]) == pytest.approx(metrics(repo, "ssl")["knn_top1"], rel=1e-4)
+
+    run(["dvc", "plots", "show"], repo)  # the page: charts first, then the images grouped by stage folder
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert page.index(specs["distill_loss"]["title"]["text"]) < page.index("<img")
+    labels = [label for label in re.findall(r"<p>([^<]+)</p>", page) if label != "workspace"]
+    assert labels == sorted(IMAGES, key=lambda path: path.rpartition("/")[0])
+    assert "dvc_plots" not in run(["git", "status", "--porcelain"], repo).stdout  # ignored
+
+
+def files_under(repo, *folders) -> dict[str, str]:
+    """{path: git blob hash} of every file under `folders` in the working tree."""
+    paths = sorted(str(p.relative_to(repo)) for folder in folders for p in (repo / folder).rglob("*") if p.is_file())
+    hashes = run(["git", "hash-object", "--", *paths], repo).stdout.split()
+    return dict(zip(paths, hashes, strict=True))
+
+
+def experiment_ref(repo, name: str) -> str:
+    """The git ref of DVC experiment `name`."""
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+    (ref,) = [ref for ref in refs if ref.endswith(f"/{name}")]
+    return ref
+
+
+def experiment_files(repo, name: str, *folders) -> dict[str, str]:
+    """{path: git blob hash} of the files under `folders` in DVC experiment `name`'s commit."""
+    listed = run(["git", "ls-tree", "-r", experiment_ref(repo, name), "--", *folders], repo).stdout.splitlines()
+    return {line.split("\t")[1]: line.split()[2] for line in listed}
+
+
+def test_the_flow_s_experiment_holds_every_plot_and_metrics_file(pipeline):
+    repo, _ = pipeline
+    name = pipeline_runs(repo)[0].info.run_name
+    in_workspace = files_under(repo, "plots", "metrics")
+    assert len(in_workspace) > 20 and "plots/fid/fid_vs_steps.png" in in_workspace
+    assert experiment_files(repo, name, "plots", "metrics") == in_workspace  # git tracked none of them before
 
 
 # Run in a fresh process outside the repo: loads models through the registry with every way of
@@ -294,11 +372,20 @@ def test_registered_models_load_in_a_fresh_process_without_unpickling_and_reprod
 
     saved_vae = load_vae(repo / "artifacts/vae")
     np.testing.assert_allclose(np.load(tmp_path / "vae.npy"), encode_means(saved_vae, torch.from_numpy(test_images)).numpy(), atol=1e-5)
-    sampled = {"denoiser": f"plots/diffusion/samples_guidance_{diffusion['guidance_scales'][-1]:g}.png",
-               "student": f"plots/distill/samples_student_{steps}_steps.png"}
-    for key, png in sampled.items():  # the default params redraw the stage's own sample grid
+    from tasks.diffusion import class_grid, load_denoiser
+    from tasks.students import load_students
+    from tasks.vae import load_decoder
+
+    decoder = load_decoder(repo / "artifacts/vae")
+    (chosen,) = [s for s in load_students(repo / "artifacts/distill")[0] if s.steps == steps]
+    sampled = {  # the default params draw what the stage's own network draws at its sample-grid settings
+        "denoiser": (load_denoiser(repo / "artifacts/diffusion"), diffusion["sample_steps"], diffusion["guidance_scales"][-1]),
+        "student": (chosen.denoiser, chosen.steps, chosen.guidance),
+    }
+    for key, (denoiser, sample_steps, guidance) in sampled.items():
         drawn = grid(to_uint8(torch.from_numpy(np.load(tmp_path / f"{key}.npy"))), ncols=per_class)
-        assert np.array_equal(np.asarray(Image.open(repo / png)), drawn[..., 0]), key
+        expected, _ = class_grid(denoiser, decoder, num_classes, per_class, sample_steps, guidance, diffusion["seed"] if key == "denoiser" else distill["seed"])
+        assert np.array_equal(expected, drawn), key
     for key, listed in files.items():
         if key == "tasks_from":  # the model's own copy of the loaders, not the checkout's
             assert listed.endswith("/code/tasks/__init__.py") and not listed.startswith(str(repo / "tasks")), listed
@@ -458,3 +545,13 @@ def test_reruns_skip_what_is_up_to_date_link_what_they_reused_and_compare_shows_
     assert {"distill.seed", "probe.knn_k"} <= set(table.columns)
     assert "prepare.source" not in table.columns  # the same in every run
     assert sorted(table["probe.knn_k"].tolist()) == [5, 20, 20]
+
+
+def test_dvc_exp_run_keeps_every_plot_file_in_the_experiment(pipeline):
+    """`dvc exp run -S` of a param that changes the fid stage's outputs (runs after the reruns above)."""
+    repo, _ = pipeline
+    run(["dvc", "exp", "run", "-n", "two-teacher-steps", "-S", "params/fid.yaml:teacher_steps=[1,3]"], repo)
+    assert "two-teacher-steps" in run(["dvc", "exp", "show", "--md", "--only-changed"], repo).stdout
+    assert experiment_files(repo, "two-teacher-steps", "plots", "metrics") == files_under(repo, "plots", "metrics")
+    teacher = run(["git", "show", experiment_ref(repo, "two-teacher-steps") + ":plots/fid/teacher.csv"], repo).stdout
+    assert [line.split(",")[0] for line in teacher.splitlines()] == ["steps", "1", "3"]
