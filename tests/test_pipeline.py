@@ -14,16 +14,9 @@ import yaml
 from PIL import Image
 
 from runtime.dag import dvc_hash
-from tests.conftest import copy_repo, run
+from tests.conftest import run
 
 STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "distill", "fid"]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, prefect_api):
-    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    first = run([sys.executable, "-m", "flows", "run", "--profile", "smoke"], repo)
-    return repo, first
 
 
 def metrics(repo, stage):
