@@ -4,6 +4,7 @@
   run [--profile NAME] [--set ...]     the pipeline as one Prefect flow run (+ an MLflow parent run)
   serve --cron "0 3 * * *"             serve the pipeline as a Prefect deployment on that schedule
   compare [-n 10] [--csv FILE]         the last pipeline runs from MLflow: differing params, metrics
+  team up|down|deploy|worker|push      the team set-up: shared servers, work pool, workers, DVC remote
 
 KEY=VALUE is `stage.key=value` or DVC's `params/<stage>.yaml:key=value`.
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import nullcontext, suppress
+from pathlib import Path
 from typing import get_args
 
+from runtime import team as team_setup
 from runtime.profiles import profile_names, profile_params, set_overrides, write_params
 from tasks.errors import StageError
 from tasks.params import STAGE_PARAMS
@@ -112,6 +115,19 @@ def compare(args: argparse.Namespace) -> None:
         print(f"wrote {args.csv}")
 
 
+def team(args: argparse.Namespace) -> None:
+    if args.action == "up":
+        team_setup.up(args.state, args.prefect_port, args.mlflow_port)
+    elif args.action == "down":
+        team_setup.down(args.state)
+    elif args.action == "deploy":
+        team_setup.deploy(args.pool)
+    elif args.action == "worker":
+        team_setup.worker(args.pool)
+    else:
+        team_setup.push(args.remote)
+
+
 def _add_pipeline_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--profile", choices=profile_names(), help="rewrite params/*.yaml from a profile first")
     for option, field in (("--source", "prepare.source"), ("--ssl-objective", "ssl.objective"),
@@ -145,6 +161,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default="fid_student_4", help="headline metric to sort by (best first)")
     p.add_argument("--csv", help="also write the table to this CSV file")
     p.set_defaults(run=compare)
+
+    p = commands.add_parser("team", help="the team set-up (README: Team set-up)")
+    team_actions = p.add_subparsers(dest="action", required=True)
+    t = team_actions.add_parser("up", help="start a Prefect server, an MLflow server and a worker here, for a try-out")
+    t.add_argument("--prefect-port", type=int, default=4200)
+    t.add_argument("--mlflow-port", type=int, default=5000)
+    t = team_actions.add_parser("down", help="stop what `team up` started (the stores stay)")
+    for t in team_actions.choices.values():
+        t.add_argument("--state", type=Path, default=team_setup.default_state_dir(), help="pids, logs and stores (default: %(default)s)")
+    t = team_actions.add_parser("deploy", help="create the work pool and register prefect.yaml's deployments (needs PREFECT_API_URL)")
+    t.add_argument("--pool", default=team_setup.POOL)
+    t = team_actions.add_parser("worker", help="run the pool's flow runs in this checkout, one at a time (needs PREFECT_API_URL)")
+    t.add_argument("--pool", default=team_setup.POOL)
+    t = team_actions.add_parser("push", help="dvc push, with the run cache's metrics and plots")
+    t.add_argument("-r", "--remote", help="DVC remote (default: the default remote)")
+    p.set_defaults(run=team)
     return root
 
 

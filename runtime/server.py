@@ -96,14 +96,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
 @contextmanager
 def prefect_server() -> Iterator[str]:
     """`prefect server start` on a free local port for the duration; yields its API URL."""
     api_url = f"http://127.0.0.1:{(port := _free_port())}/api"
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **child_dies_with_us(),
+            server_command(port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **child_dies_with_us(),
             env={**os.environ, "PREFECT_UI_API_URL": api_url},  # else its UI calls port 4200
         )
         try:

@@ -81,6 +81,16 @@ def run(args: list[str], cwd: Path, check: bool = True, **env: str | None) -> su
     return done
 
 
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, prefect_api) -> tuple[Path, subprocess.CompletedProcess]:
+    """The smoke pipeline, run once per session as the Prefect flow (`python -m flows run`) in a fresh
+    copy of the repo: (the copy, the command's output). test_pipeline inspects it, then reruns parts
+    of it; test_team shares its outputs with other clones."""
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    first = run([sys.executable, "-m", "flows", "run", "--profile", "smoke"], repo)
+    return repo, first
+
+
 @pytest.fixture
 def repo_copy(tmp_path, prefect_api) -> Path:
     """A fresh copy of the repo on the smoke profile, with its own MLflow store."""

@@ -21,18 +21,11 @@ from PIL import Image
 
 from runtime.dag import dvc_hash
 from tests.code_deps import stage_code
-from tests.conftest import copy_repo, run, run_env
+from tests.conftest import run, run_env
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "distill", "fid"]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, prefect_api):
-    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    first = run([sys.executable, "-m", "flows", "run", "--profile", "smoke"], repo)
-    return repo, first
 
 
 def metrics(repo, stage):

@@ -1,0 +1,183 @@
+"""The team set-up on one machine: `team up` (a Prefect server with the work pool and deployment,
+an MLflow tracking server, a worker) that two clones track into, then `team down`; and, from the
+session's smoke pipeline run (clone A), a DVC remote a second clone pulls every output from, the
+run cache a third clone restores every stage from, and a worker in the second clone that runs
+deployment runs of the pipeline one at a time."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from runtime.dag import stages
+from runtime.team import POOL, Services
+from tests.conftest import run
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+FLOW_RUN_SECONDS = 900
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def exports(env_file: Path) -> dict[str, str]:
+    """The `export KEY=VALUE` lines of `team up`'s env.sh."""
+    return dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines())
+
+
+def clone(source: Path, dest: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(source), str(dest)], check=True)
+    return dest
+
+
+def metrics_shown(repo: Path) -> dict:
+    return json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)[""]["data"]
+
+
+@pytest.mark.slow
+def test_team_up_tracks_two_clones_in_one_mlflow_server_and_down_stops_everything(repo_copy, tmp_path):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    state = tmp_path / "state"
+    subprocess.run([*GIT, "commit", "-qam", "smoke profile"], cwd=repo_copy, check=True)
+    first, second = repo_copy, clone(repo_copy, tmp_path / "second")
+    team = [sys.executable, "-m", "flows", "team"]
+    run([*team, "up", "--state", str(state), "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())], first)
+    try:
+        assert state.stat().st_mode & 0o777 == 0o700  # pids, logs and stores are the user's own
+        env = exports(state / "env.sh")
+        tracking = env["MLFLOW_TRACKING_URI"]
+        running = Services(state).running()
+        assert set(running) == {"prefect", "mlflow", "worker"}
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            pool = client.read_work_pool(POOL)
+            assert pool.type == "process" and pool.concurrency_limit == 1
+            assert client.read_deployment_by_name("pipeline/team").work_pool_name == POOL
+            assert [worker.status.value for worker in client.read_workers_for_work_pool(POOL)] == ["ONLINE"]
+
+        for repo in (first, second):  # each clone's prepare stage: a parent and a child run on the server
+            run(["dvc", "repro", "prepare"], repo, **env)
+            assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
+        client = MlflowClient(tracking)
+        experiment = client.get_experiment_by_name("latentlab")
+        assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
+        found = client.search_runs([experiment.experiment_id])
+        parents = [r for r in found if r.data.tags.get("latentlab.pipeline") == "true"]
+        children = [r for r in found if r.data.tags.get("mlflow.parentRunId")]
+        assert len(parents) == 2 and sorted(r.info.run_name for r in children) == ["prepare", "prepare"]
+        assert {r.data.tags["mlflow.parentRunId"] for r in children} == {r.info.run_id for r in parents}
+        assert len(list((state / "mlflow" / "artifacts").rglob("samples.png"))) == 2  # the server's artifact root
+
+        run([sys.executable, "-m", "flows", "compare", "--csv", "runs.csv"], second, **env)
+        assert sorted(pd.read_csv(second / "runs.csv")["run"]) == sorted(r.info.run_name for r in parents)
+    finally:
+        run([*team, "down", "--state", str(state)], first)
+    pids = [entry["pid"] for entry in running.values()]
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    assert not answers(f"{tracking}/health") and Services(state).running() == {}
+
+
+@pytest.fixture(scope="module")
+def shared(pipeline, tmp_path_factory):
+    """Clone A (the session's smoke pipeline run) commits its results and the team's DVC remote, and
+    pushes; clone B is a `git clone` of A that pulls."""
+    first, _ = pipeline
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    run(["dvc", "remote", "add", "--default", "--force", "team", str(remote)], first)
+    subprocess.run([*GIT, "add", "-A"], cwd=first, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "smoke results"], cwd=first, check=True)
+    run([sys.executable, "-m", "flows", "team", "push"], first)
+    second = clone(first, tmp_path_factory.mktemp("clones") / "second")
+    run(["dvc", "pull"], second)
+    return first, second
+
+
+@pytest.mark.slow
+def test_a_dvc_remote_gives_a_second_clone_every_output_and_a_third_the_run_cache(shared, tmp_path):
+    first, second = shared
+    assert "up to date" in run(["dvc", "status"], second).stdout
+    assert "Running stage" not in run(["dvc", "repro"], second).stdout
+    assert metrics_shown(second) == metrics_shown(first)
+    for stage in stages(second / "dvc.yaml"):
+        assert any((second / "artifacts" / stage).iterdir())
+
+    third = clone(first, tmp_path / "third")  # no dvc.lock: the run cache is all it has
+    subprocess.run([*GIT, "rm", "-q", "dvc.lock"], cwd=third, check=True)
+    run([sys.executable, "-m", "flows", "profile", "smoke"], third)  # the params the session's first run had
+    restored = run(["dvc", "repro", "--pull"], third).stdout
+    assert "Running stage" not in restored
+    assert [s for s in stages(third / "dvc.yaml") if f"Stage '{s}' is cached - skipping run" in restored] == list(stages(third / "dvc.yaml"))
+    assert "up to date" in run(["dvc", "status"], third).stdout
+
+
+def flow_runs_done(ids: list, seconds: float) -> list:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.time() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            found = [client.read_flow_run(flow_run_id) for flow_run_id in ids]
+            if all(flow_run.state.is_final() for flow_run in found) or time.time() > deadline:
+                return found
+            time.sleep(2)
+
+
+@pytest.mark.slow
+def test_a_worker_in_a_second_clone_runs_deployment_runs_there_one_at_a_time(shared, prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from tests.test_pipeline import task_states
+
+    first, second = shared
+    run([sys.executable, "-m", "flows", "team", "deploy"], first)
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool(POOL).concurrency_limit == 1
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "flows", "team", "worker"], cwd=second, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"}, start_new_session=True,
+        )
+    try:
+        knn_k = {"overrides": ["params/probe.yaml:knn_k=7"]}
+        submitted = [run_deployment("pipeline/team", parameters=knn_k, timeout=0).id for _ in range(2)]
+        done = sorted(flow_runs_done(submitted, FLOW_RUN_SECONDS), key=lambda flow_run: flow_run.start_time)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+    assert [flow_run.state.name for flow_run in done] == ["Completed", "Completed"], log.read_text()[-3000:]
+    assert done[1].start_time >= done[0].end_time  # the pool's limit of 1 queued the second
+    names = list(stages(second / "dvc.yaml"))
+    assert task_states(str(done[0].id)) == {s: "Completed" if s == "probe" else "Skipped" for s in names}
+    assert task_states(str(done[1].id)) == dict.fromkeys(names, "Skipped")
+    assert yaml.safe_load((second / "params" / "probe.yaml").read_text())["knn_k"] == 7  # ran in the worker's clone
+    assert yaml.safe_load((first / "params" / "probe.yaml").read_text())["knn_k"] != 7
+    assert "up to date" in run(["dvc", "status"], second).stdout
