@@ -18,7 +18,7 @@ from tasks.diffusion import (
 from tasks.images import captioned, save_png
 from tasks.params import DiffusionParams
 from tasks.training import TrainingContext, TrainResult
-from tasks.vae import load_decoder, load_latents
+from tasks.vae import decoder_files, load_decoder, load_latents
 
 
 def train_denoiser(params: DiffusionParams, run: StageRun) -> TrainResult:
@@ -44,7 +44,7 @@ def diffusion(params: DiffusionParams) -> None:
         num_classes = denoiser.net.config.num_classes
         run.log_model(
             "denoiser", "generator", torch.arange(num_classes), steps=params.sample_steps,
-            guidance=params.guidance_scales[-1], seed=params.seed,
+            guidance=params.guidance_scales[-1], seed=params.seed, with_files=decoder_files(artifacts_dir("vae")),
         )
         sample = stage_task(class_grid, name="sample-grids")
         grids = {}

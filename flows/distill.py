@@ -13,7 +13,7 @@ from tasks.images import captioned, save_png, steps_caption
 from tasks.params import DistillParams
 from tasks.students import export_students, load_students, student_network
 from tasks.training import TrainingContext
-from tasks.vae import load_decoder, load_latents
+from tasks.vae import decoder_files, load_decoder, load_latents
 
 
 def train_students(params: DistillParams, run: StageRun):
@@ -41,7 +41,7 @@ def distill(params: DistillParams) -> None:
             run.log_model(
                 f"student_{student.steps}_steps", "generator", torch.arange(net.config.num_classes),
                 network=student_network(method, student.steps), steps=student.steps, guidance=student.guidance,
-                seed=params.seed,
+                seed=params.seed, with_files=decoder_files(artifacts_dir("vae")),
             )
             grids[f"{steps_caption(student.steps)}, guidance {student.guidance:g}"], images_per_s = sample(
                 student.denoiser, decoder, net.config.num_classes, params.samples_per_class, student.steps,

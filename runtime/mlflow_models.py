@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from tasks.artifacts import artifacts_dir
-from tasks.vae import LATENTS_INFO
-from tasks.vae import NAME as VAE_NAME
 
 PYFUNC = Path(__file__).with_name("network_pyfunc.py")
 ENCODER_MODEL = "latentlab-encoder"  # the encoder of the pipeline's current outputs
@@ -26,13 +24,9 @@ ALIAS = "current"
 REQUIREMENTS = ("torch", "numpy", "safetensors", "pydantic", "pyyaml", "mlflow")
 
 
-def network_files(folder: Path, network: str, kind: str) -> list[Path]:
-    """`<network>.safetensors` and `.json`; a generator also takes the VAE decoder's files."""
-    files = [folder / f"{network}.safetensors", folder / f"{network}.json"]
-    if kind == "generator":
-        vae = artifacts_dir("vae")
-        files += [vae / f"{VAE_NAME}.safetensors", vae / f"{VAE_NAME}.json", vae / LATENTS_INFO]
-    return files
+def network_files(folder: Path, network: str) -> list[Path]:
+    """`<network>.safetensors` and `.json`."""
+    return [folder / f"{network}.safetensors", folder / f"{network}.json"]
 
 
 def log_network(

@@ -117,15 +117,16 @@ class StageRun:
             self.curves.add(metrics, step)
 
     def log_model(
-        self, name: str, kind: str, example, network: str | None = None, **params: float
+        self, name: str, kind: str, example, network: str | None = None, with_files: list[Path] = (),
+        **params: float,
     ) -> None:
         """The network this stage exported as artifacts/<stage>/<network>.{safetensors,json}
-        (`network` defaults to `name`) as the MLflow logged model `name` of its run, a pyfunc of
-        `kind` (`runtime/network_pyfunc.py`: encoder, vae or generator) with `example` as its input
-        example and `params` as predict's defaults; logged when the stage succeeds, outside its
-        `wall_seconds`."""
+        (`network` defaults to `name`), and `with_files` it needs (a generator: the VAE decoder's), as
+        the MLflow logged model `name` of its run, a pyfunc of `kind` (`runtime/network_pyfunc.py`:
+        encoder, vae or generator) with `example` as its input example and `params` as predict's
+        defaults; logged when the stage succeeds, outside its `wall_seconds`."""
         example = example.cpu().numpy() if hasattr(example, "cpu") else example
-        self._models.append((name, kind, network or name, example, params))
+        self._models.append((name, kind, network or name, list(with_files), example, params))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.is_main:
@@ -154,8 +155,8 @@ class StageRun:
         tracker.log_metrics(self.metrics)
         tracker.set_tags({f"{OUT_TAG}{out}": dvc_hash(Path(out)) for out in stage_outs(self.stage)})
         tracker.log_artifacts(plots_dir(self.stage), "plots")
-        for name, kind, network, example, params in self._models:
-            files = network_files(artifacts_dir(self.stage), network, kind)
+        for name, kind, network, with_files, example, params in self._models:
+            files = network_files(artifacts_dir(self.stage), network) + with_files
             tracker.log_model(name, kind, files, example, params)
         tracker.finish(ok=True)
         shutil.rmtree(checkpoint_path(self.stage).parent, ignore_errors=True)

@@ -50,6 +50,12 @@ def export_vae(vae: VAE, folder: Path) -> None:
     save_network(vae, dataclasses.asdict(vae.config), folder, NAME)
 
 
+def decoder_files(folder: Path | str) -> list[Path]:
+    """The files `load_decoder` reads: the VAE and its latents' scale."""
+    folder = Path(folder)
+    return [folder / f"{NAME}.safetensors", folder / f"{NAME}.json", folder / LATENTS_INFO]
+
+
 def load_vae(folder: Path | str, device: torch.device | str = "cpu") -> VAE:
     """Rebuild the frozen VAE (eval mode, no grads) from vae.json + vae.safetensors."""
     return load_network(folder, NAME, lambda config: VAE(VAEConfig(**config)), device)[0]
