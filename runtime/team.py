@@ -204,8 +204,8 @@ def up(state: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
         down(state, quiet=True)
         raise
     services.remote.mkdir(exist_ok=True)
-    subprocess.run(["dvc", "remote", "add", "--local", "--default", "--force", REMOTE, str(services.remote)],
-                   cwd=root, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "--local", "--default", "--force", REMOTE,
+                    str(services.remote)], cwd=root, check=True, capture_output=True)
     services.env_file.write_text(f"export PREFECT_API_URL={prefect_url}\nexport MLFLOW_TRACKING_URI={mlflow_url}\n")
     print(f"""team services are up (pids, logs and stores in {state}):
   Prefect   {prefect_url.removesuffix('/api')}   server; work pool '{POOL}' (limit {POOL_CONCURRENCY}), deployment pipeline/team
@@ -225,12 +225,12 @@ def down(state: Path, quiet: bool = False) -> None:
     """Stop what `up` started (the worker first, then the servers); their stores stay."""
     services = Services(state)
     running = services.running()
-    for name in ("worker", "mlflow", "prefect"):
-        if name in running:
-            _stop(running[name]["pid"])
+    stopped = [name for name in ("worker", "mlflow", "prefect") if name in running]
+    for name in stopped:
+        _stop(running[name]["pid"])
     services.record.unlink(missing_ok=True)
     if not quiet:
-        print(f"stopped {', '.join(running) or 'nothing (nothing was running)'}; the stores stay in {state}")
+        print(f"stopped {', '.join(stopped) or 'nothing (nothing was running)'}; the stores stay in {state}")
 
 
 # --- processes ----------------------------------------------------------------------------------

@@ -207,6 +207,7 @@ IMAGES = [
 ]
 
 
+@pytest.mark.slow
 def test_dvc_plots_show_draws_the_curves_and_the_sample_figures(pipeline):
     repo, _ = pipeline
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
@@ -216,7 +217,7 @@ def test_dvc_plots_show_draws_the_curves_and_the_sample_figures(pipeline):
     defined = {name: props for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
                if isinstance(entry, dict) for name, props in entry.items()}
     for name, spec in specs.items():  # dvc.yaml's title and axis labels reach the chart
-        assert spec["title"]["text"] == defined[name]["title"] and spec["title"]["text"].startswith(name.split("_")[0])
+        assert spec["title"]["text"] == defined[name]["title"]
         text = json.dumps(spec)
         assert f'"title": "{defined[name]["x_label"]}"' in text and f'"title": "{defined[name]["y_label"]}"' in text
 
@@ -227,20 +228,22 @@ def test_dvc_plots_show_draws_the_curves_and_the_sample_figures(pipeline):
         points = [(int(r["steps"]), float(r["fid"])) for r in rows if r["filename"] == f"{kind}.csv"]
         steps = sorted(int(key.rpartition("_")[2]) for key in fid if key.startswith(f"fid.{kind}."))
         assert [s for s, _ in points] == steps  # numeric order: 1, 2, 4, 8, 16
-        assert all(value == pytest.approx(fid[f"fid.{kind}.steps_{s}"], rel=1e-4) for s, value in points)
-    assert {float(r["fid"]) for r in rows if r["filename"] == "floor.csv"} == {pytest.approx(fid["fid.floor_train_vs_test"], rel=1e-4)}
+        assert all(value == pytest.approx(fid[f"fid.{kind}.steps_{s}"], rel=1e-4, abs=1e-5) for s, value in points)
+    floor = [float(r["fid"]) for r in rows if r["filename"] == "floor.csv"]
+    assert floor == [pytest.approx(fid["fid.floor_train_vs_test"], rel=1e-4, abs=1e-5)] * 2
 
     for name in ("ssl_loss", "vae_loss", "diffusion_loss", "distill_loss"):  # a point per logged training step
-        steps = [int(r["step"]) for r in specs[name]["data"]["values"]]
+        steps = [int(r["step"]) for r in specs[name]["data"]["values"] if r.get("field", "loss") == "loss"]
         assert len(steps) > 3 and steps == sorted(set(steps)), (name, steps)
     knn = specs["ssl_knn"]["data"]["values"]
     assert float(knn[-1]["knn_top1"]) == pytest.approx(metrics(repo, "ssl")["knn_top1"], rel=1e-4)
 
     run(["dvc", "plots", "show"], repo)  # the page: charts first, then the images grouped by stage folder
     page = (repo / "dvc_plots" / "index.html").read_text()
+    assert "<h2>latentlab</h2>" in page  # .dvc/plots/page.html, the page's template
     assert page.index(specs["distill_loss"]["title"]["text"]) < page.index("<img")
     labels = [label for label in re.findall(r"<p>([^<]+)</p>", page) if label != "workspace"]
-    assert labels == sorted(IMAGES, key=lambda path: path.rpartition("/")[0])
+    assert labels == sorted(IMAGES)  # DVC orders images by path: a stage folder at a time
     assert "dvc_plots" not in run(["git", "status", "--porcelain"], repo).stdout  # ignored
 
 
@@ -264,6 +267,7 @@ def experiment_files(repo, name: str, *folders) -> dict[str, str]:
     return {line.split("\t")[1]: line.split()[2] for line in listed}
 
 
+@pytest.mark.slow
 def test_the_flow_s_experiment_holds_every_plot_and_metrics_file(pipeline):
     repo, _ = pipeline
     name = pipeline_runs(repo)[0].info.run_name
@@ -540,6 +544,7 @@ def test_reruns_skip_what_is_up_to_date_link_what_they_reused_and_compare_shows_
     assert sorted(table["probe.knn_k"].tolist()) == [5, 20, 20]
 
 
+@pytest.mark.slow
 def test_dvc_exp_run_keeps_every_plot_file_in_the_experiment(pipeline):
     """`dvc exp run -S` of a param that changes the fid stage's outputs (runs after the reruns above)."""
     repo, _ = pipeline
