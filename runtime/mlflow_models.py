@@ -101,10 +101,10 @@ def _point(client, name: str, model, tags: dict[str, str]) -> str:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=_DESCRIPTIONS[name])
-    versions = client.search_model_versions(f"name = '{name}'")
-    existing = [v for v in versions if v.model_id == model.model_id]
+    source = f"models:/{model.model_id}"  # what the version records (the SQL registry keeps no model_id)
+    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == source]
     version = existing[0] if existing else client.create_model_version(
-        name, f"models:/{model.model_id}", run_id=model.source_run_id, tags=tags, model_id=model.model_id
+        name, source, run_id=model.source_run_id, tags=tags, model_id=model.model_id
     )
     client.set_registered_model_alias(name, ALIAS, version.version)
     return version.version

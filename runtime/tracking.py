@@ -323,12 +323,12 @@ def _describe(ran: list[str], reused: dict, untracked: list[str]) -> str:
     lines = [f"**Ran:** {', '.join(ran) or 'nothing'} (the child runs)."]
     if reused:
         links = [
-            f"{stage} ([{source.info.run_name}](#/experiments/{source.info.experiment_id}/runs/{source.info.run_id}))"
+            f"{stage} ([run {source.info.run_id[:8]}](#/experiments/{source.info.experiment_id}/runs/{source.info.run_id}))"
             for stage, source in reused.items()
         ]
         lines.append(f"**Reused the outputs of:** {', '.join(links)}.")
     if untracked:
-        lines.append(f"**Reused, made outside this tracking store:** {', '.join(untracked)}.")
+        lines.append(f"**Reused, made by no run in this tracking store:** {', '.join(untracked)}.")
     return "\n\n".join(lines)
 
 

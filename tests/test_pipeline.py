@@ -352,7 +352,7 @@ def test_registered_models_load_in_a_fresh_process_without_unpickling_and_reprod
     assert student.tags["steps"] == str(steps)
     experiment = client.get_experiment_by_name("latentlab").experiment_id
     models = {model.name: model.model_id for model in client.search_logged_models([experiment])}
-    assert student.model_id == models[f"student_{steps}_steps"] and encoder.model_id == models["encoder"]
+    assert student.source == f"models:/{models[f'student_{steps}_steps']}" and encoder.source == f"models:/{models['encoder']}"
 
     distill, diffusion = load_params_of(repo, "distill"), load_params_of(repo, "diffusion")
     num_classes = len(json.loads((repo / "artifacts/prepare/manifest.json").read_text())["class_names"])
