@@ -2,7 +2,8 @@
 
 Each reader returns `RawDataset` with uint8 (N, C, H, W) images; sources that ship a test
 split return it separately. Missing files are fetched from the canonical mirrors (when
-allowed and online) and verified against their published MD5s.
+allowed and online) and verified against their published MD5s; a folder holding a
+`SHA256SUMS` file (as the MNIST shipped in data/raw/mnist does) has every file it lists verified.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ CLASS_NAMES = {
 }
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+CHECKSUMS = "SHA256SUMS"  # `sha256sum` format: "<hex digest>  <file name>" per line
 
 
 def fetch(url: str, dest: Path, md5: str, timeout: float = 30) -> None:
@@ -115,6 +117,22 @@ def ensure_files(source: str, root: Path, download: bool) -> None:
                 f"{root}: missing {remote.name} and it could not be downloaded ({'; '.join(errors)}). "
                 f"Offline? Copy the {source} files ({names}) into {root}."
             )
+
+
+def verify_checksums(root: Path) -> None:
+    """Check every file `root/SHA256SUMS` lists against its digest (nothing to do without one)."""
+    listing = root / CHECKSUMS
+    if not listing.is_file():
+        return
+    for number, line in enumerate(listing.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        expected, _, name = line.strip().partition(" ")
+        path = root / name.strip().lstrip("*")
+        if not path.is_file():
+            raise DataError(f"{path}: missing, but {listing} (line {number}) lists it")
+        if (got := file_digest(path)) != expected.lower():
+            raise DataError(f"{path}: sha256 {got} does not match {expected} in {listing}; the file is corrupt or was replaced")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -231,6 +249,7 @@ def load_source(source: str, root: Path, *, download: bool, channels: int | None
     if source == "folder":
         return read_folder(root, channels or 3)
     ensure_files(source, root, download)
+    verify_checksums(root)
     if source == "cifar10":
         return read_cifar10(root)
     return read_idx_source(source, root)
