@@ -4,6 +4,7 @@
   run [--profile NAME] [--set ...]     the pipeline as one Prefect flow run (+ an MLflow parent run)
   serve --cron "0 3 * * *"             serve the pipeline as a Prefect deployment on that schedule
   compare [-n 10] [--csv FILE]         the last pipeline runs from MLflow: differing params, metrics
+  bench [--profile NAME ...] [--json F] each training stage's speed on this device (torch only)
 
 KEY=VALUE is `stage.key=value` or DVC's `params/<stage>.yaml:key=value`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 from runtime.profiles import profile_names, profile_params, set_overrides, write_params
 from tasks.errors import StageError
@@ -87,6 +89,30 @@ def compare(args: argparse.Namespace) -> None:
         print(f"wrote {args.csv}")
 
 
+def bench(args: argparse.Namespace) -> None:
+    """Torch and the compute dependencies only: this path imports no Prefect, MLflow or DVC."""
+    import json
+
+    import torch
+
+    from tasks.bench import HEADER, run_bench, table
+    from tasks.device import pick_device
+    from tasks.params import validate
+
+    profiles = {
+        name: {stage: validate(stage, values) for stage, values in profile_params(name).items()}
+        for name in args.profile or ["default", "gpu"]
+    }
+    device = torch.device(args.device) if args.device else pick_device()
+    print(HEADER.replace("Trainer", "Trainer/s").replace("bare", "bare/s"))
+    result = run_bench(
+        profiles, device, args.variants.split(","), warmup=args.warmup, steps=args.steps, batch_size=args.batch_size
+    )
+    print("\n" + table(result))
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
 def _add_pipeline_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--profile", choices=profile_names(), help="rewrite params/*.yaml from a profile first")
     command.add_argument("--source", help="prepare.source")
@@ -119,6 +145,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default="fid_student_4", help="headline metric to sort by (best first)")
     p.add_argument("--csv", help="also write the table to this CSV file")
     p.set_defaults(run=compare)
+
+    p = commands.add_parser("bench", help="each training stage's speed on this device, against its peak")
+    p.add_argument("--profile", action="append", choices=profile_names(), help="model sizes (repeatable; default: default and gpu)")
+    p.add_argument("--variants", default="defaults,bf16,compile,channels_last",
+                   help="comma-separated: defaults, and bf16 / compile / channels_last each flipped from them")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--batch-size", type=int, help="override every stage's batch (default: the profile's)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: the pipeline's choice)")
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.set_defaults(run=bench)
     return root
 
 
