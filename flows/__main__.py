@@ -5,6 +5,7 @@
   serve --cron "0 3 * * *"             serve the pipeline as a Prefect deployment on that schedule
   compare [-n 10] [--csv FILE]         the last pipeline runs from MLflow: differing params, metrics
   team up|down|deploy|worker|push      the team set-up: shared servers, work pool, workers, DVC remote
+  bench [--profile NAME ...] [--json F] each training stage's speed on this device (torch only)
 
 KEY=VALUE is `stage.key=value` or DVC's `params/<stage>.yaml:key=value`.
 """
@@ -128,6 +129,30 @@ def team(args: argparse.Namespace) -> None:
         team_setup.push(args.remote)
 
 
+def bench(args: argparse.Namespace) -> None:
+    """Torch and the compute dependencies only: this path imports no Prefect, MLflow or DVC."""
+    import json
+
+    import torch
+
+    from tasks.bench import HEADER, run_bench, table
+    from tasks.device import pick_device
+    from tasks.params import validate
+
+    profiles = {
+        name: {stage: validate(stage, values) for stage, values in profile_params(name).items()}
+        for name in args.profile or ["default", "gpu"]
+    }
+    device = torch.device(args.device) if args.device else pick_device()
+    print(HEADER.replace("Trainer", "Trainer/s").replace("bare", "bare/s"))
+    result = run_bench(
+        profiles, device, args.variants.split(","), warmup=args.warmup, steps=args.steps, batch_size=args.batch_size
+    )
+    print("\n" + table(result))
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
 def _add_pipeline_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--profile", choices=profile_names(), help="rewrite params/*.yaml from a profile first")
     for option, field in (("--source", "prepare.source"), ("--ssl-objective", "ssl.objective"),
@@ -177,6 +202,18 @@ def parser() -> argparse.ArgumentParser:
     t = team_actions.add_parser("push", help="dvc push, with the run cache's metrics and plots")
     t.add_argument("-r", "--remote", help="DVC remote (default: the default remote)")
     p.set_defaults(run=team)
+
+
+    p = commands.add_parser("bench", help="each training stage's speed on this device, against its peak")
+    p.add_argument("--profile", action="append", choices=profile_names(), help="model sizes (repeatable; default: default and gpu)")
+    p.add_argument("--variants", default="defaults,bf16,compile,channels_last",
+                   help="comma-separated: defaults, and bf16 / compile / channels_last each flipped from them")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--batch-size", type=int, help="override every stage's batch (default: the profile's)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: the pipeline's choice)")
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.set_defaults(run=bench)
     return root
 
 

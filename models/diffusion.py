@@ -101,3 +101,7 @@ class DenoiserTraining(nn.Module):
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         latents, labels = batch
         return {"loss": self.objective(self.net, latents, labels).mean()}
+
+    def compile(self, **kwargs) -> None:
+        """torch.compile the network; the objective's sampling of t and noise stays eager."""
+        self.net.compile(**kwargs)

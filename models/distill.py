@@ -75,6 +75,11 @@ class ProgressiveDistillation(nn.Module):
         loss = (weight * (x0_student - x0_target).square()).flatten(1).mean(1)
         return {"loss": loss.mean()}
 
+    def compile(self, **kwargs) -> None:
+        """torch.compile teacher and student; the DDIM arithmetic between them stays eager."""
+        self.teacher.compile(**kwargs)
+        self.student.compile(**kwargs)
+
 
 @torch.no_grad()
 def make_reflow_pairs(
@@ -111,3 +116,6 @@ class ReflowTraining(nn.Module):
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         noise, samples, labels = batch
         return {"loss": self.flow(self.student, samples, labels, noise=noise).mean()}
+
+    def compile(self, **kwargs) -> None:
+        self.student.compile(**kwargs)

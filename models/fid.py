@@ -38,12 +38,13 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
             images = images.float() / 255
-        elif images.min() < 0 or images.max() > 1:
-            low, high = images.min().item(), images.max().item()
-            raise ValueError(
-                f"float images must be in [0, 1], got [{low:.3f}, {high:.3f}]: "
-                "map [-1, 1] images with (x + 1) / 2 and clamp samples"
-            )
+        else:
+            low, high = torch.stack(torch.aminmax(images)).tolist()  # one read back per batch
+            if low < 0 or high > 1:
+                raise ValueError(
+                    f"float images must be in [0, 1], got [{low:.3f}, {high:.3f}]: "
+                    "map [-1, 1] images with (x + 1) / 2 and clamp samples"
+                )
         return self.encoder(images * 2 - 1).flatten(1).float()
 
 

@@ -16,12 +16,13 @@ from models.diffusion import CosineSchedule
 
 
 def guided(net: nn.Module, x: torch.Tensor, t: float, labels: torch.Tensor, guidance: float) -> torch.Tensor:
-    """The net's output at time t, with classifier-free guidance."""
+    """The net's output at time t, with classifier-free guidance, in float32 (the sampler's state
+    stays float32 when the net runs under bf16 autocast)."""
     times = torch.full((len(x),), t, device=x.device, dtype=x.dtype)
     if guidance == 1:
-        return net(x, times, labels)
+        return net(x, times, labels).float()
     both_labels = torch.cat([labels, torch.full_like(labels, net.null_label)])
-    cond, uncond = net(torch.cat([x, x]), torch.cat([times, times]), both_labels).chunk(2)
+    cond, uncond = net(torch.cat([x, x]), torch.cat([times, times]), both_labels).float().chunk(2)
     return uncond + guidance * (cond - uncond)
 
 

@@ -66,6 +66,13 @@ class SSLObjective(nn.Module):
         for both keeps the GPU busy."""
         raise NotImplementedError
 
+    def compile(self, **kwargs) -> None:
+        """torch.compile the networks (backbone, heads, target); the augmentation, with its
+        per-call random parameters, and the losses stay eager."""
+        for name, child in self.named_children():
+            if name != "augment":
+                child.compile(**kwargs)
+
 
 class MomentumObjective(SSLObjective):
     """Adds a target copy of backbone + head whose weights follow the online ones as an EMA.

@@ -15,8 +15,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
     logits = embeddings @ embeddings.T / temperature
     self_pairs = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
     logits = logits.masked_fill(self_pairs, float("-inf"))
-    n = len(z1)
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(embeddings.device)
+    # row i's positive is row i + n (and back): built on the device, no host-to-device copy
+    positives = torch.arange(len(embeddings), device=embeddings.device).roll(len(z1))
     return F.cross_entropy(logits, positives)
 
 

@@ -170,6 +170,13 @@ class VAETraining(nn.Module):
         # the discriminator sits out the warm-up, so DDP must expect unused parameters
         self.ddp_find_unused_parameters = discriminator is not None
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved with checkpoints
+        # the host's copy of steps_done, so forward never reads a device tensor to branch on it
+        self.adversarial_active = adv_warmup_steps <= 0
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_adversarial_active())
+
+    def _sync_adversarial_active(self) -> None:
+        """After a checkpoint is loaded: the one read of steps_done back to the host."""
+        self.adversarial_active = int(self.steps_done) >= self.adv_warmup_steps
 
     def train(self, mode: bool = True) -> VAETraining:
         super().train(mode)
@@ -179,6 +186,13 @@ class VAETraining(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.steps_done.fill_(step + 1)
+        self.adversarial_active = step + 1 >= self.adv_warmup_steps
+
+    def compile(self, **kwargs) -> None:
+        """torch.compile the networks; the losses' Python around them stays eager."""
+        for network in (self.vae.encoder, self.vae.decoder, self.discriminator, self.feature_fn):
+            if isinstance(network, nn.Module):
+                network.compile(**kwargs)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         mean, logvar = self.vae.encode(images)
@@ -195,7 +209,7 @@ class VAETraining(nn.Module):
             loss = loss + self.perceptual_weight * perceptual
             outputs["perceptual"] = perceptual
         if self.discriminator is not None:
-            if self.steps_done >= self.adv_warmup_steps:
+            if self.adversarial_active:
                 adv, disc = self.adversarial_losses(images, reconstructions)
             else:
                 adv = disc = images.new_zeros(())

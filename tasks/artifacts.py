@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tasks.device import channels_last
 from tasks.errors import StageError
 
 ARTIFACTS = Path("artifacts")
@@ -109,9 +110,10 @@ def read_array(path: Path | str, ndim: int, kinds: str) -> np.ndarray:
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """Eval mode, no gradients: how every trained network is handed on."""
+    """Eval mode, no gradients, convolutions in channels-last layout: how every trained network
+    is handed on (and run: embedding, decoding, sampling, FID)."""
     module.requires_grad_(False)
-    return module.eval()
+    return channels_last(module).eval()
 
 
 def save_network(module: nn.Module, config: dict, folder: Path, name: str) -> None:

@@ -20,6 +20,7 @@ from models.samplers import ddim, ddpm_ancestral, euler, heun
 from models.unet import UNet, UNetConfig
 from tasks.artifacts import load_network, save_network, unreadable
 from tasks.data import EpochBatches
+from tasks.device import autocast
 from tasks.images import grid, to_uint8
 from tasks.params import DiffusionParams
 from tasks.vae import LatentDecoder
@@ -58,15 +59,17 @@ class Denoiser:
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, steps: int, guidance: float, seed: int, batch_size: int = 500) -> torch.Tensor:
-        """Scaled latents for `labels`, drawn in batches from seeded noise (the same on any device)."""
+        """Scaled latents for `labels`, drawn in batches from seeded noise (the same on any device);
+        the net runs under bf16 autocast on CUDA, the sampler's state in float32."""
         self.net.eval()
         torch.manual_seed(seed)  # the ancestral sampler's fresh noise
         noise = torch.randn(len(labels), *self.latent_shape, generator=torch.Generator().manual_seed(seed))
         sampler = SAMPLERS[self.sampler]
-        return torch.cat([
-            sampler(self.net, chunk.to(labels.device), chunk_labels, steps, guidance)
-            for chunk, chunk_labels in zip(noise.split(batch_size), labels.split(batch_size), strict=True)
-        ])
+        with autocast(labels.device):
+            return torch.cat([
+                sampler(self.net, chunk.to(labels.device), chunk_labels, steps, guidance)
+                for chunk, chunk_labels in zip(noise.split(batch_size), labels.split(batch_size), strict=True)
+            ])
 
 
 def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") -> None:

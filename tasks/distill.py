@@ -12,6 +12,7 @@ from tqdm import tqdm
 from models.diffusion import RectifiedFlow
 from models.distill import ProgressiveDistillation, ReflowTraining, make_reflow_pairs
 from tasks.artifacts import freeze
+from tasks.device import autocast
 from tasks.diffusion import SAMPLERS, Denoiser, balanced_labels, step_rows
 from tasks.params import DistillParams
 from tasks.students import Student
@@ -50,10 +51,11 @@ def reflow_student(
     labels = balanced_labels(reflow.pairs, num_classes, training.device)
     noise, samples = [], []
     for chunk in tqdm(labels.split(batch_size), desc="distill/reflow pairs", disable=not training.is_main):
-        pair = make_reflow_pairs(
-            teacher.net, SAMPLERS[teacher.sampler], chunk, teacher.latent_shape, reflow.teacher_steps, params.guidance,
-            batch_size=batch_size,
-        )
+        with autocast(training.device):
+            pair = make_reflow_pairs(
+                teacher.net, SAMPLERS[teacher.sampler], chunk, teacher.latent_shape, reflow.teacher_steps,
+                params.guidance, batch_size=batch_size,
+            )
         noise.append(pair[0])
         samples.append(pair[1])
     noise, samples = torch.cat(noise), torch.cat(samples)

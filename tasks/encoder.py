@@ -12,6 +12,7 @@ from torch import nn
 from models.backbones import build_backbone
 from tasks.artifacts import freeze, load_network, read_json, save_network, unreadable
 from tasks.data import ImageSplit
+from tasks.device import autocast
 from tasks.errors import StageError
 
 NAME = "encoder"  # encoder.safetensors + encoder.json
@@ -33,11 +34,12 @@ def load_encoder(folder: Path | str, device: torch.device | str = "cpu") -> nn.M
 
 @torch.no_grad()
 def embed(encoder: nn.Module, split: ImageSplit, batch_size: int = 1024) -> torch.Tensor:
-    """Features of every image of a split, batched, in float32."""
-    chunks = [
-        encoder(split.floats(slice(start, start + batch_size))).float()
-        for start in range(0, len(split), batch_size)
-    ]
+    """Features of every image of a split, batched (bf16 autocast on CUDA), in float32."""
+    with autocast(split.images.device):
+        chunks = [
+            encoder(split.floats(slice(start, start + batch_size))).float()
+            for start in range(0, len(split), batch_size)
+        ]
     return torch.cat(chunks)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from tasks.device import autocast
 from tasks.params import FidParams
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception-v3
@@ -69,11 +70,14 @@ class FidScorer:
             self._update(metric, real, real=True)
 
     def _update(self, metric, images: torch.Tensor, real: bool) -> None:
+        """Features under bf16 autocast on CUDA; the metric's sums stay float64 (autocast leaves
+        float64 alone)."""
         for chunk in images.split(self.batch_size):
             chunk = to_unit_range(chunk)
             if metric is self.metrics.get("fid_inception") and chunk.shape[1] == 1:
                 chunk = chunk.expand(-1, 3, -1, -1)  # Inception takes RGB
-            metric.update(chunk, real=real)
+            with autocast(chunk.device):
+                metric.update(chunk, real=real)
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
         scores = {}

@@ -42,8 +42,9 @@ class TrainParams(Strict):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the weights; null for none")
     checkpoint_every: int = Field(500, ge=1, description="steps between resumable saves")
     log_every: int = Field(10, ge=1, description="steps between metric logs")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA")
-    compile: bool = Field(False, description="torch.compile the trained module")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: autocast on any device")
+    compile: bool = Field(False, description="torch.compile the trained networks (augmentation and losses stay eager)")
+    channels_last: bool = Field(True, description="convolution weights and activations in NHWC layout")
 
 
 Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]

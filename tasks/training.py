@@ -1,10 +1,16 @@
-"""The one training loop: device, bf16 autocast, clipping, EMA, warmup + cosine, progress bar,
-step metrics, resumable checkpoints and DistributedDataParallel under torchrun.
+"""The one training loop: device, bf16 autocast, channels-last layout, torch.compile of the
+networks, clipping, EMA, warmup + cosine, progress bar, step metrics, resumable checkpoints and
+DistributedDataParallel under torchrun.
 
 The trained module's `forward(batch)` returns a dict with a scalar "loss" (and any other
 scalars to log). Optional hooks on the module:
 - `param_groups()`: the optimiser's groups (default: decay on >=2-D weights only);
-- `after_step(step, total_steps)`: e.g. momentum-encoder updates, after each optimiser step.
+- `after_step(step, total_steps)`: e.g. momentum-encoder updates, after each optimiser step;
+- `compile()`: with `compile: true`, what to torch.compile (nn.Module's default: the whole
+  forward; the stages' modules compile their networks and leave augmentation and Python eager).
+
+A step reads nothing back to the host: the step's scalars are stacked on the device and read
+once per `log_every` steps (with the NaN check), so the GPU never waits for the Python loop.
 
 Every step re-seeds torch from (seed, step, rank), so a resumed run draws exactly the
 batches and augmentations an uninterrupted one would.
@@ -22,13 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from models.ema import EMA
 from models.lars import LARS
 from tasks.artifacts import checkpoint_path
 from tasks.data import EpochBatches
-from tasks.device import Distributed, autocast, pick_device
+from tasks.device import Distributed, autocast, channels_last, pick_device
 from tasks.errors import StageError
 from tasks.params import TrainParams
 
@@ -58,8 +64,9 @@ def make_optimizer(module: nn.Module, train: TrainParams) -> torch.optim.Optimiz
     hook = getattr(module, "param_groups", None)
     groups = hook() if callable(hook) else default_param_groups(module, train.weight_decay)
     groups = [g for g in groups if g["params"]]
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99))
+    if train.optimizer == "adamw":  # fused: one kernel for all parameters (CUDA; on CPU 3-4x faster too)
+        fused = groups[0]["params"][0].device.type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99), fused=fused)
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True)
     return LARS(groups, lr=train.lr, momentum=train.momentum)
@@ -117,20 +124,18 @@ class Trainer:
         self.log = log if self.dist.is_main else None
         self.desc = desc
         self.local_batch = max(1, train.batch_size // self.dist.world)
+        if train.channels_last:
+            channels_last(self.module)
         self.optimizer = make_optimizer(self.module, train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(train, self.steps))
-        self.ema = None
-        if train.ema_decay is not None:
-            self.ema = AveragedModel(
-                self.module, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True
-            )
+        self.ema = EMA(self.module, train.ema_decay) if train.ema_decay is not None else None
         self.forward: nn.Module = self.module
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             find_unused = getattr(module, "ddp_find_unused_parameters", False)
             self.forward = DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=find_unused)
         if train.compile:
-            self.forward = torch.compile(self.forward)
+            self.module.compile()  # in place: state_dict keys and checkpoints stay as they are
         self.start_step = self._resume()
 
     # -- checkpoints -------------------------------------------------------------------
@@ -220,7 +225,8 @@ class Trainer:
         `evaluate(module)` (rank 0, every `evaluate_every` steps and at the end) returns metrics."""
         train, dist = self.train, self.dist
         self.module.train()
-        window: list[dict[str, torch.Tensor]] = []
+        names: list[str] = []  # the logged scalars, in the order each step stacks them
+        window: list[torch.Tensor] = []
         window_start = time.perf_counter()
         started = window_start
         bar = tqdm(
@@ -241,18 +247,18 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             if self.ema is not None:
-                self.ema.update_parameters(self.module)
+                self.ema.update(self.module, decay=0.0 if step == 0 else None)  # the first update copies
             hook = getattr(self.module, "after_step", None)
             if callable(hook):
                 hook(step, self.steps)
-            window.append(logged)
+            names = names or list(logged)
+            window.append(torch.stack([logged[name] for name in names]))
 
             done = step + 1
             boundary = done % train.log_every == 0 or done % train.checkpoint_every == 0 or done == self.steps
             if boundary:
-                self._check_finite(window, done - len(window))
+                metrics = self._read_window(names, window, done - len(window))
                 elapsed = time.perf_counter() - window_start
-                metrics = {k: torch.stack([w[k] for w in window]).mean().item() for k in window[0]}
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
                 metrics["images_per_s"] = len(window) * train.batch_size / max(elapsed, 1e-9)
                 metrics["epoch"] = done / self.steps_per_epoch
@@ -290,15 +296,20 @@ class Trainer:
             tqdm.write(f"[{self.desc}] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def _check_finite(self, window: list[dict[str, torch.Tensor]], first_step: int) -> None:
-        losses = torch.stack([w["loss"] for w in window])
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            step = first_step + int(bad[0]) + 1
-            raise NonFiniteLoss(
-                f"{self.desc}: the loss became {losses[int(bad[0])].item()} at step {step}; "
-                "try a lower lr, grad_clip, or fp32 precision"
-            )
+    def _read_window(self, names: list[str], window: list[torch.Tensor], first_step: int) -> dict[str, float]:
+        """The window's mean of each logged scalar, read back in one transfer with every step's
+        loss; a non-finite loss stops the run naming its step."""
+        steps = torch.stack(window)  # (steps, scalars)
+        losses = steps[:, names.index("loss")]
+        values = torch.cat([steps.mean(0), losses]).tolist()
+        means, losses = values[: len(names)], values[len(names) :]
+        for offset, value in enumerate(losses):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"{self.desc}: the loss became {value} at step {first_step + offset + 1}; "
+                    "try a lower lr, grad_clip, or fp32 precision"
+                )
+        return dict(zip(names, means, strict=True))
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import nn
 from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
 from tasks.artifacts import load_network, read_array, read_json, save_network, unreadable
 from tasks.data import ImageSplit
+from tasks.device import autocast
 from tasks.errors import StageError
 from tasks.params import VaeParams
 
@@ -63,14 +64,16 @@ def load_vae(folder: Path | str, device: torch.device | str = "cpu") -> VAE:
 
 @torch.no_grad()
 def encode_means(vae: VAE, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Posterior means of float images in [-1, 1], batched."""
-    return torch.cat([vae.encode(chunk)[0].float() for chunk in images.split(batch_size)])
+    """Posterior means of float images in [-1, 1], batched (bf16 autocast on CUDA), in float32."""
+    with autocast(images.device):
+        return torch.cat([vae.encode(chunk)[0].float() for chunk in images.split(batch_size)])
 
 
 @torch.no_grad()
 def decode(vae: VAE, latents: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Images in [-1, 1] from (unscaled) latents, batched."""
-    return torch.cat([vae.decode(chunk).float().clamp(-1, 1) for chunk in latents.split(batch_size)])
+    """Images in [-1, 1] from (unscaled) latents, batched (bf16 autocast on CUDA), in float32."""
+    with autocast(latents.device):
+        return torch.cat([vae.decode(chunk).float().clamp(-1, 1) for chunk in latents.split(batch_size)])
 
 
 @dataclass

@@ -390,6 +390,10 @@ def test_adversarial_terms_wait_for_the_warmup_and_the_step_is_saved():
     assert training.state_dict()["steps_done"].item() == 3
     after = training(images)
     assert after["disc"].item() > 0 and after["adv"].item() != 0
+    resumed = small_vae_training(adv_warmup_steps=3)  # a checkpoint restores the host-side switch too
+    assert not resumed.adversarial_active
+    resumed.load_state_dict(training.state_dict())
+    assert resumed.adversarial_active and resumed(images)["disc"].item() > 0
 
 
 class FrozenFeatures(nn.Module):

@@ -110,6 +110,19 @@ def fake_mnist(root: Path, n_train=50, n_labels=50) -> Path:
     return root
 
 
+SHIPPED_MNIST = Path(__file__).resolve().parents[1] / "data" / "raw" / "mnist"
+
+
+def test_shipped_mnist_verifies_and_a_replaced_file_is_named(tmp_path):
+    root = tmp_path / "mnist"
+    shutil.copytree(SHIPPED_MNIST, root)
+    raw = load_source("mnist", root, download=False, channels=None)  # the default dataset, offline
+    assert raw.images.shape == (60000, 1, 28, 28) and raw.test_images.shape == (10000, 1, 28, 28)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.arange(10000) % 10)  # well-formed, but not MNIST's
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: sha256 [0-9a-f]{64} does not match .* in .*SHA256SUMS"):
+        load_source("mnist", root, download=False, channels=None)
+
+
 def test_truncated_gz_is_refused(tmp_path):
     root = fake_mnist(tmp_path / "m")
     data = (root / "train-images-idx3-ubyte.gz").read_bytes()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tasks.params import TrainParams
-from tasks.training import NonFiniteLoss, warmup_cosine
+from tasks.training import NonFiniteLoss, Trainer, warmup_cosine
 from tests.conftest import BIN, REPO
 from tests.tiny_training import dataset, make_trainer
 
@@ -91,3 +91,60 @@ def test_two_process_gloo_ddp_trains_and_ranks_agree(tmp_path):
     assert not torch.equal(rank0["first_batch"], rank1["first_batch"])  # each rank its own shard
     start, _ = make_trainer(None)
     assert rank0["loss"] < 0.3 * start.module(dataset())["loss"].item()
+
+
+def stage_module(stage: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A real stage's training module at a tiny size, and a batch of 8x8 images for it."""
+    from tasks.params import SslParams, VaeParams
+    from tasks.ssl import build_ssl
+    from tasks.vae import build_vae_training
+
+    torch.manual_seed(0)
+    images = torch.rand(16, 1, 8, 8) * 2 - 1
+    if stage == "ssl":  # the augmentation (kornia) must stay outside the compiled graphs
+        params = SslParams.model_validate({"resnet": {"width": 8, "depth": [1, 1]}, "simclr": {"proj_hidden_dim": 16, "proj_dim": 8}})
+        return build_ssl(params, 1, 8), images
+    # the discriminator joins after 2 of the 4 steps: the switch must not break or re-trace a graph
+    params = VaeParams.model_validate({"downsample": 2, "width": 8, "adversarial": {"enabled": True, "width": 8}})
+    return build_vae_training(params, [1, 8, 8], 4, torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())), images
+
+
+def losses_of_a_run(stage: str, compiled: bool) -> tuple[list[float], torch.nn.Module]:
+    """Each step's loss of 4 steps of the real Trainer on a stage module, and the trained module."""
+    module, images = stage_module(stage)
+    train = TrainParams(epochs=4, batch_size=8, lr=1e-2, log_every=1, ema_decay=0.9, compile=compiled)
+    logged = []
+    trainer = Trainer(module, train, steps_per_epoch=1, seed=0, device=torch.device("cpu"),
+                      log=lambda metrics, step: logged.append(metrics["train/loss"]))
+    result = trainer.fit(lambda step: images[(step % 2) * 8 : (step % 2) * 8 + 8])
+    return logged, result.module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ssl", "vae"])
+def test_compiled_stage_module_trains_as_eager_in_whole_graphs(stage):
+    from torch._dynamo.utils import counters
+
+    eager, _ = losses_of_a_run(stage, compiled=False)
+    counters.clear()
+    compiled, module = losses_of_a_run(stage, compiled=True)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert not any(name.startswith("_orig_mod") for name in module.state_dict())  # checkpoints unchanged
+    assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+def test_lars_scales_each_matrix_update_by_its_trust_ratio_and_leaves_vectors_alone():
+    from models.lars import LARS
+
+    weight, bias = torch.nn.Parameter(torch.full((2, 3), 2.0)), torch.nn.Parameter(torch.ones(3))
+    weight.grad, bias.grad = torch.full((2, 3), 0.5), torch.full((3,), 0.25)
+    optimizer = LARS([weight, bias], lr=0.1, momentum=0.9, weight_decay=0.1, eta=0.01)
+    optimizer.step()
+    update = torch.full((2, 3), 0.5 + 0.1 * 2.0)  # gradient + weight decay
+    trust = 0.01 * weight.detach().new_full((2, 3), 2.0).norm() / update.norm()
+    first = 2.0 - 0.1 * trust * update  # the first step's buffer is the update itself
+    torch.testing.assert_close(weight.detach(), first)
+    torch.testing.assert_close(bias.detach(), torch.full((3,), 1 - 0.1 * 0.25))
+    weight.grad, bias.grad = torch.zeros(2, 3), torch.zeros(3)
+    optimizer.step()  # no gradient: only momentum moves them, 0.9 of the last step again
+    torch.testing.assert_close(bias.detach(), torch.full((3,), 1 - 0.1 * 0.25 * 1.9))
