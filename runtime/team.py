@@ -190,8 +190,8 @@ def up(state: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
     mlflow_url = f"http://{HOST}:{mlflow_port}"
     plain = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     try:
-        start("prefect", server_command(prefect_port), {**plain, "PREFECT_HOME": str(state / "prefect")},
-              prefect_url)
+        start("prefect", server_command(prefect_port),
+              {**plain, "PREFECT_HOME": str(state / "prefect"), "PREFECT_UI_API_URL": prefect_url}, prefect_url)
         start("mlflow", mlflow_server_command(state / "mlflow", mlflow_port), {**plain, **MLFLOW_SERVER_ENV},
               mlflow_url)
         use_api(prefect_url)

@@ -20,7 +20,7 @@ import yaml
 
 from runtime.dag import stages
 from runtime.team import POOL, Services
-from tests.conftest import run
+from tests.conftest import copy_repo, run
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 FLOW_RUN_SECONDS = 900
@@ -54,6 +54,25 @@ def clone(source: Path, dest: Path) -> Path:
 
 def metrics_shown(repo: Path) -> dict:
     return json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)[""]["data"]
+
+
+def test_team_commands_say_what_they_need_and_start_nothing_without_it(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    team = [sys.executable, "-m", "flows", "team"]
+    done = run([*team, "worker"], tmp_path, check=False)
+    assert done.returncode == 2 and "is not a latentlab checkout" in done.stderr, done.stderr
+    done = run([*team, "deploy"], repo, check=False, PREFECT_API_URL=None)
+    assert done.returncode == 2 and "export PREFECT_API_URL=" in done.stderr, done.stderr
+    done = run([*team, "push"], repo, check=False)
+    assert done.returncode == 2 and "no remote" in done.stderr.lower(), done.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = [*team, "up", "--state", str(tmp_path / "state"), "--prefect-port", str(free_port()), "--mlflow-port", str(port)]
+        done = run(up, repo, check=False)
+    assert done.returncode == 2 and f"port {port} on 127.0.0.1 is taken" in done.stderr, done.stderr
+    assert not (tmp_path / "state" / "services.json").exists()
 
 
 @pytest.mark.slow
