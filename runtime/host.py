@@ -29,7 +29,7 @@ from runtime.invocation import Invocation
 
 STARTUP_SECONDS = 120
 CORE = ["runtime.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]  # torch, Prefect, MLflow
-LATER = ["torch._dynamo", "mlflow.pytorch"]  # after Prefect has set up logging (mlflow.pytorch calls basicConfig)
+LATER = ["torch._dynamo", "mlflow.pyfunc"]  # after Prefect has set up logging; mlflow.pyfunc logs the models
 
 
 def socket_path(invocation: Invocation) -> Path:
@@ -134,7 +134,7 @@ def _serve_one(conn: socket.socket) -> None:
 
 def serve_while(invocation: Invocation) -> None:
     """Import what every stage needs, start taking stages, and import the rest (each stage's flow,
-    torch._dynamo, mlflow.pytorch) between requests; run stages until the invocation ends."""
+    torch._dynamo, mlflow.pyfunc) between requests; run stages until the invocation ends."""
     import yaml
 
     for module in CORE:
