@@ -36,7 +36,7 @@ STARTUP_SECONDS = 120
 REQUEST_SECONDS = 10  # to send a request, once connected
 MAX_REQUEST_BYTES = 8 << 20  # the caller's environment is most of it
 CORE = ["runtime.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]  # torch, Prefect, MLflow
-LATER = ["torch._dynamo", "mlflow.pytorch"]  # after Prefect has set up logging (mlflow.pytorch calls basicConfig)
+LATER = ["torch._dynamo", "mlflow.pyfunc"]  # after Prefect has set up logging; mlflow.pyfunc logs the models
 
 
 def socket_path(invocation: Invocation) -> Path:
@@ -191,7 +191,7 @@ def _serve_one(conn: socket.socket, stages: list[str]) -> None:
 
 def serve_while(invocation: Invocation) -> None:
     """Import what every stage needs, start taking stages, and import the rest (each stage's flow,
-    torch._dynamo, mlflow.pytorch) between requests; run stages until the invocation ends."""
+    torch._dynamo, mlflow.pyfunc) between requests; run stages until the invocation ends."""
     import yaml
 
     for module in CORE:

@@ -95,19 +95,19 @@ def register_current(client, sources: dict, pipeline_run_id: str) -> dict[str, s
 
 
 def _point(client, name: str, model, tags: dict[str, str]) -> str:
-    from mlflow.exceptions import MlflowException
+    import mlflow
 
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description=_DESCRIPTIONS[name])
     source = f"models:/{model.model_id}"  # what the version records (the SQL registry keeps no model_id)
-    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == source]
-    version = existing[0] if existing else client.create_model_version(
-        name, source, run_id=model.source_run_id, tags=tags, model_id=model.model_id
-    )
-    client.set_registered_model_alias(name, ALIAS, version.version)
-    return version.version
+    existing = [v.version for v in client.search_model_versions(f"name = '{name}'") if v.source == source]
+    if existing:
+        version = existing[0]
+    else:  # register_model also links the version on the logged model (its "Registered models")
+        mlflow.set_tracking_uri(client.tracking_uri)
+        version = mlflow.register_model(source, name, await_registration_for=0, tags=tags).version
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, _DESCRIPTIONS[name])
+    client.set_registered_model_alias(name, ALIAS, str(version))
+    return str(version)
 
 
 _DESCRIPTIONS = {

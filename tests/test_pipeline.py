@@ -353,6 +353,8 @@ def test_registered_models_load_in_a_fresh_process_without_unpickling_and_reprod
     experiment = client.get_experiment_by_name("latentlab").experiment_id
     models = {model.name: model.model_id for model in client.search_logged_models([experiment])}
     assert student.source == f"models:/{models[f'student_{steps}_steps']}" and encoder.source == f"models:/{models['encoder']}"
+    linked = json.loads(client.get_logged_model(models["encoder"]).tags["mlflow.modelVersions"])  # its "Registered models"
+    assert linked == [{"name": "latentlab-encoder", "version": int(encoder.version)}]
 
     distill, diffusion = load_params_of(repo, "distill"), load_params_of(repo, "diffusion")
     num_classes = len(json.loads((repo / "artifacts/prepare/manifest.json").read_text())["class_names"])
