@@ -84,8 +84,8 @@ def register_current(client, sources: dict, pipeline_run_id: str) -> dict[str, s
     if "encoder" in sources and (model := logged_model(client, sources["encoder"], "encoder")):
         pointed[ENCODER_MODEL] = _point(client, ENCODER_MODEL, model, {"pipeline_run": pipeline_run_id})
     distill, fid = sources.get("distill"), sources.get("fid")
-    out = f"dvc.out.{artifacts_dir('distill').as_posix()}"
-    scored_these = distill and fid and fid.data.tags.get(f"dvc.dep.{artifacts_dir('distill').as_posix()}") == distill.data.tags.get(out)
+    students = artifacts_dir("distill").as_posix()
+    scored_these = distill and fid and fid.data.tags.get(f"dvc.dep.{students}") == distill.data.tags.get(f"dvc.out.{students}")
     if scored_these and (best := best_student(fid)) is not None:
         steps, score = best
         if model := logged_model(client, distill, f"student_{steps}_steps"):
@@ -100,14 +100,14 @@ def _point(client, name: str, model, tags: dict[str, str]) -> str:
     source = f"models:/{model.model_id}"  # what the version records (the SQL registry keeps no model_id)
     existing = [v.version for v in client.search_model_versions(f"name = '{name}'") if v.source == source]
     if existing:
-        version = existing[0]
+        number = str(existing[0])
     else:  # register_model also links the version on the logged model (its "Registered models")
         mlflow.set_tracking_uri(client.tracking_uri)
-        version = mlflow.register_model(source, name, await_registration_for=0, tags=tags).version
+        number = str(mlflow.register_model(source, name, await_registration_for=0, tags=tags).version)
         if not client.get_registered_model(name).description:
             client.update_registered_model(name, _DESCRIPTIONS[name])
-    client.set_registered_model_alias(name, ALIAS, str(version))
-    return str(version)
+    client.set_registered_model_alias(name, ALIAS, number)
+    return number
 
 
 _DESCRIPTIONS = {
