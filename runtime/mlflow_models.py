@@ -10,6 +10,7 @@ format is a traced graph that `torch.export.load` unpickles parts of, and cannot
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import version
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def log_network(
         run.info.experiment_id, name, source_run_id=run_id, tags=tags, params=run.data.params, model_type=kind
     )
     mlflow.set_tracking_uri(mlflow_client.tracking_uri)  # Model.log writes through the fluent client
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # not "Inferring model signature" per model
     info = Model.log(
         artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
         python_model=str(PYFUNC), artifacts={file.name: str(file) for file in files},

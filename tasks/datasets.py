@@ -5,8 +5,6 @@ split return it separately. Missing files are fetched from the canonical mirrors
 allowed and online); every file, fetched or already there, must match its published MD5.
 Nothing read runs code: CIFAR-10's pickled batches go through an unpickler that builds only
 containers, bytes and uint8 arrays.
-A folder holding a `SHA256SUMS` file (as the MNIST shipped in data/raw/mnist does) has every
-file it lists verified too.
 """
 
 from __future__ import annotations
@@ -82,7 +80,6 @@ CLASS_NAMES = {
 }
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-CHECKSUMS = "SHA256SUMS"  # `sha256sum` format: "<hex digest>  <file name>" per line
 
 
 def fetch(url: str, dest: Path, md5: str, timeout: float = 30) -> None:
@@ -167,22 +164,6 @@ def gunzipped_md5(path: Path) -> str | None:
     except (OSError, EOFError, zlib.error):
         return None
     return digest.hexdigest()
-
-
-def verify_checksums(root: Path) -> None:
-    """Check every file `root/SHA256SUMS` lists against its digest (nothing to do without one)."""
-    listing = root / CHECKSUMS
-    if not listing.is_file():
-        return
-    for number, line in enumerate(listing.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        expected, _, name = line.strip().partition(" ")
-        path = root / name.strip().lstrip("*")
-        if not path.is_file():
-            raise DataError(f"{path}: missing, but {listing} (line {number}) lists it")
-        if (got := file_digest(path)) != expected.lower():
-            raise DataError(f"{path}: sha256 {got} does not match {expected} in {listing}; the file is corrupt or was replaced")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -341,7 +322,6 @@ def load_source(source: str, root: Path, *, download: bool, channels: int | None
     if source == "folder":
         return read_folder(root, channels or 3)
     ensure_files(source, root, download)
-    verify_checksums(root)
     if source == "cifar10":
         return read_cifar10(root)
     return read_idx_source(source, root)

@@ -12,6 +12,7 @@ from models.diffusion import DDPM, RectifiedFlow
 from models.fid import FeatureExtractor
 from models.unet import UNet, UNetConfig
 from models.vae import VAE, VAEConfig
+from tasks.artifacts import freeze
 from tasks.diffusion import (
     Denoiser,
     balanced_labels,
@@ -79,6 +80,7 @@ def test_exported_vae_rebuilds_frozen_with_identical_outputs(tmp_path):
     export_vae(vae, tmp_path)
     loaded = load_vae(tmp_path)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    freeze(vae)  # the same channels-last layout: convolutions sum in the same order
     assert torch.equal(encode_means(loaded, images), encode_means(vae, images))
     latents = torch.randn(5, 3, 4, 4)
     with torch.no_grad():
