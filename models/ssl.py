@@ -294,15 +294,3 @@ class Rotation(SSLObjective):
             "accuracy": (logits.argmax(dim=1) == labels).float().mean(),
             "feature_std": feature_std(features),
         }
-
-
-OBJECTIVES: dict[str, type[SSLObjective]] = {
-    "simclr": SimCLR, "moco": MoCoV2, "byol": BYOL, "dino": DINO, "rotation": Rotation,
-}
-
-
-def build_objective(name: str, backbone: nn.Module, augment: TwoViews, **hparams) -> SSLObjective:
-    """An objective by name (simclr, moco, byol, dino, rotation) with its hyper-parameters."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown SSL objective {name!r}; choose from {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](backbone, augment, **hparams)

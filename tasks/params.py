@@ -123,6 +123,45 @@ class RotationParams(Strict):
     pass
 
 
+class MAEParams(Strict):
+    """He et al. 2022; the paper's decoder is 512 wide and 8 deep for ViT-L, ours is scaled to the small ViT."""
+
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches hidden: high, so the task cannot be solved by interpolating neighbours")
+    decoder_dim: int = Field(64, ge=8, description="the decoder is narrow: it is thrown away, the encoder does the work")
+    decoder_depth: int = Field(2, ge=1, le=16, description="a deeper decoder leaves the encoder's last layers more abstract (better linear probes)")
+    decoder_heads: int = Field(4, ge=1, le=32)
+    norm_pix_loss: bool = Field(True, description="targets are each patch's pixels normalised by its own mean and std (sharper features, as in the paper)")
+
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self) -> MAEParams:
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError("mae.decoder_heads must divide mae.decoder_dim")
+        return self
+
+
+class IJEPAParams(Strict):
+    """Assran et al. 2023; the paper's predictor is 384 wide and 12 deep, ours is scaled to the small ViT."""
+
+    predictor_dim: int = Field(64, ge=8, description="a narrow predictor, so the encoder's tokens carry the semantics")
+    predictor_depth: int = Field(2, ge=1, le=16)
+    predictor_heads: int = Field(4, ge=1, le=32)
+    num_targets: int = Field(4, ge=1, le=16, description="target blocks per image (paper: 4)")
+    target_scale: list[float] = Field([0.15, 0.2], min_length=2, max_length=2, description="each block's share of the patches: large enough to be semantic, not texture")
+    target_aspect: list[float] = Field([0.75, 1.5], min_length=2, max_length=2, description="blocks' height/width range")
+    momentum_base: float = Field(0.996, gt=0, lt=1, description="target-encoder EMA at step 0, cosine to 1")
+
+    @model_validator(mode="after")
+    def _ranges_and_heads(self) -> IJEPAParams:
+        low, high = self.target_scale
+        if not 0 < low <= high < 1:
+            raise ValueError("ijepa.target_scale must be [low, high] with 0 < low <= high < 1")
+        if not 0 < self.target_aspect[0] <= self.target_aspect[1]:
+            raise ValueError("ijepa.target_aspect must be [low, high] with 0 < low <= high")
+        if self.predictor_dim % self.predictor_heads:
+            raise ValueError("ijepa.predictor_heads must divide ijepa.predictor_dim")
+        return self
+
+
 class AugmentParams(Strict):
     crop_scale: list[float] = Field([0.3, 1.0], min_length=2, max_length=2, description="RandomResizedCrop area range")
     flip: bool = Field(False, description="horizontal flips (off for digits: a flipped 2 is not a 2)")
@@ -132,22 +171,36 @@ class AugmentParams(Strict):
     blur_prob: float = Field(0.0, ge=0, le=1, description="gaussian blur (SimCLR leaves it out for small images)")
 
 
+PATCH_TOKEN_OBJECTIVES = ("mae", "ijepa")  # objectives that only the ViT backbone can train
+
+
 class SslParams(Strict):
     """Self-supervised pretraining of a backbone."""
 
     backbone: Literal["resnet", "vit"] = "resnet"
     resnet: ResNetParams = ResNetParams()
     vit: ViTParams = ViTParams()
-    objective: Literal["simclr", "moco", "byol", "dino", "rotation"] = "simclr"
+    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa"] = "simclr"
     simclr: SimCLRParams = SimCLRParams()
     moco: MoCoParams = MoCoParams()
     byol: BYOLParams = BYOLParams()
     dino: DINOParams = DINOParams()
     rotation: RotationParams = RotationParams()
+    mae: MAEParams = MAEParams()
+    ijepa: IJEPAParams = IJEPAParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams(epochs=30, batch_size=256, lr=2e-3, weight_decay=1e-4)
     knn_every_epochs: int = Field(5, ge=0, description="online kNN on val every N epochs; 0 = only at the end")
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _objective_fits_the_backbone(self) -> SslParams:
+        if self.objective in PATCH_TOKEN_OBJECTIVES and self.backbone != "vit":
+            raise ValueError(
+                f"objective: {self.objective} needs backbone: vit, not {self.backbone} "
+                "(it hides and predicts the ViT's patch tokens, which a ResNet does not have)"
+            )
+        return self
 
 
 class EncoderParams(Strict):

@@ -8,7 +8,8 @@ from torch import nn
 from models.augment import TwoViews
 from models.backbones import build_backbone
 from models.knn import knn_accuracy
-from models.ssl import SSLObjective, build_objective
+from models.ssl import SSLObjective
+from models.ssl_registry import build_objective
 from tasks.data import ImageSplit
 from tasks.encoder import embed
 from tasks.params import SslParams

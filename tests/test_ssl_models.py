@@ -14,8 +14,9 @@ from sklearn.datasets import load_digits
 from models.augment import TwoViews
 from models.backbones import build_backbone
 from models.knn import knn_accuracy, knn_predict
-from models.ssl import BYOL, DINO, KeyQueue, MoCoV2, build_objective, rotate_four_ways
+from models.ssl import BYOL, DINO, KeyQueue, MoCoV2, rotate_four_ways
 from models.ssl_losses import byol_loss, nt_xent
+from models.ssl_registry import build_objective
 
 
 def tiny_resnet():
