@@ -30,6 +30,7 @@ class ViTConfig:
     depth: int = 6
     heads: int = 3
     mlp_ratio: int = 4
+    pool: str = "cls"  # the feature: the final cls token, or the mean of the patch tokens ("mean")
 
 
 # -- ResNet ------------------------------------------------------------------------------
@@ -118,16 +119,20 @@ class TransformerBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    """Non-overlapping patches, a cls token and learned positions; the feature is the final cls token."""
+    """Non-overlapping patches, a cls token and learned positions; the feature is the final cls token
+    or the mean of the final patch tokens (what I-JEPA and MAE are probed with)."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         if config.image_size % config.patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+        if config.pool not in ("cls", "mean"):
+            raise ValueError(f"pool {config.pool!r} is neither 'cls' nor 'mean'")
         if config.dim % config.heads:
             raise ValueError(f"dim {config.dim} is not a multiple of heads {config.heads}")
         self.config = {"name": "vit", **asdict(config)}
         self.image_size = config.image_size
+        self.pool = config.pool
         num_patches = (config.image_size // config.patch_size) ** 2
         self.patchify = nn.Conv2d(config.in_channels, config.dim, config.patch_size, config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
@@ -159,7 +164,8 @@ class ViT(nn.Module):
         return tokens.transpose(1, 2).reshape(len(images), -1, side, side)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(self.embed_patches(images))[:, 0]
+        tokens = self.encode(self.embed_patches(images))
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
 
 
 def _init_vit_weights(module: nn.Module) -> None:

@@ -83,6 +83,7 @@ class ViTParams(Strict):
     depth: int = Field(4, ge=1, le=32)
     heads: int = Field(4, ge=1, le=32)
     mlp_ratio: int = Field(4, ge=1, le=8)
+    pool: Literal["cls", "mean"] = Field("cls", description="the feature: the cls token, or the mean patch token (use it with ijepa, whose loss never reaches the cls token's output)")
 
 
 class SimCLRParams(Strict):

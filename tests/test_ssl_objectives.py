@@ -1,0 +1,155 @@
+"""The SSL objectives beyond the contrastive and distillation ones (MAE, I-JEPA, jigsaw, CPC,
+inpainting, colorization): each against the property that defines it in its paper, their params
+checks, and each trained by the real loop and exported as a frozen encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from models.augment import TwoViews
+from models.backbones import build_backbone
+from models.ssl_masked import MAE, masked_patch_loss, patch_pixels, random_masking
+from tasks.params import ParamsError, SslParams, validate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_vit(channels: int = 1):
+    return build_backbone("vit", channels, 16, patch_size=4, dim=32, depth=2, heads=2)
+
+
+def tiny_resnet(channels: int = 1):
+    return build_backbone("resnet", channels, 16, width=8, depth=(1, 1))
+
+
+def augment(channels: int = 1) -> TwoViews:
+    return TwoViews(16, channels, crop_scale=(0.4, 1.0), flip=False, blur_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    """scikit-learn's 8x8 digits, upsampled to 16x16, in [-1, 1]."""
+    images = torch.tensor(load_digits().images[:64], dtype=torch.float32)[:, None] / 16
+    return F.interpolate(images, size=16, mode="bilinear") * 2 - 1
+
+
+# -- MAE -----------------------------------------------------------------------------------
+
+
+def test_mae_encoder_never_sees_the_masked_patches(digits):
+    mae = MAE(tiny_vit(), augment(), mask_ratio=0.75, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    seen = []
+    mae.backbone.blocks.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    images = digits[:8]
+    torch.manual_seed(0)
+    first = mae.reconstruction_loss(images)["loss"]
+    torch.manual_seed(0)  # the same mask again
+    _, masked = random_masking(8, 16, 4, images.device)
+    # new pixels in every masked patch only: fold puts patches back where unfold took them
+    pixels = patch_pixels(images, 4)
+    pixels = torch.where(masked[..., None], torch.randn_like(pixels), pixels)
+    changed = F.fold(pixels.transpose(1, 2), (16, 16), 4, stride=4)
+    assert not torch.equal(changed, images)
+    torch.manual_seed(0)
+    second = mae.reconstruction_loss(changed)["loss"]
+    assert seen[0].shape == (8, 1 + 4, 32)  # the cls token and the 4 visible patches of 16
+    torch.testing.assert_close(seen[1], seen[0])  # the encoder's input did not change
+    assert second != first  # the targets did: the loss is on the masked patches
+
+
+def test_mae_loss_counts_only_masked_patches():
+    predicted, target = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
+    masked = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    loss = masked_patch_loss(predicted, target, masked)
+    expected = (predicted - target).pow(2).mean(-1)[masked].mean()
+    torch.testing.assert_close(loss, expected)
+    elsewhere = torch.where(masked[..., None], predicted, torch.randn_like(predicted))
+    torch.testing.assert_close(masked_patch_loss(elsewhere, target, masked), loss)
+
+
+def test_random_masking_hides_the_complement_of_the_kept_patches():
+    keep_index, masked = random_masking(5, 16, 4, torch.device("cpu"))
+    assert masked.sum(1).tolist() == [12] * 5
+    assert not masked.gather(1, keep_index).any()
+    assert len({tuple(row.sort().values.tolist()) for row in keep_index}) > 1  # per image
+
+
+# -- params --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["mae", "ijepa"])
+def test_patch_token_objectives_refuse_the_resnet_by_key(objective):
+    with pytest.raises(ParamsError, match=rf"objective: {objective} needs backbone: vit, not resnet .*patch tokens"):
+        validate("ssl", {"objective": objective, "backbone": "resnet"})
+    assert isinstance(validate("ssl", {"objective": objective, "backbone": "vit"}), SslParams)
+
+
+# -- trained by the one loop, resumed after a kill, exported -------------------------------
+
+TINY = {  # each new objective at a size that trains in a second
+    "mae": {"backbone": "vit", "mae": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}},
+    "ijepa": {"backbone": "vit", "ijepa": {"predictor_dim": 16, "predictor_depth": 1, "predictor_heads": 2}},
+}
+
+
+class Killed(Exception):
+    pass
+
+
+def ssl_trainer(name: str, checkpoint, channels: int):
+    from tasks.ssl import build_ssl
+    from tasks.training import Trainer
+
+    params = SslParams.model_validate({
+        "objective": name, "resnet": {"width": 8, "depth": [1, 1]}, "vit": {"dim": 16, "depth": 1, "heads": 2},
+        "train": {"epochs": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 2}, **TINY[name],
+    })
+    torch.manual_seed(0)
+    objective = build_ssl(params, channels, 16)
+    return Trainer(objective, params.train, steps_per_epoch=1, seed=0, checkpoint=checkpoint, fingerprint=name,
+                   device=torch.device("cpu")), params
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_the_loop_trains_resumes_and_exports_each_objective(name, digits, tmp_path):
+    """4 steps of the real Trainer; a run killed after its step-2 checkpoint resumes to the same
+    weights; then the ssl stage's files -> the encoder stage's export -> the frozen encoder."""
+    import json
+
+    from tasks.data import ImageSplit
+    from tasks.encoder import backbone_from_ssl, embed, export_encoder, load_encoder
+
+    channels = 1
+    images = digits[:32].expand(-1, channels, -1, -1)
+    batches = lambda step: images[(step % 2) * 16 : (step % 2) * 16 + 16]  # noqa: E731
+    whole, params = ssl_trainer(name, None, channels)
+    uninterrupted = whole.fit(batches).module.state_dict()
+
+    killed, _ = ssl_trainer(name, tmp_path / "state.pt", channels)
+
+    def dies_at_step_3(step):
+        if step == 3:
+            raise Killed
+        return batches(step)
+
+    with pytest.raises(Killed):
+        killed.fit(dies_at_step_3)
+    resumed, _ = ssl_trainer(name, tmp_path / "state.pt", channels)
+    assert resumed.start_step == 2
+    result = resumed.fit(batches)
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(result.module.state_dict()[key], tensor, msg=key)
+
+    ssl_folder, encoder_folder = tmp_path / "ssl", tmp_path / "encoder"
+    ssl_folder.mkdir()
+    torch.save(result.module.state_dict(), ssl_folder / "objective.pt")
+    (ssl_folder / "config.json").write_text(json.dumps({"objective": name, "backbone": result.module.backbone.config}))
+    backbone, config = backbone_from_ssl(ssl_folder)
+    export_encoder(backbone, config, encoder_folder)
+    split = ImageSplit(((images + 1) * 127.5).round().to(torch.uint8), torch.zeros(32, dtype=torch.long))
+    expected = embed(result.module.backbone.eval(), split)
+    torch.testing.assert_close(embed(load_encoder(encoder_folder), split), expected)
+    assert expected.std(0).max() > 0
