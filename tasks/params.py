@@ -163,6 +163,15 @@ class IJEPAParams(Strict):
         return self
 
 
+class JigsawParams(Strict):
+    """Noroozi & Favaro 2016: a 3x3 puzzle; the paper's 1000 permutations suit ImageNet, 100 suit a few thousand small images."""
+
+    grid: int = Field(3, ge=2, le=4, description="tiles per side: 3x3 is the paper's, hard enough to need object parts")
+    num_permutations: int = Field(100, ge=2, le=2000, description="classes: permutations chosen far apart in Hamming distance, so each differs from the others in many tiles")
+    tile_fraction: float = Field(0.85, gt=0, le=1, description="tile side / cell side (paper: 64 of 75 px): the gap hides edge continuity, a shortcut")
+    hidden_dim: int = Field(512, ge=8, description="the classifier's hidden layer over the concatenated tile features (paper: 4096)")
+
+
 class AugmentParams(Strict):
     crop_scale: list[float] = Field([0.3, 1.0], min_length=2, max_length=2, description="RandomResizedCrop area range")
     flip: bool = Field(False, description="horizontal flips (off for digits: a flipped 2 is not a 2)")
@@ -181,7 +190,7 @@ class SslParams(Strict):
     backbone: Literal["resnet", "vit"] = "resnet"
     resnet: ResNetParams = ResNetParams()
     vit: ViTParams = ViTParams()
-    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa"] = "simclr"
+    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw"] = "simclr"
     simclr: SimCLRParams = SimCLRParams()
     moco: MoCoParams = MoCoParams()
     byol: BYOLParams = BYOLParams()
@@ -189,6 +198,7 @@ class SslParams(Strict):
     rotation: RotationParams = RotationParams()
     mae: MAEParams = MAEParams()
     ijepa: IJEPAParams = IJEPAParams()
+    jigsaw: JigsawParams = JigsawParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams(epochs=30, batch_size=256, lr=2e-3, weight_decay=1e-4)
     knn_every_epochs: int = Field(5, ge=0, description="online kNN on val every N epochs; 0 = only at the end")

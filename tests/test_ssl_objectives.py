@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 from models.augment import TwoViews
 from models.backbones import build_backbone
 from models.ssl_masked import MAE, masked_patch_loss, patch_pixels, random_masking
+from models.ssl_pretext import Jigsaw, cut_tiles, hamming_permutations, shuffle_tiles
 from tasks.params import ParamsError, SslParams, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +78,46 @@ def test_random_masking_hides_the_complement_of_the_kept_patches():
     assert len({tuple(row.sort().values.tolist()) for row in keep_index}) > 1  # per image
 
 
+# -- jigsaw --------------------------------------------------------------------------------
+
+
+def min_hamming_distance(permutations: torch.Tensor) -> int:
+    distances = (permutations[:, None] != permutations[None]).sum(-1)
+    return int(distances[~torch.eye(len(permutations), dtype=torch.bool)].min())
+
+
+def test_jigsaw_permutations_are_far_apart():
+    chosen = hamming_permutations(9, 100)
+    assert chosen.shape == (100, 9) and len({tuple(p) for p in chosen.tolist()}) == 100
+    assert all(sorted(p) == list(range(9)) for p in chosen.tolist())
+    assert min_hamming_distance(chosen) == 6  # every pair differs in at least 6 of the 9 tiles
+    generator = torch.Generator().manual_seed(0)
+    random_sets = [torch.stack([torch.randperm(9, generator=generator) for _ in range(100)]) for _ in range(5)]
+    assert max(min_hamming_distance(s) for s in random_sets) < 6
+    # 4 tiles: the 4 permutations that move every tile (distance 4), not 4 of the 24 at random
+    assert min_hamming_distance(hamming_permutations(4, 4)) == 4
+    with pytest.raises(ValueError, match="only 24"):
+        hamming_permutations(4, 25)
+
+
+def test_jigsaw_target_is_the_index_of_the_permutation_applied():
+    images = torch.arange(2 * 36, dtype=torch.float32).view(2, 1, 6, 6)
+    tiles = cut_tiles(images, grid=3, tile_fraction=1.0)  # 2x2 tiles, no gap: nothing random
+    assert tiles.shape == (2, 9, 1, 2, 2)
+    permutations = hamming_permutations(9, 10)
+    torch.manual_seed(0)
+    shuffled, labels = shuffle_tiles(tiles, permutations)
+    for image in range(2):
+        order = permutations[labels[image]]
+        torch.testing.assert_close(shuffled[image], tiles[image, order])
+        restored = shuffled[image, order.argsort()]  # the inverse permutation solves the puzzle
+        torch.testing.assert_close(restored, tiles[image])
+
+    jigsaw = Jigsaw(tiny_resnet(), augment(), grid=3, num_permutations=10, hidden_dim=16)
+    assert torch.equal(jigsaw.permutations, permutations)
+    assert jigsaw.head[-1].out_features == 10  # one class per permutation
+
+
 # -- params --------------------------------------------------------------------------------
 
 
@@ -92,6 +133,7 @@ def test_patch_token_objectives_refuse_the_resnet_by_key(objective):
 TINY = {  # each new objective at a size that trains in a second
     "mae": {"backbone": "vit", "mae": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}},
     "ijepa": {"backbone": "vit", "ijepa": {"predictor_dim": 16, "predictor_depth": 1, "predictor_heads": 2}},
+    "jigsaw": {"jigsaw": {"num_permutations": 10, "hidden_dim": 16}},
 }
 
 
