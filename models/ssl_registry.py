@@ -5,13 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from models.augment import TwoViews
-from models.ssl import BYOL, DINO, MoCoV2, Rotation, SimCLR, SSLObjective
+from models.ssl import BYOL, CPC, DINO, MoCoV2, Rotation, SimCLR, SSLObjective
 from models.ssl_masked import IJEPA, MAE
 from models.ssl_pretext import Jigsaw
 
 OBJECTIVES: dict[str, type[SSLObjective]] = {
     "simclr": SimCLR, "moco": MoCoV2, "byol": BYOL, "dino": DINO, "rotation": Rotation,
-    "mae": MAE, "ijepa": IJEPA, "jigsaw": Jigsaw,
+    "mae": MAE, "ijepa": IJEPA, "jigsaw": Jigsaw, "cpc": CPC,
 }
 
 

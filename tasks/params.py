@@ -172,6 +172,21 @@ class JigsawParams(Strict):
     hidden_dim: int = Field(512, ge=8, description="the classifier's hidden layer over the concatenated tile features (paper: 4096)")
 
 
+class CPCParams(Strict):
+    """Hénaff et al. 2020 (CPC v2): the paper's 7x7 grid of 64-pixel patches is scaled to 3x3 for 16-pixel images."""
+
+    grid: int = Field(3, ge=2, le=8, description="patches per side, overlapping by half: each is embedded alone, so no row leaks into another's embedding")
+    context_dim: int = Field(128, ge=8, description="width of the context network")
+    context_layers: int = Field(2, ge=1, le=12, description="row-causal residual blocks: more rows above in each context")
+    prediction_steps: int = Field(2, ge=1, le=7, description="how many rows below each context predicts (a linear map each): farther rows need more than texture")
+
+    @model_validator(mode="after")
+    def _steps_fit_the_grid(self) -> CPCParams:
+        if self.prediction_steps >= self.grid:
+            raise ValueError(f"cpc.prediction_steps ({self.prediction_steps}) must be below cpc.grid ({self.grid}): no row lies that far below")
+        return self
+
+
 class AugmentParams(Strict):
     crop_scale: list[float] = Field([0.3, 1.0], min_length=2, max_length=2, description="RandomResizedCrop area range")
     flip: bool = Field(False, description="horizontal flips (off for digits: a flipped 2 is not a 2)")
@@ -190,7 +205,7 @@ class SslParams(Strict):
     backbone: Literal["resnet", "vit"] = "resnet"
     resnet: ResNetParams = ResNetParams()
     vit: ViTParams = ViTParams()
-    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw"] = "simclr"
+    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw", "cpc"] = "simclr"
     simclr: SimCLRParams = SimCLRParams()
     moco: MoCoParams = MoCoParams()
     byol: BYOLParams = BYOLParams()
@@ -199,6 +214,7 @@ class SslParams(Strict):
     mae: MAEParams = MAEParams()
     ijepa: IJEPAParams = IJEPAParams()
     jigsaw: JigsawParams = JigsawParams()
+    cpc: CPCParams = CPCParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams(epochs=30, batch_size=256, lr=2e-3, weight_decay=1e-4)
     knn_every_epochs: int = Field(5, ge=0, description="online kNN on val every N epochs; 0 = only at the end")

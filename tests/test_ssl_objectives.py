@@ -4,6 +4,8 @@ checks, and each trained by the real loop and exported as a frozen encoder."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,8 @@ from sklearn.datasets import load_digits
 
 from models.augment import TwoViews
 from models.backbones import build_backbone
+from models.ssl import CPC, overlapping_patches
+from models.ssl_losses import cpc_infonce
 from models.ssl_masked import MAE, masked_patch_loss, patch_pixels, random_masking
 from models.ssl_pretext import Jigsaw, cut_tiles, hamming_permutations, shuffle_tiles
 from tasks.params import ParamsError, SslParams, validate
@@ -118,6 +122,41 @@ def test_jigsaw_target_is_the_index_of_the_permutation_applied():
     assert jigsaw.head[-1].out_features == 10  # one class per permutation
 
 
+# -- CPC -----------------------------------------------------------------------------------
+
+
+def cpc_infonce_by_loops(predictions, candidates, positives) -> float:
+    """InfoNCE written out prediction by prediction: -log(exp(p.z+) / sum over every z of exp(p.z))."""
+    total = 0.0
+    for prediction, positive in zip(predictions.double(), positives.tolist(), strict=True):
+        scores = [float(prediction @ candidate) for candidate in candidates.double()]
+        total += -(scores[positive] - math.log(sum(math.exp(score) for score in scores)))
+    return total / len(predictions)
+
+
+def test_cpc_infonce_matches_the_pair_by_pair_definition():
+    generator = torch.Generator().manual_seed(0)
+    predictions, candidates = torch.randn(7, 5, generator=generator), torch.randn(12, 5, generator=generator)
+    positives = torch.randint(0, 12, (7,), generator=generator)
+    expected = cpc_infonce_by_loops(predictions, candidates, positives)
+    assert cpc_infonce(predictions, candidates, positives).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cpc_context_sees_only_the_rows_above_and_patches_overlap_by_half():
+    cpc = CPC(tiny_resnet(), augment(), grid=4, context_dim=8, context_layers=3, prediction_steps=2)
+    embeddings = torch.randn(2, tiny_resnet().out_dim, 4, 4)
+    changed = embeddings.clone()
+    changed[:, :, 2:] = torch.randn_like(changed[:, :, 2:])  # rows 2 and 3 only
+    before, after = cpc.head(embeddings), cpc.head(changed)
+    torch.testing.assert_close(after[:, :, :2], before[:, :, :2])
+    assert not torch.allclose(after[:, :, 2:], before[:, :, 2:])
+
+    image = torch.arange(100, dtype=torch.float32).view(1, 1, 10, 10)
+    patches = overlapping_patches(image, grid=4)  # 4-pixel patches, 2 apart
+    assert patches.shape == (1, 16, 1, 4, 4)
+    torch.testing.assert_close(patches[0, 5, 0], image[0, 0, 2:6, 2:6])  # row 1, column 1
+
+
 # -- params --------------------------------------------------------------------------------
 
 
@@ -134,6 +173,7 @@ TINY = {  # each new objective at a size that trains in a second
     "mae": {"backbone": "vit", "mae": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}},
     "ijepa": {"backbone": "vit", "ijepa": {"predictor_dim": 16, "predictor_depth": 1, "predictor_heads": 2}},
     "jigsaw": {"jigsaw": {"num_permutations": 10, "hidden_dim": 16}},
+    "cpc": {"cpc": {"context_dim": 16, "context_layers": 1}},
 }
 
 
