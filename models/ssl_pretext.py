@@ -1,13 +1,16 @@
-"""Hand-designed pretext tasks beside rotation: jigsaw puzzles (and, in the same shape, the other
-tasks whose labels come from the image itself). Each is one objective over the shared base."""
+"""Hand-designed pretext tasks beside rotation, whose targets come from the image itself: jigsaw
+puzzles, inpainting a hidden block, colorization from lightness. Each is one objective over the
+shared base; the dense ones decode the backbone's feature map back to pixels."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from kornia.color import rgb_to_lab
 from torch import nn
 
 from models.augment import TwoViews
@@ -100,3 +103,117 @@ class Jigsaw(SSLObjective):
             "accuracy": (logits.argmax(dim=1) == labels).float().mean(),
             "feature_std": feature_std(features),
         }
+
+
+# -- dense tasks: a decoder from the backbone's feature map to every pixel ------------------
+
+
+def pixel_decoder(in_dim: int, hidden_dim: int, out_channels: int, image_size: int) -> nn.Sequential:
+    """Feature map (N, in_dim, h, w) -> (N, out_channels, image_size, image_size): a 1x1 projection,
+    bilinear upsampling, two 3x3 convolutions. Light, so the backbone does the work."""
+    return nn.Sequential(
+        nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True),
+        nn.Upsample(size=(image_size, image_size), mode="bilinear", align_corners=False),
+        nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(hidden_dim, out_channels, 3, padding=1),
+    )
+
+
+def random_block_masks(batch: int, image_size: int, block: int, device: torch.device) -> torch.Tensor:
+    """(N, 1, S, S) float masks, 1 on a block x block square at a random place per image."""
+    top = torch.randint(0, image_size - block + 1, (batch, 1, 1, 1), device=device)
+    left = torch.randint(0, image_size - block + 1, (batch, 1, 1, 1), device=device)
+    steps = torch.arange(image_size, device=device)
+    rows = (steps[:, None] >= top) & (steps[:, None] < top + block)
+    cols = (steps[None, :] >= left) & (steps[None, :] < left + block)
+    return (rows & cols).float()
+
+
+def masked_region_loss(reconstructed: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The context encoder's L2 loss: the mean squared error over the hidden pixels only."""
+    squared = (reconstructed - images).pow(2) * masks
+    return squared.sum() / (masks.sum() * images.shape[1])
+
+
+class Inpainting(SSLObjective):
+    """Pathak et al., 2016 (context encoders): hide a square block of each view (filled with 0, the
+    data's middle grey), encode what is left, decode the whole image, and pay an L2 loss on the
+    hidden block only. The random-block variant of the paper; its adversarial term is left out."""
+
+    def __init__(self, backbone: nn.Module, augment: TwoViews, block_fraction: float = 0.5, decoder_dim: int = 64):
+        config = backbone.config
+        super().__init__(backbone, augment, pixel_decoder(backbone.out_dim, decoder_dim, config["in_channels"], config["image_size"]))
+        self.image_size = config["image_size"]
+        self.block = max(1, round(block_fraction * self.image_size))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.inpainting_loss(self.augment.view(images))
+
+    def inpainting_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        masks = random_block_masks(len(images), self.image_size, self.block, images.device)
+        features = self.backbone.feature_map(images * (1 - masks))
+        reconstructed = self.head(features)
+        return {"loss": masked_region_loss(reconstructed, images, masks), "feature_std": feature_std(features.mean(dim=(2, 3)))}
+
+
+AB_RANGE = 110.0  # CIE Lab's a and b of sRGB colours lie within +-110
+
+
+def ab_bins(ab: torch.Tensor, bin_size: float) -> torch.Tensor:
+    """(N, 2, H, W) a, b -> (N, H, W) the index of the bin_size x bin_size cell on the ab plane."""
+    per_side = math.ceil(2 * AB_RANGE / bin_size)
+    cells = ((ab + AB_RANGE) / bin_size).floor().long().clamp(0, per_side - 1)
+    return cells[:, 0] * per_side + cells[:, 1]
+
+
+class Colorization(SSLObjective):
+    """Zhang et al., 2016: from the lightness L of a colour view, classify each pixel's colour
+    among quantised ab bins, each bin's loss weighted by the inverse of its (smoothed) frequency so
+    rare saturated colours count. Documented simplifications: the whole square grid of bins (not
+    the 313 in gamut), hard targets (not soft-encoded), and bin frequencies estimated as a running
+    average over training batches (not beforehand on the dataset). The backbone keeps its RGB
+    input: it sees the lightness as a grey RGB image."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        augment: TwoViews,
+        bin_size: float = 10.0,
+        rebalance: float = 0.5,
+        frequency_momentum: float = 0.99,
+        decoder_dim: int = 64,
+    ):
+        config = backbone.config
+        if config["in_channels"] != 3:
+            raise ValueError("colorization needs colour (3-channel) images")
+        bins = math.ceil(2 * AB_RANGE / bin_size) ** 2
+        super().__init__(backbone, augment, pixel_decoder(backbone.out_dim, decoder_dim, bins, config["image_size"]))
+        self.bin_size = bin_size
+        self.rebalance = rebalance
+        self.frequency_momentum = frequency_momentum
+        self.register_buffer("bin_frequency", torch.full((bins,), 1 / bins))  # saved: resumes where it was
+
+    def class_weights(self) -> torch.Tensor:
+        """Zhang's w proportional to ((1 - lambda) p + lambda / Q)^-1, scaled so that E_p[w] = 1."""
+        weights = 1 / ((1 - self.rebalance) * self.bin_frequency + self.rebalance / len(self.bin_frequency))
+        return weights / (self.bin_frequency * weights).sum()
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        lab = rgb_to_lab((self.augment.view(images) + 1) / 2)
+        lightness = (lab[:, :1] / 50 - 1).expand(-1, 3, -1, -1)  # [0, 100] -> [-1, 1], as grey RGB
+        targets = ab_bins(lab[:, 1:], self.bin_size)
+        if self.training:
+            self._count(targets)
+        features = self.backbone.feature_map(lightness)
+        logits = self.head(features)
+        per_pixel = F.cross_entropy(logits, targets, reduction="none")
+        return {
+            "loss": (self.class_weights()[targets] * per_pixel).mean(),
+            "accuracy": (logits.argmax(dim=1) == targets).float().mean(),
+            "feature_std": feature_std(features.mean(dim=(2, 3))),
+        }
+
+    @torch.no_grad()
+    def _count(self, targets: torch.Tensor) -> None:
+        counts = torch.zeros_like(self.bin_frequency).scatter_add_(0, targets.flatten(), torch.ones_like(targets.flatten(), dtype=self.bin_frequency.dtype))
+        self.bin_frequency.lerp_(counts / targets.numel(), 1 - self.frequency_momentum)

@@ -187,6 +187,22 @@ class CPCParams(Strict):
         return self
 
 
+class InpaintingParams(Strict):
+    """Pathak et al. 2016 (context encoders), random-block variant, L2 loss on the hidden block (the paper's small adversarial term is left out)."""
+
+    block_fraction: float = Field(0.5, gt=0, lt=1, description="the hidden square's side / the image side (paper: 64 of 128 px): big enough that texture alone cannot fill it")
+    decoder_dim: int = Field(64, ge=8, description="width of the light decoder back to pixels")
+
+
+class ColorizationParams(Strict):
+    """Zhang et al. 2016: per-pixel classification of quantised ab colour from lightness, with class rebalancing (colour sources only)."""
+
+    bin_size: float = Field(10.0, ge=2, le=55, description="side of an ab bin (paper: 10): colours are classified, not regressed, so a pixel can be red or blue without averaging to grey")
+    rebalance: float = Field(0.5, ge=0, le=1, description="lambda mixing the bin frequency with uniform before inverting it to weights (paper: 0.5): rare saturated colours count")
+    frequency_momentum: float = Field(0.99, ge=0, lt=1, description="running average of the bin frequencies over training batches")
+    decoder_dim: int = Field(64, ge=8, description="width of the light decoder to per-pixel bin logits")
+
+
 class AugmentParams(Strict):
     crop_scale: list[float] = Field([0.3, 1.0], min_length=2, max_length=2, description="RandomResizedCrop area range")
     flip: bool = Field(False, description="horizontal flips (off for digits: a flipped 2 is not a 2)")
@@ -205,7 +221,7 @@ class SslParams(Strict):
     backbone: Literal["resnet", "vit"] = "resnet"
     resnet: ResNetParams = ResNetParams()
     vit: ViTParams = ViTParams()
-    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw", "cpc"] = "simclr"
+    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw", "cpc", "inpainting", "colorization"] = "simclr"
     simclr: SimCLRParams = SimCLRParams()
     moco: MoCoParams = MoCoParams()
     byol: BYOLParams = BYOLParams()
@@ -215,6 +231,8 @@ class SslParams(Strict):
     ijepa: IJEPAParams = IJEPAParams()
     jigsaw: JigsawParams = JigsawParams()
     cpc: CPCParams = CPCParams()
+    inpainting: InpaintingParams = InpaintingParams()
+    colorization: ColorizationParams = ColorizationParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams(epochs=30, batch_size=256, lr=2e-3, weight_decay=1e-4)
     knn_every_epochs: int = Field(5, ge=0, description="online kNN on val every N epochs; 0 = only at the end")

@@ -12,9 +12,23 @@ from models.ssl import SSLObjective
 from models.ssl_registry import build_objective
 from tasks.data import ImageSplit
 from tasks.encoder import embed
-from tasks.params import SslParams
+from tasks.params import ParamsError, SslParams
 
 MONITOR_TRAIN_IMAGES = 10_000  # kNN bank size for the online monitor
+
+
+GRAYSCALE_SOURCES = ("digits", "mnist", "fashion_mnist")  # prepare.source values without colour
+
+
+def check_fits_the_data(params: SslParams, source: str, channels: int) -> None:
+    """Refuse an objective the prepared data cannot train (params/ssl.yaml against what the prepare
+    stage made, so only checkable here), before any work."""
+    if params.objective == "colorization" and (source in GRAYSCALE_SOURCES or channels != 3):
+        raise ParamsError(
+            f"params/ssl.yaml: objective: colorization predicts colour from lightness, but the prepared data "
+            f"(prepare.source: {source}, {channels} channel(s)) has no colour to predict; prepare a colour "
+            "source (prepare.source: cifar10, or folder with RGB images and prepare.channels: null or 3)"
+        )
 
 
 def build_ssl(params: SslParams, channels: int, image_size: int) -> SSLObjective:

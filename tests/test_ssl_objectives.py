@@ -16,7 +16,17 @@ from models.backbones import build_backbone
 from models.ssl import CPC, overlapping_patches
 from models.ssl_losses import cpc_infonce
 from models.ssl_masked import MAE, masked_patch_loss, patch_pixels, random_masking
-from models.ssl_pretext import Jigsaw, cut_tiles, hamming_permutations, shuffle_tiles
+from models.ssl_pretext import (
+    Colorization,
+    Inpainting,
+    Jigsaw,
+    ab_bins,
+    cut_tiles,
+    hamming_permutations,
+    masked_region_loss,
+    random_block_masks,
+    shuffle_tiles,
+)
 from tasks.params import ParamsError, SslParams, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,6 +167,75 @@ def test_cpc_context_sees_only_the_rows_above_and_patches_overlap_by_half():
     torch.testing.assert_close(patches[0, 5, 0], image[0, 0, 2:6, 2:6])  # row 1, column 1
 
 
+# -- inpainting ----------------------------------------------------------------------------
+
+
+def test_inpainting_loss_is_only_on_the_hidden_block(digits):
+    inpainting = Inpainting(tiny_resnet(), augment(), block_fraction=0.5, decoder_dim=8)
+    reconstructions = []
+
+    def keep_grad(module, inputs, output):
+        output.retain_grad()
+        reconstructions.append(output)
+
+    inpainting.head.register_forward_hook(keep_grad)
+    torch.manual_seed(0)
+    inpainting.inpainting_loss(digits[:4])["loss"].backward()
+    hidden = reconstructions[0].grad.abs().sum(dim=1) > 0  # the pixels the loss reaches
+    assert hidden.sum(dim=(1, 2)).tolist() == [64] * 4  # one 8x8 block of the 16x16 image each
+    rows, cols = hidden.any(dim=2), hidden.any(dim=1)
+    assert (rows.sum(1) == 8).all() and (cols.sum(1) == 8).all()  # a square, nothing outside it
+
+    images, masks = torch.randn(2, 3, 6, 6), torch.zeros(2, 1, 6, 6)
+    masks[:, :, 1:3, 2:5] = 1
+    guess = torch.randn(2, 3, 6, 6)
+    loss = masked_region_loss(guess, images, masks)
+    torch.testing.assert_close(loss, (guess - images)[:, :, 1:3, 2:5].pow(2).mean())
+    anything_outside = torch.where(masks.bool(), guess, torch.randn_like(guess))
+    torch.testing.assert_close(masked_region_loss(anything_outside, images, masks), loss)
+
+
+def test_inpainting_encoder_never_sees_the_hidden_block(digits):
+    inpainting = Inpainting(tiny_resnet(), augment(), block_fraction=0.5, decoder_dim=8)
+    seen = []
+    inpainting.backbone.stem.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    torch.manual_seed(0)
+    inpainting.inpainting_loss(digits[:4])
+    torch.manual_seed(0)  # the same block again
+    hidden = random_block_masks(4, 16, 8, torch.device("cpu")).bool()
+    changed = torch.where(hidden, torch.rand_like(digits[:4]), digits[:4])
+    torch.manual_seed(0)
+    inpainting.inpainting_loss(changed)
+    torch.testing.assert_close(seen[1], seen[0])
+    assert (seen[0][hidden.expand_as(seen[0])] == 0).all()
+
+
+# -- colorization --------------------------------------------------------------------------
+
+
+def test_colorization_is_refused_on_grayscale_sources_by_name():
+    from tasks.ssl import check_fits_the_data
+
+    params = SslParams.model_validate({"objective": "colorization"})
+    for source, channels in (("mnist", 1), ("digits", 1), ("fashion_mnist", 1), ("mnist", 3), ("folder", 1)):
+        with pytest.raises(ParamsError, match=rf"colorization .*prepare.source: {source}, {channels} channel.*no colour .*cifar10"):
+            check_fits_the_data(params, source, channels)
+    check_fits_the_data(params, "cifar10", 3)
+    check_fits_the_data(params, "folder", 3)
+    check_fits_the_data(SslParams.model_validate({"objective": "simclr"}), "mnist", 1)
+
+
+def test_colorization_targets_are_ab_bins_weighted_towards_rare_colours():
+    grey_red_blue = torch.tensor([[[[0.0, 60.0, -60.0]], [[0.0, 50.0, -100.0]]]])  # (1, 2, 1, 3) a, b
+    assert ab_bins(grey_red_blue, 10.0).tolist() == [[[11 * 22 + 11, 17 * 22 + 16, 5 * 22 + 1]]]
+    colorization = Colorization(tiny_resnet(channels=3), augment(channels=3), bin_size=10.0, rebalance=0.5, decoder_dim=8)
+    colorization.bin_frequency.zero_()
+    colorization.bin_frequency[[0, 1]] = torch.tensor([0.9, 0.1])
+    weights = colorization.class_weights()
+    assert weights[1] > weights[0]  # the rare colour weighs more
+    assert (colorization.bin_frequency * weights).sum().item() == pytest.approx(1.0)  # E_p[w] = 1
+
+
 # -- params --------------------------------------------------------------------------------
 
 
@@ -174,6 +253,8 @@ TINY = {  # each new objective at a size that trains in a second
     "ijepa": {"backbone": "vit", "ijepa": {"predictor_dim": 16, "predictor_depth": 1, "predictor_heads": 2}},
     "jigsaw": {"jigsaw": {"num_permutations": 10, "hidden_dim": 16}},
     "cpc": {"cpc": {"context_dim": 16, "context_layers": 1}},
+    "inpainting": {"inpainting": {"decoder_dim": 8}},
+    "colorization": {"colorization": {"decoder_dim": 8, "bin_size": 20.0}},
 }
 
 
@@ -204,7 +285,7 @@ def test_the_loop_trains_resumes_and_exports_each_objective(name, digits, tmp_pa
     from tasks.data import ImageSplit
     from tasks.encoder import backbone_from_ssl, embed, export_encoder, load_encoder
 
-    channels = 1
+    channels = 3 if name == "colorization" else 1
     images = digits[:32].expand(-1, channels, -1, -1)
     batches = lambda step: images[(step % 2) * 16 : (step % 2) * 16 + 16]  # noqa: E731
     whole, params = ssl_trainer(name, None, channels)
