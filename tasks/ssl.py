@@ -32,11 +32,17 @@ def check_fits_the_data(params: SslParams, source: str, channels: int) -> None:
 
 
 def build_ssl(params: SslParams, channels: int, image_size: int) -> SSLObjective:
-    backbone = build_backbone(params.backbone, channels, image_size, **getattr(params, params.backbone).model_dump())
+    """The objective the params name, on the prepared images' shape; a combination the networks
+    refuse (a patch size that does not divide the images, I-JEPA blocks that leave no context)
+    is a ParamsError naming params/ssl.yaml."""
     augment_params = params.augment.model_dump()
     augment_params["crop_scale"] = tuple(augment_params["crop_scale"])
-    augment = TwoViews(image_size, channels, **augment_params)
-    return build_objective(params.objective, backbone, augment, **getattr(params, params.objective).model_dump())
+    try:
+        backbone = build_backbone(params.backbone, channels, image_size, **getattr(params, params.backbone).model_dump())
+        augment = TwoViews(image_size, channels, **augment_params)
+        return build_objective(params.objective, backbone, augment, **getattr(params, params.objective).model_dump())
+    except ValueError as err:
+        raise ParamsError(f"params/ssl.yaml: {err} (for the prepared {channels}x{image_size}x{image_size} images)") from None
 
 
 def knn_monitor(train: ImageSplit, val: ImageSplit, k: int = 20):

@@ -316,3 +316,11 @@ def test_the_loop_trains_resumes_and_exports_each_objective(name, digits, tmp_pa
     expected = embed(result.module.backbone.eval(), split)
     torch.testing.assert_close(embed(load_encoder(encoder_folder), split), expected)
     assert expected.std(0).max() > 0
+
+
+def test_a_network_that_does_not_fit_the_prepared_images_is_a_params_error():
+    from tasks.ssl import build_ssl
+
+    params = SslParams.model_validate({"objective": "ijepa", "backbone": "vit"})
+    with pytest.raises(ParamsError, match=r"params/ssl.yaml: ijepa.num_targets 4 leaves no context in a 2x2 patch grid"):
+        build_ssl(params, 1, 8)
