@@ -336,6 +336,8 @@ class CPC(SSLObjective):
     ):
         if not 1 <= prediction_steps < grid:
             raise ValueError(f"cpc.prediction_steps {prediction_steps} must lie in 1..grid-1 ({grid - 1})")
+        if 2 * backbone.config["image_size"] // (grid + 1) < 2:
+            raise ValueError(f"cpc.grid {grid} leaves patches under 2 pixels on {backbone.config['image_size']}-pixel images")
         context = nn.Sequential(nn.Conv2d(backbone.out_dim, context_dim, 1), *(RowCausalBlock(context_dim) for _ in range(context_layers)))
         super().__init__(backbone, augment, context)
         self.predictors = nn.ModuleList(nn.Conv2d(context_dim, backbone.out_dim, 1) for _ in range(prediction_steps))

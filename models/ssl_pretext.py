@@ -21,6 +21,8 @@ def hamming_permutations(tiles: int, count: int) -> torch.Tensor:
     """Noroozi & Favaro's permutation set (count, tiles): from the identity, greedily add the
     permutation farthest (in minimum Hamming distance) from those chosen, the first in
     lexicographic order on ties. Far-apart permutations make every class tell the puzzle apart."""
+    if tiles > 9:
+        raise ValueError(f"jigsaw: {tiles} tiles have too many permutations to search (at most 9 tiles, a 3x3 grid)")
     every = np.array(list(itertools.permutations(range(tiles))), dtype=np.int8)
     if count > len(every):
         raise ValueError(f"jigsaw: {count} permutations asked of {tiles} tiles, which have only {len(every)}")

@@ -166,7 +166,7 @@ class IJEPAParams(Strict):
 class JigsawParams(Strict):
     """Noroozi & Favaro 2016: a 3x3 puzzle; the paper's 1000 permutations suit ImageNet, 100 suit a few thousand small images."""
 
-    grid: int = Field(3, ge=2, le=4, description="tiles per side: 3x3 is the paper's, hard enough to need object parts")
+    grid: int = Field(3, ge=2, le=3, description="tiles per side: 3x3 is the paper's, hard enough to need object parts (the set is searched among all 9! orders)")
     num_permutations: int = Field(100, ge=2, le=2000, description="classes: permutations chosen far apart in Hamming distance, so each differs from the others in many tiles")
     tile_fraction: float = Field(0.85, gt=0, le=1, description="tile side / cell side (paper: 64 of 75 px): the gap hides edge continuity, a shortcut")
     hidden_dim: int = Field(512, ge=8, description="the classifier's hidden layer over the concatenated tile features (paper: 4096)")
