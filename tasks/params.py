@@ -53,10 +53,10 @@ Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
 class PrepareParams(Strict):
     """Raw dataset -> uint8 train/val/test splits."""
 
-    source: Source = "digits"
+    source: Source = "mnist"
     root: str | None = Field(None, description="raw files; default data/raw/<source>")
     download: bool = Field(True, description="fetch missing files from the canonical mirrors")
-    image_size: int = Field(16, ge=4, le=512)
+    image_size: int = Field(28, ge=4, le=512)
     fit: Literal["resize", "pad"] = Field("resize", description="how images reach image_size")
     channels: Literal[1, 3] | None = Field(None, description="null keeps the source's")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
@@ -75,6 +75,7 @@ class PrepareParams(Strict):
 class ResNetParams(Strict):
     width: int = Field(32, ge=4, le=512, description="channels of the first stage, doubled per stage")
     depth: list[int] = Field([1, 1, 1], min_length=1, max_length=6, description="BasicBlocks per stage; [2,2,2,2] is ResNet-18")
+    stem_stride: Literal[1, 2] = Field(2, description="2 halves the image in the stem (about 3x cheaper); 1 keeps it (CIFAR-style)")
 
 
 class ViTParams(Strict):
@@ -173,7 +174,7 @@ class JigsawParams(Strict):
 
 
 class CPCParams(Strict):
-    """Hénaff et al. 2020 (CPC v2): the paper's 7x7 grid of 64-pixel patches is scaled to 3x3 for 16-pixel images."""
+    """Hénaff et al. 2020 (CPC v2): the paper's 7x7 grid of 64-pixel patches is scaled to 3x3 for 28-pixel images."""
 
     grid: int = Field(3, ge=2, le=8, description="patches per side, overlapping by half: each is embedded alone, so no row leaks into another's embedding")
     context_dim: int = Field(128, ge=8, description="width of the context network")
@@ -234,8 +235,8 @@ class SslParams(Strict):
     inpainting: InpaintingParams = InpaintingParams()
     colorization: ColorizationParams = ColorizationParams()
     augment: AugmentParams = AugmentParams()
-    train: TrainParams = TrainParams(epochs=30, batch_size=256, lr=2e-3, weight_decay=1e-4)
-    knn_every_epochs: int = Field(5, ge=0, description="online kNN on val every N epochs; 0 = only at the end")
+    train: TrainParams = TrainParams(epochs=6, batch_size=256, lr=4e-3, weight_decay=1e-4, log_every=20)
+    knn_every_epochs: int = Field(2, ge=0, description="online kNN on val every N epochs; 0 = only at the end")
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -261,7 +262,7 @@ class EncoderParams(Strict):
 class ProbeParams(Strict):
     """Linear probe and kNN on frozen features, with baselines."""
 
-    weight_decays: list[float] = Field([1e-5, 1e-4, 1e-3, 1e-2, 1e-1], min_length=1, description="grid searched on val")
+    weight_decays: list[float] = Field([1e-4, 1e-3, 1e-2], min_length=1, description="grid searched on val")
     label_fractions: list[float] = Field([0.01, 0.1, 1.0], min_length=1, description="shares of the training labels")
     knn_k: int = Field(20, ge=1)
     baselines: bool = Field(True, description="also probe raw pixels and a randomly initialised encoder")
@@ -287,20 +288,20 @@ class VaeParams(Strict):
 
     downsample: Literal[1, 2, 4, 8] = Field(4, description="image size / latent grid size")
     latent_channels: int = Field(4, ge=1, le=64)
-    width: int = Field(32, ge=4, le=512, description="channels at full resolution, doubling per stage up to 4x")
+    width: int = Field(16, ge=4, le=512, description="channels at full resolution, doubling per stage up to 4x")
     beta: float = Field(1e-4, ge=0, description="KL weight per image element")
     reconstruction: Literal["l1", "l2"] = "l1"
     perceptual_weight: float = Field(0.1, ge=0, description="feature distance under the frozen SSL encoder; 0 turns it off")
     adversarial: AdversarialParams = AdversarialParams()
-    train: TrainParams = TrainParams(epochs=30, batch_size=64, lr=2e-3, log_every=20)
+    train: TrainParams = TrainParams(epochs=1, batch_size=64, lr=2e-3, log_every=20)
     grid_images: int = Field(40, ge=1, le=400, description="images in the reconstruction and prior-sample grids")
     seed: int = Field(0, ge=0)
 
 
 class UNetParams(Strict):
-    channels: int = Field(48, ge=8, le=1024, description="width of the first level")
+    channels: int = Field(32, ge=8, le=1024, description="width of the first level")
     channel_mults: list[int] = Field([1, 2], min_length=1, max_length=5, description="each level's width / channels; each next level halves the grid")
-    blocks_per_level: int = Field(2, ge=1, le=8)
+    blocks_per_level: int = Field(1, ge=1, le=8)
     attention_heads: int = Field(4, ge=1, le=32, description="self-attention at the lowest resolution")
     dropout: float = Field(0.0, ge=0, lt=1)
 
@@ -331,7 +332,7 @@ class DiffusionParams(Strict):
     ddpm: DDPMParams = DDPMParams()
     unet: UNetParams = UNetParams()
     label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
-    train: TrainParams = TrainParams(epochs=80, batch_size=128, lr=1e-3, ema_decay=0.99, log_every=20)
+    train: TrainParams = TrainParams(epochs=5, batch_size=128, lr=1e-3, ema_decay=0.995, log_every=20)
     sample_steps: int = Field(32, ge=1, le=1000, description="sampler steps of the sample grids")
     guidance_scales: list[float] = Field([1.0, 2.0, 4.0], min_length=1, description="a sample grid per scale; 1 is the plain conditional model")
     samples_per_class: int = Field(8, ge=1, le=64, description="columns of each sample grid")
@@ -351,9 +352,9 @@ class ProgressiveParams(Strict):
 
 
 class ReflowParams(Strict):
-    pairs: int = Field(2048, ge=16, description="(noise, teacher sample) pairs the student straightens")
-    teacher_steps: int = Field(32, ge=1, le=1000, description="sampler steps drawing the pairs")
-    train: TrainParams = TrainParams(epochs=20, batch_size=128, lr=5e-4, warmup_fraction=0.0, log_every=20)
+    pairs: int = Field(4096, ge=16, description="(noise, teacher sample) pairs the student straightens")
+    teacher_steps: int = Field(16, ge=1, le=1000, description="sampler steps drawing the pairs")
+    train: TrainParams = TrainParams(epochs=15, batch_size=128, lr=5e-4, warmup_fraction=0.0, log_every=20)
 
 
 class DistillParams(Strict):
@@ -379,8 +380,8 @@ class DistillParams(Strict):
 class FidParams(Strict):
     """FID and KID against the test split in the frozen SSL encoder's feature space."""
 
-    samples: int = Field(500, ge=10, description="generated images per row, class-balanced")
-    teacher_steps: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 100], min_length=1, description="the teacher's sampler steps, a row each")
+    samples: int = Field(1000, ge=10, description="generated images per row, class-balanced")
+    teacher_steps: list[int] = Field([1, 2, 4, 8, 16, 32], min_length=1, description="the teacher's sampler steps, a row each")
     kid_subset_size: int = Field(100, ge=2, description="KID subset size, capped by the smaller image set")
     kid_subsets: int = Field(50, ge=1)
     batch_size: int = Field(500, ge=1, description="images sampled and scored at once")

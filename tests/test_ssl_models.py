@@ -48,6 +48,7 @@ def digits() -> torch.Tensor:
         ("resnet", 8, {"width": 8, "depth": (2, 2, 2, 2)}),
         ("resnet", 20, {"width": 8, "depth": (1, 1, 1)}),
         ("resnet", 32, {"width": 8, "depth": (1, 1)}),
+        ("resnet", 28, {"width": 8, "depth": (1, 1, 1), "stem_stride": 2}),
         ("vit", 8, {"patch_size": 4, "dim": 32, "depth": 2, "heads": 4}),
         ("vit", 28, {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2}),
         ("vit", 64, {"patch_size": 8, "dim": 32, "depth": 1, "heads": 2}),
