@@ -14,7 +14,7 @@ from kornia.color import rgb_to_lab
 from torch import nn
 
 from models.augment import TwoViews
-from models.ssl import SSLObjective, feature_std
+from models.ssl import SSLObjective, _gather_across_ranks, feature_std
 
 
 def hamming_permutations(tiles: int, count: int) -> torch.Tensor:
@@ -217,5 +217,7 @@ class Colorization(SSLObjective):
 
     @torch.no_grad()
     def _count(self, targets: torch.Tensor) -> None:
-        counts = torch.zeros_like(self.bin_frequency).scatter_add_(0, targets.flatten(), torch.ones_like(targets.flatten(), dtype=self.bin_frequency.dtype))
-        self.bin_frequency.lerp_(counts / targets.numel(), 1 - self.frequency_momentum)
+        flat = targets.flatten()
+        counts = torch.zeros_like(self.bin_frequency).scatter_add_(0, flat, torch.ones_like(flat, dtype=self.bin_frequency.dtype))
+        batch_frequency = _gather_across_ranks((counts / flat.numel())[None]).mean(dim=0)  # every rank's pixels
+        self.bin_frequency.lerp_(batch_frequency, 1 - self.frequency_momentum)
