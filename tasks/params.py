@@ -332,7 +332,7 @@ class DiffusionParams(Strict):
     ddpm: DDPMParams = DDPMParams()
     unet: UNetParams = UNetParams()
     label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
-    train: TrainParams = TrainParams(epochs=4, batch_size=128, lr=1e-3, ema_decay=0.995, log_every=20)
+    train: TrainParams = TrainParams(epochs=8, batch_size=128, lr=1e-3, ema_decay=0.995, log_every=20)
     sample_steps: int = Field(32, ge=1, le=1000, description="sampler steps of the sample grids")
     guidance_scales: list[float] = Field([1.0, 2.0, 4.0], min_length=1, description="a sample grid per scale; 1 is the plain conditional model")
     samples_per_class: int = Field(8, ge=1, le=64, description="columns of each sample grid")
@@ -380,7 +380,7 @@ class DistillParams(Strict):
 class FidParams(Strict):
     """FID and KID against the test split in the frozen SSL encoder's feature space."""
 
-    samples: int = Field(1000, ge=10, description="generated images per row, class-balanced")
+    samples: int = Field(2000, ge=10, description="generated images per row, class-balanced")
     teacher_steps: list[int] = Field([1, 2, 4, 8, 16, 32], min_length=1, description="the teacher's sampler steps, a row each")
     kid_subset_size: int = Field(100, ge=2, description="KID subset size, capped by the smaller image set")
     kid_subsets: int = Field(50, ge=1)
