@@ -45,6 +45,9 @@ class TrainParams(Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: autocast on any device")
     compile: bool = Field(False, description="torch.compile the trained networks (augmentation and losses stay eager)")
     channels_last: bool = Field(True, description="convolution weights and activations in NHWC layout")
+    processes: int = Field(
+        1, ge=1, le=1024, description="processes for this stage under torchrun (DDP): GPUs on a GPU machine, gloo processes on CPU"
+    )
 
 
 Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
@@ -475,6 +478,13 @@ def load_params(stage: str) -> Strict:
     """Read and validate params/<stage>.yaml."""
     path = params_path(stage)
     return validate(stage, read_yaml(path), path)
+
+
+def processes(params: BaseModel) -> int:
+    """How many torchrun processes a stage's params ask for: the most any of its `train` blocks asks."""
+    found = [params.processes] if isinstance(params, TrainParams) else []
+    found += [processes(value) for value in dict(params).values() if isinstance(value, BaseModel)]
+    return max(found, default=1)
 
 
 def flatten(params: BaseModel, prefix: str) -> dict[str, object]:
