@@ -49,7 +49,10 @@ def _gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class SSLObjective(nn.Module):
-    """The online backbone and its head, trained on two augmented views of each image."""
+    """The online backbone and its head, trained on two augmented views of each image. Their batch
+    norms see the global batch under DDP on GPUs (`sync_batch_norm`, read by the Trainer)."""
+
+    sync_batch_norm = True
 
     def __init__(self, backbone: nn.Module, augment: TwoViews, head: nn.Module):
         super().__init__()

@@ -1,23 +1,42 @@
-"""The self-supervised losses as pure functions of embeddings (solo-learn style), one per objective."""
+"""The self-supervised losses as pure functions of embeddings (solo-learn style), one per objective
+(SimCLR's gathers its negatives from every rank under torchrun)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows under torchrun, in rank order, with gradient flowing back to the rank
+    that made them; and this rank's index. Just `tensor` and 0 when run plainly."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    return torch.cat(dist_nn.all_gather(tensor.contiguous())), dist.get_rank()
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """SimCLR's InfoNCE over the 2N embeddings of two views (N, D): each embedding's positive is
-    the other view of its image, the remaining 2N - 2 are its negatives."""
-    embeddings = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = embeddings @ embeddings.T / temperature
-    self_pairs = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
-    logits = logits.masked_fill(self_pairs, float("-inf"))
-    # row i's positive is row i + n (and back): built on the device, no host-to-device copy
-    positives = torch.arange(len(embeddings), device=embeddings.device).roll(len(z1))
-    return F.cross_entropy(logits, positives)
+    the other view of its image, the remaining 2N - 2 are its negatives. Under torchrun the
+    negatives are every rank's (N = the global batch): each rank scores its own rows, so the mean
+    of the ranks' losses, and DDP's mean of their gradients, are those of one process on the
+    global batch."""
+    all1, rank = gather_with_grad(z1)
+    all2, _ = gather_with_grad(z2)
+    keys = F.normalize(torch.cat([all1, all2]), dim=1)
+    queries = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = queries @ keys.T / temperature
+    # where each of this rank's rows sits among the keys (built on the device, no host-to-device copy)
+    local = torch.arange(len(z1), device=z1.device) + rank * len(z1)
+    own = torch.cat([local, local + len(all1)])
+    rows = torch.arange(len(queries), device=z1.device)
+    logits = logits.index_put((rows, own), torch.tensor(float("-inf"), device=z1.device, dtype=logits.dtype))
+    # row i's positive is the other view of its image: key own[i + n] (and back)
+    return F.cross_entropy(logits, own.roll(len(z1)))
 
 
 def infonce_with_queue(

@@ -6,6 +6,8 @@ The trained module's `forward(batch)` returns a dict with a scalar "loss" (and a
 scalars to log). Optional hooks on the module:
 - `param_groups()`: the optimiser's groups (default: decay on >=2-D weights only);
 - `after_step(step, total_steps)`: e.g. momentum-encoder updates, after each optimiser step;
+- `sync_batch_norm = True`: under DDP on GPUs, its batch norms become SyncBatchNorm (statistics
+  over the global batch; torch's runs on GPUs only, so gloo ranks on CPU keep per-rank ones);
 - `compile()`: with `compile: true`, what to torch.compile (nn.Module's default: the whole
   forward; the stages' modules compile their networks and leave augmentation and Python eager).
 
@@ -115,6 +117,8 @@ class Trainer:
         self.train = train
         self.dist = dist or Distributed()
         self.device = device or pick_device(self.dist)
+        if self.dist.world > 1 and self.device.type == "cuda" and getattr(module, "sync_batch_norm", False):
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # torch's runs on GPUs only
         self.module = module.to(self.device)
         self.steps_per_epoch = steps_per_epoch
         self.steps = total_steps(train, steps_per_epoch)
