@@ -31,9 +31,17 @@ class Invocation:
         except psutil.Error:
             return False
 
-    def env(self) -> dict[str, str]:
+    def env(self, name: str = INVOCATION_ENV) -> dict[str, str]:
         """What hands this invocation to a process that is not its descendant."""
-        return {INVOCATION_ENV: f"{self.pid}:{self.started!r}"}
+        return {name: f"{self.pid}:{self.started!r}"}
+
+    @classmethod
+    def handed(cls, name: str = INVOCATION_ENV) -> Invocation | None:
+        """The process handed down in the environment variable `name` (by `env`); None without one."""
+        if not (handed := os.environ.get(name)):
+            return None
+        pid, _, started = handed.partition(":")
+        return cls(int(pid), float(started))
 
     @classmethod
     def of(cls, pid: int) -> Invocation:
@@ -64,9 +72,8 @@ def current_invocation() -> Invocation | None:
     (DVC gives its stages no invocation id); None for a stage run on its own."""
     import psutil
 
-    if handed := os.environ.get(INVOCATION_ENV):
-        pid, _, started = handed.partition(":")
-        return Invocation(int(pid), float(started))
+    if (handed := Invocation.handed()) is not None:
+        return handed
     for process in psutil.Process().parents():
         try:
             command = process.cmdline()

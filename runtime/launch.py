@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+LAUNCHER_ENV = "LATENTLAB_LAUNCHER"  # the launcher a torchrun rank lives by
+
 
 def processes_asked(stage: str) -> int:
     """`train.processes` of the stage's params (1 when they do not load: the stage says why)."""
@@ -31,14 +33,16 @@ def processes_asked(stage: str) -> int:
 
 def run_under_torchrun(stage: str, argv: list[str], nproc: int) -> int:
     """torchrun (of this environment) running `nproc` ranks of the stage; its exit code. torchrun
-    is killed when this process goes (parent-death signal), and each rank when torchrun goes
-    (`runtime.stage.main`)."""
+    is killed when this process goes (parent-death signal), and each rank when this process goes
+    (`runtime.stage.main` watches the process named in LAUNCHER_ENV)."""
+    from runtime.invocation import Invocation
     from runtime.lifetime import child_dies_with_us
 
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node", str(nproc), "-m", f"flows.{stage}", *argv]
     print(f"stage '{stage}': {nproc} processes under torchrun", file=sys.stderr, flush=True)
-    return subprocess.run(command, env=os.environ.copy(), **child_dies_with_us()).returncode
+    env = {**os.environ, **Invocation.of(os.getpid()).env(LAUNCHER_ENV)}  # what each rank lives by
+    return subprocess.run(command, env=env, **child_dies_with_us()).returncode
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from runtime.dag import changed_deps, dep_hashes, dvc_hash, restore_outs, stage_outs
 from runtime.invocation import Invocation, current_invocation, lineage
+from runtime.launch import LAUNCHER_ENV
 from runtime.lifetime import end_with
 from runtime.mlflow_models import network_files
 from runtime.server import drain_clients, stage_api
@@ -336,8 +337,8 @@ def main(stage: str, flow: Callable) -> None:
         params = load_params(stage)
         if (invocation := current_invocation()) is not None:
             end_with(lineage(invocation), what=f"stage '{stage}'")
-        if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank goes with its torchrun (`runtime.launch`)
-            end_with([Invocation.of(os.getppid())], what=f"stage '{stage}' rank {os.environ.get('RANK')}")
+        if (launcher := Invocation.handed(LAUNCHER_ENV)) is not None:  # a torchrun rank of `runtime.launch`
+            end_with([launcher], what=f"stage '{stage}' rank {os.environ.get('RANK')}")
         if Distributed.from_env().is_main:
             check_reachable()
             _warnings_to_run_logs()

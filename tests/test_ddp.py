@@ -2,7 +2,9 @@
 exported encoder, and a 2-process gloo run of the ssl stage through `dvc repro`."""
 
 import json
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.ssl_losses import nt_xent
-from tests.conftest import run
+from tests.conftest import run, run_env
 
 GLOBAL_BATCH, DIM, TEMPERATURE = 8, 5, 0.3
 
@@ -80,3 +82,27 @@ def test_two_process_ssl_stage_through_dvc_repro_matches_one_process(repo_copy):
     # on this profile and moves by a few points between such draws, so 0.1 is the tolerance.
     assert two["steps"] == one["steps"]
     assert two["knn_top1"] == pytest.approx(one["knn_top1"], abs=0.1)
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_kills_torchrun_and_its_ranks(repo_copy):
+    import psutil
+
+    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "ssl.train.processes=2"], repo_copy)
+    run(["dvc", "repro", "prepare"], repo_copy)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "runtime.launch", "ssl"], cwd=repo_copy, env=run_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(ranks := [p for p in psutil.Process(launcher.pid).children(recursive=True) if "flows.ssl" in p.cmdline()]) < 2:
+            assert time.monotonic() < deadline and launcher.poll() is None, "torchrun did not start 2 ranks"
+            time.sleep(0.5)
+        torchrun = psutil.Process(launcher.pid).children()
+    finally:
+        launcher.kill()
+    launcher.wait()
+    _, alive = psutil.wait_procs([*torchrun, *ranks], timeout=60)
+    assert not alive, f"still running after the launcher's kill: {[p.cmdline() for p in alive]}"
+    assert not (repo_copy / "metrics" / "ssl.json").exists()  # nothing put in place
