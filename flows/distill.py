@@ -1,6 +1,6 @@
 """distill: few-step students of the diffusion teacher, progressive distillation for DDPM (each
-round halves the steps, the student starting from its teacher) or reflow for the rectified flow;
-a per-class sample grid of each student at its step count, decoded by the VAE."""
+round halves the steps, the student starting from its teacher) or reflow for the rectified flow
+and EDM; a per-class sample grid of each student at its step count, decoded by the VAE."""
 
 import torch
 from prefect import flow
@@ -19,7 +19,7 @@ from tasks.vae import decoder_files, load_decoder, load_latents
 def train_students(params: DistillParams, run: StageRun):
     teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
     latents = load_latents(artifacts_dir("vae"), run.device)
-    if teacher.formulation == "ddpm":
+    if teacher.formulation == "ddpm":  # reflow for the flow and EDM: it needs only a deterministic sampler
         return "progressive", *progressive_students(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
     return "reflow", *reflow_student(teacher, params, latents.num_classes, TrainingContext.of(run))
 

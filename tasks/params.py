@@ -225,12 +225,32 @@ class DDPMParams(Strict):
     sampler: Literal["ddim", "ancestral"] = "ddim"
 
 
-class DiffusionParams(Strict):
-    """A class-conditional U-Net denoiser over the VAE's latents: rectified flow or DDPM, with CFG."""
+class EDMParams(Strict):
+    """Karras et al. 2022's defaults, except sigma_data (see its description)."""
 
-    formulation: Literal["flow", "ddpm"] = Field("flow", description="flow: v-prediction, logit-normal t; ddpm: eps-prediction, cosine schedule")
+    p_mean: float = Field(-1.2, description="training ln(sigma) ~ N(p_mean, p_std^2)")
+    p_std: float = Field(1.2, gt=0)
+    sigma_data: float = Field(1.0, gt=0, description="the data's std for the preconditioning: 1.0 because the latents are scaled to unit variance per channel (the paper's 0.5 is the std of images in [-1, 1])")
+    sigma_min: float = Field(0.002, gt=0, description="the rho-schedule's last noise level before 0")
+    sigma_max: float = Field(80.0, gt=0, description="the rho-schedule's first noise level: sampling starts from N(0, sigma_max^2)")
+    rho: float = Field(7.0, gt=0, description="schedule curvature: higher crowds the steps at low sigma")
+    sampler: Literal["heun", "sde"] = Field("heun", description="heun: the probability-flow ODE, 2 steps - 1 net calls; sde: Euler-Maruyama on the reverse-time SDE, 1 call a step")
+    churn: float | None = Field(None, ge=0, description="sde only: null = Anderson's reverse-time SDE; a number = EDM's S_churn, Langevin share min(churn / steps, sqrt(2) - 1) a step (0: the Euler ODE)")
+
+    @model_validator(mode="after")
+    def _sigma_range(self) -> EDMParams:
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError("sigma_min must be below sigma_max")
+        return self
+
+
+class DiffusionParams(Strict):
+    """A class-conditional U-Net denoiser over the VAE's latents: rectified flow, DDPM or EDM, with CFG."""
+
+    formulation: Literal["flow", "ddpm", "edm"] = Field("flow", description="flow: v-prediction, logit-normal t; ddpm: eps-prediction, cosine schedule; edm: preconditioned x0-prediction, log-normal sigma")
     flow: FlowParams = FlowParams()
     ddpm: DDPMParams = DDPMParams()
+    edm: EDMParams = EDMParams()
     unet: UNetParams = UNetParams()
     label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
     train: TrainParams = TrainParams(epochs=80, batch_size=128, lr=1e-3, ema_decay=0.99, log_every=20)
