@@ -5,6 +5,10 @@ preconditioned denoiser (models/diffusion.EDMPrecond) and unit noise, which they
 
 Classifier-free guidance: uncond + guidance * (cond - uncond), both from one batched call;
 guidance = 1 is the plain conditional model and costs one call. The caller sets eval mode.
+
+The deterministic samplers (euler, heun, ddim, edm_heun) also run backwards with `invert=True`:
+from x0 to the noise they would map onto it (DDIM inversion, Song et al. 2021), each step taken
+with the net evaluated at its less noisy end.
 """
 
 from __future__ import annotations
@@ -36,10 +40,10 @@ def time_grid(steps: int) -> list[float]:
 
 @torch.no_grad()
 def euler(
-    net: nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int, guidance: float = 1.0
+    net: nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int, guidance: float = 1.0, invert: bool = False
 ) -> torch.Tensor:
     x = noise
-    times = time_grid(steps)
+    times = time_grid(steps)[:: -1 if invert else 1]
     for t, t_next in pairwise(times):
         x = x + (t_next - t) * guided(net, x, t, labels, guidance)
     return x
@@ -47,11 +51,11 @@ def euler(
 
 @torch.no_grad()
 def heun(
-    net: nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int, guidance: float = 1.0
+    net: nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int, guidance: float = 1.0, invert: bool = False
 ) -> torch.Tensor:
     """Second order: the mean of the velocities at both ends of an Euler step (2 calls a step)."""
     x = noise
-    times = time_grid(steps)
+    times = time_grid(steps)[:: -1 if invert else 1]
     for t, t_next in pairwise(times):
         velocity = guided(net, x, t, labels, guidance)
         x_euler = x + (t_next - t) * velocity
@@ -83,9 +87,12 @@ def ddim(
     steps: int,
     guidance: float = 1.0,
     schedule: CosineSchedule | None = None,
+    invert: bool = False,
 ) -> torch.Tensor:
     x = noise
     times, alpha_bars = time_grid(steps), alpha_bar_grid(steps, schedule)
+    if invert:
+        times, alpha_bars = times[::-1], alpha_bars[::-1]
     for t, (alpha_bar, alpha_bar_next) in zip(times[:-1], pairwise(alpha_bars), strict=True):
         x = ddim_step(x, guided(net, x, t, labels, guidance), alpha_bar, alpha_bar_next)
     return x
@@ -137,11 +144,15 @@ def edm_heun(
     steps: int,
     guidance: float = 1.0,
     schedule: KarrasSchedule | None = None,
+    invert: bool = False,
 ) -> torch.Tensor:
     """EDM's deterministic sampler (Algorithm 1): Heun on the probability-flow ODE
-    dx/dσ = (x - D(x, σ)) / σ, Euler on the last step to σ = 0: 2 steps - 1 net calls."""
+    dx/dσ = (x - D(x, σ)) / σ, Euler on the last step to σ = 0: 2 steps - 1 net calls.
+    Inverted, x0 stands for x at σ_min and the result is divided by σ_max: unit noise."""
     sigmas = (schedule or KarrasSchedule()).sigmas(steps)
-    x = noise * sigmas[0]
+    if invert:
+        sigmas = sigmas[-2::-1]
+    x = noise if invert else noise * sigmas[0]
     for sigma, sigma_next in pairwise(sigmas):
         slope = (x - guided(net, x, sigma, labels, guidance)) / sigma
         x_euler = x + (sigma_next - sigma) * slope
@@ -150,7 +161,7 @@ def edm_heun(
         else:
             slope_next = (x_euler - guided(net, x_euler, sigma_next, labels, guidance)) / sigma_next
             x = x + (sigma_next - sigma) * 0.5 * (slope + slope_next)
-    return x
+    return x / sigmas[-1] if invert else x
 
 
 @torch.no_grad()

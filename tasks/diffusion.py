@@ -32,6 +32,7 @@ SAMPLERS = {
     "ddpm": {"ddim": ddim, "ancestral": ddpm_ancestral},
     "edm": {"heun": edm_heun, "sde": reverse_sde},
 }
+DETERMINISTIC = {"ddpm": "ddim", "edm": "heun"}  # each formulation's invertible sampler; the flow's are both
 
 
 def build_denoiser_training(params: DiffusionParams, latent_channels: int, num_classes: int) -> DenoiserTraining:
@@ -79,6 +80,10 @@ class Denoiser:
         options = {"churn": edm["churn"]} if self.sampler == "sde" else {}
         return EDMPrecond(self.net, edm["sigma_data"]), functools.partial(sampler, schedule=schedule, **options)
 
+    def deterministic(self) -> Denoiser:
+        """This denoiser with its formulation's deterministic sampler (its own, if deterministic)."""
+        return self.with_net(self.net, DETERMINISTIC.get(self.formulation, self.sampler))
+
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, steps: int, guidance: float, seed: int, batch_size: int = 500) -> torch.Tensor:
         """Scaled latents for `labels`, drawn in batches from seeded noise (the same on any device);
@@ -92,6 +97,22 @@ class Denoiser:
                 sampler(net, chunk.to(labels.device), chunk_labels, steps, guidance)
                 for chunk, chunk_labels in zip(noise.split(batch_size), labels.split(batch_size), strict=True)
             ])
+
+
+@torch.no_grad()
+def invert_and_regenerate(
+    denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM inversion: scaled `latents` run backwards to the noise that the deterministic sampler
+    maps onto them, unguided, and sampled forwards again from it: (noise, regenerated latents)."""
+    denoiser.net.eval()
+    net, sampler = denoiser.deterministic().sampling()
+    noises, regenerated = [], []
+    with autocast(labels.device):
+        for chunk, chunk_labels in zip(latents.split(batch_size), labels.split(batch_size), strict=True):
+            noises.append(sampler(net, chunk, chunk_labels, steps, 1.0, invert=True))
+            regenerated.append(sampler(net, noises[-1], chunk_labels, steps, 1.0))
+    return torch.cat(noises), torch.cat(regenerated)
 
 
 def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") -> None:
