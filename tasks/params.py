@@ -303,6 +303,7 @@ class FidParams(Strict):
 
     samples: int = Field(500, ge=10, description="generated images per row, class-balanced")
     teacher_steps: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 100], min_length=1, description="the teacher's sampler steps, a row each")
+    inversion_steps: list[int] = Field([2, 8, 32], description="DDIM inversion of `samples` test latents to noise and back with the teacher's deterministic sampler, at each step count; [] skips it")
     kid_subset_size: int = Field(100, ge=2, description="KID subset size, capped by the smaller image set")
     kid_subsets: int = Field(50, ge=1)
     batch_size: int = Field(500, ge=1, description="images sampled and scored at once")
@@ -313,8 +314,8 @@ class FidParams(Strict):
 
     @model_validator(mode="after")
     def _steps_positive(self) -> FidParams:
-        if any(steps < 1 for steps in self.teacher_steps):
-            raise ValueError("teacher_steps must be >= 1")
+        if any(steps < 1 for steps in self.teacher_steps + self.inversion_steps):
+            raise ValueError("teacher_steps and inversion_steps must be >= 1")
         return self
 
 

@@ -226,7 +226,7 @@ def test_generative_params_refuse_bad_combinations():
         validate("diffusion", {"guidance_scales": [0.5]})
     with pytest.raises(ParamsError, match="key 'flow.sampler' = 'ddim'"):
         validate("diffusion", {"flow": {"sampler": "ddim"}})
-    with pytest.raises(ParamsError, match="teacher_steps must be >= 1"):
+    with pytest.raises(ParamsError, match="teacher_steps and inversion_steps must be >= 1"):
         validate("fid", {"teacher_steps": [0, 4]})
 
 
