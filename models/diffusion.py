@@ -113,6 +113,24 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise, labels).float()
 
 
+class ConsistencyPrecond(EDMPrecond):
+    """A consistency function f(x, σ) = c_skip x + c_out F(c_in x, c_noise) whose c_skip and c_out
+    are shifted by σ_min so that f(x, σ_min) = x, the boundary condition (Song et al. 2023,
+    appendix C); c_in and c_noise are EDM's."""
+
+    def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float):
+        super().__init__(net, sigma_data)
+        self.sigma_min = sigma_min
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sigma = per_sample(sigma.float(), x)
+        total = sigma.square() + self.sigma_data**2
+        c_skip = self.sigma_data**2 / ((sigma - self.sigma_min).square() + self.sigma_data**2)
+        c_out = (sigma - self.sigma_min) * self.sigma_data / total.sqrt()
+        c_noise = sigma.log().flatten() / 4
+        return c_skip * x + c_out * self.net(x / total.sqrt(), c_noise, labels).float()
+
+
 class EDM:
     """The σ-parameterisation of Karras et al. 2022: x = x0 + σ noise, σ log-normal
     (ln σ ~ N(p_mean, p_std²)), the preconditioned denoiser regresses x0 with weight

@@ -19,13 +19,15 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from models.diffusion import CosineSchedule
+from models.diffusion import CosineSchedule, per_sample
 
 
-def guided(net: nn.Module, x: torch.Tensor, t: float, labels: torch.Tensor, guidance: float) -> torch.Tensor:
-    """The net's output at time t, with classifier-free guidance, in float32 (the sampler's state
-    stays float32 when the net runs under bf16 autocast)."""
-    times = torch.full((len(x),), t, device=x.device, dtype=x.dtype)
+def guided(
+    net: nn.Module, x: torch.Tensor, t: float | torch.Tensor, labels: torch.Tensor, guidance: float
+) -> torch.Tensor:
+    """The net's output at time t (a float, or per sample (N,)), with classifier-free guidance, in
+    float32 (the sampler's state stays float32 when the net runs under bf16 autocast)."""
+    times = t if isinstance(t, torch.Tensor) else torch.full((len(x),), t, device=x.device, dtype=x.dtype)
     if guidance == 1:
         return net(x, times, labels).float()
     both_labels = torch.cat([labels, torch.full_like(labels, net.null_label)])
@@ -154,14 +156,24 @@ def edm_heun(
         sigmas = sigmas[-2::-1]
     x = noise if invert else noise * sigmas[0]
     for sigma, sigma_next in pairwise(sigmas):
-        slope = (x - guided(net, x, sigma, labels, guidance)) / sigma
-        x_euler = x + (sigma_next - sigma) * slope
-        if sigma_next == 0:
-            x = x_euler
+        if sigma_next == 0:  # an Euler step to σ = 0 lands on the denoiser's output
+            x = guided(net, x, sigma, labels, guidance)
         else:
-            slope_next = (x_euler - guided(net, x_euler, sigma_next, labels, guidance)) / sigma_next
-            x = x + (sigma_next - sigma) * 0.5 * (slope + slope_next)
+            x = edm_heun_step(net, x, sigma, sigma_next, labels, guidance)
     return x / sigmas[-1] if invert else x
+
+
+def edm_heun_step(
+    net: nn.Module, x: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor,
+    labels: torch.Tensor, guidance: float,
+) -> torch.Tensor:
+    """One Heun step of dx/dσ = (x - D(x, σ)) / σ between noise levels > 0: floats, or per
+    sample (N,) (consistency distillation's teacher step)."""
+    level, level_next = (per_sample(v, x) if isinstance(v, torch.Tensor) else v for v in (sigma, sigma_next))
+    slope = (x - guided(net, x, sigma, labels, guidance)) / level
+    x_euler = x + (level_next - level) * slope
+    slope_next = (x_euler - guided(net, x_euler, sigma_next, labels, guidance)) / level_next
+    return x + (level_next - level) * 0.5 * (slope + slope_next)
 
 
 @torch.no_grad()
@@ -194,4 +206,25 @@ def reverse_sde(
         x = x + (sigma_next - sigma) * (x - denoised) / sigma + langevin * (denoised - x)
         if langevin > 0:
             x = x + (2 * langevin) ** 0.5 * sigma * torch.randn_like(x)
+    return x
+
+
+@torch.no_grad()
+def consistency(
+    net: nn.Module,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    guidance: float = 1.0,
+    schedule: KarrasSchedule | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): the consistency function
+    (models/diffusion.ConsistencyPrecond) maps x at σ_max to x0, then x0 re-noised to each next
+    level of a (steps + 1)-level ρ-schedule, short of σ_min, is mapped again: 1 call a step."""
+    schedule = schedule or KarrasSchedule()
+    sigmas = schedule.sigmas(steps + 1)[:steps]
+    x = guided(net, noise * sigmas[0], sigmas[0], labels, guidance)
+    for sigma in sigmas[1:]:
+        renoised = x + (sigma**2 - schedule.sigma_min**2) ** 0.5 * torch.randn_like(x)
+        x = guided(net, renoised, sigma, labels, guidance)
     return x

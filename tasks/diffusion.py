@@ -17,8 +17,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.diffusion import DDPM, EDM, DenoiserTraining, EDMPrecond, RectifiedFlow
-from models.samplers import KarrasSchedule, ddim, ddpm_ancestral, edm_heun, euler, heun, reverse_sde
+from models.diffusion import (
+    DDPM,
+    EDM,
+    ConsistencyPrecond,
+    DenoiserTraining,
+    EDMPrecond,
+    RectifiedFlow,
+)
+from models.samplers import (
+    KarrasSchedule,
+    consistency,
+    ddim,
+    ddpm_ancestral,
+    edm_heun,
+    euler,
+    heun,
+    reverse_sde,
+)
 from models.unet import UNet, UNetConfig
 from tasks.artifacts import load_network, save_network, unreadable
 from tasks.data import EpochBatches
@@ -31,6 +47,7 @@ SAMPLERS = {
     "flow": {"euler": euler, "heun": heun},
     "ddpm": {"ddim": ddim, "ancestral": ddpm_ancestral},
     "edm": {"heun": edm_heun, "sde": reverse_sde},
+    "consistency": {"multistep": consistency},  # consistency-distilled students (tasks/distill.py)
 }
 DETERMINISTIC = {"ddpm": "ddim", "edm": "heun"}  # each formulation's invertible sampler; the flow's are both
 
@@ -52,11 +69,11 @@ class Denoiser:
     """A trained U-Net and what sampling it takes: the formulation, sampler and latent shape."""
 
     net: UNet
-    formulation: str  # "flow", "ddpm" or "edm"
+    formulation: str  # "flow", "ddpm", "edm", or "consistency" (a student)
     sampler: str  # a key of SAMPLERS[formulation]
     latent_shape: tuple[int, ...]
     flow_time: dict[str, float] = field(default_factory=dict)  # the flow's logit-normal t, for reflow
-    edm: dict[str, float | None] = field(default_factory=dict)  # EDM's sigma_data, schedule and churn
+    edm: dict[str, float | None] = field(default_factory=dict)  # EDM's (and consistency's) sigma_data, schedule, churn
 
     @classmethod
     def from_params(cls, net: UNet, params: DiffusionParams, latent_shape: tuple[int, ...]) -> Denoiser:
@@ -71,12 +88,15 @@ class Denoiser:
 
     def sampling(self) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
         """(what the sampler calls, the sampler(net, noise, labels, steps, guidance)): for EDM the
-        preconditioned U-Net, and its sampler bound to the stored schedule (and churn)."""
+        preconditioned U-Net (a consistency student's with its boundary condition), and its sampler
+        bound to the stored schedule (and churn)."""
         sampler = SAMPLERS[self.formulation][self.sampler]
-        if self.formulation != "edm":
+        if self.formulation not in ("edm", "consistency"):
             return self.net, sampler
         edm = self.edm
         schedule = KarrasSchedule(edm["sigma_min"], edm["sigma_max"], edm["rho"])
+        if self.formulation == "consistency":
+            return ConsistencyPrecond(self.net, edm["sigma_data"], edm["sigma_min"]), functools.partial(sampler, schedule=schedule)
         options = {"churn": edm["churn"]} if self.sampler == "sde" else {}
         return EDMPrecond(self.net, edm["sigma_data"]), functools.partial(sampler, schedule=schedule, **options)
 
@@ -130,8 +150,8 @@ def load_denoiser(folder: Path | str, device: torch.device | str = "cpu", name: 
     net, config = load_network(folder, name, lambda config: UNet(UNetConfig(**config["unet"])), device)
     if missing := [key for key in ("formulation", "sampler", "latent_shape", "flow_time") if key not in config]:
         raise unreadable(Path(folder) / f"{name}.json", f"missing key(s) {', '.join(missing)}")
-    if config["formulation"] == "edm" and not config.get("edm"):
-        raise unreadable(Path(folder) / f"{name}.json", "formulation edm without its 'edm' settings")
+    if config["formulation"] in ("edm", "consistency") and not config.get("edm"):
+        raise unreadable(Path(folder) / f"{name}.json", f"formulation {config['formulation']} without its 'edm' settings")
     return Denoiser(
         net, config["formulation"], config["sampler"], tuple(config["latent_shape"]), config["flow_time"],
         config.get("edm", {}),

@@ -1,6 +1,6 @@
 """Few-step students of a diffusion teacher, each trained by the one loop: progressive distillation
-rounds for a DDPM teacher, reflow for a rectified-flow or EDM teacher (tasks/students.py exports
-and loads them)."""
+rounds for a DDPM teacher, reflow for a rectified-flow or EDM teacher, consistency distillation
+for an EDM teacher (tasks/students.py exports and loads them)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ import dataclasses
 import torch
 from tqdm import tqdm
 
-from models.diffusion import RectifiedFlow
-from models.distill import ProgressiveDistillation, ReflowTraining, make_reflow_pairs
+from models.diffusion import EDMPrecond, RectifiedFlow
+from models.distill import (
+    ConsistencyDistillation,
+    ProgressiveDistillation,
+    ReflowTraining,
+    make_reflow_pairs,
+)
+from models.samplers import KarrasSchedule
 from tasks.artifacts import freeze
 from tasks.device import autocast
 from tasks.diffusion import Denoiser, balanced_labels, step_rows
+from tasks.errors import StageError
 from tasks.params import DistillParams
 from tasks.students import Student
 from tasks.training import TrainingContext, TrainResult
@@ -72,3 +79,26 @@ def reflow_student(
         flow_time={"time_mean": flow.time_mean, "time_std": flow.time_std}, edm={},
     )
     return [Student(steps, net, 1.0) for steps in params.student_steps], [result]
+
+
+def consistency_student(
+    teacher: Denoiser, params: DistillParams, latents: torch.Tensor, labels: torch.Tensor, training: TrainingContext
+) -> tuple[list[Student], list[TrainResult]]:
+    """A consistency model distilled from an EDM teacher at `guidance`; its target network (the
+    EMA of the student) samples unguided at every count in student_steps."""
+    if teacher.formulation != "edm":
+        raise StageError(
+            f"distill.method consistency needs an edm teacher; artifacts/diffusion holds a {teacher.formulation} one "
+            "(set diffusion.formulation: edm, or distill.method: auto)"
+        )
+    edm, rounds = teacher.edm, params.consistency
+    schedule = KarrasSchedule(edm["sigma_min"], edm["sigma_max"], edm["rho"])
+    distillation = ConsistencyDistillation(
+        EDMPrecond(teacher.net, edm["sigma_data"]), copy.deepcopy(teacher.net), schedule, rounds.levels,
+        rounds.target_decay, params.guidance,
+    )
+    trainer, batches = training.trainer(distillation, rounds.train, len(latents), params.seed, "consistency")
+    result = trainer.fit(step_rows(batches, latents, labels))
+    net = freeze((result.ema or result.module).target.module)
+    student = dataclasses.replace(teacher, net=net, formulation="consistency", sampler="multistep")
+    return [Student(steps, student, 1.0) for steps in params.student_steps], [result]

@@ -278,13 +278,22 @@ class ReflowParams(Strict):
     train: TrainParams = TrainParams(epochs=20, batch_size=128, lr=5e-4, warmup_fraction=0.0, log_every=20)
 
 
-class DistillParams(Strict):
-    """Few-step students of the diffusion teacher: progressive distillation (DDPM) or reflow (flow)."""
+class ConsistencyParams(Strict):
+    levels: int = Field(18, ge=2, le=1000, description="N: noise levels of the rho-schedule the student is made consistent across (Song et al. 2023: 18 with an EDM teacher)")
+    target_decay: float = Field(0.95, ge=0, lt=1, description="mu: the target network's EMA of the student (Song et al. 2023)")
+    train: TrainParams = TrainParams(epochs=20, batch_size=128, lr=4e-4, warmup_fraction=0.0, log_every=20)
 
+
+class DistillParams(Strict):
+    """Few-step students of the diffusion teacher: progressive distillation (DDPM), reflow (flow,
+    EDM) or consistency distillation (EDM)."""
+
+    method: Literal["auto", "consistency"] = Field("auto", description="auto: progressive for a ddpm teacher, reflow for flow and edm; consistency: consistency distillation of an edm teacher")
     guidance: float = Field(2.0, ge=1, description="the teacher's guidance the students reproduce (and fid samples the teacher at)")
     student_steps: list[int] = Field([1, 2, 4], min_length=1, description="steps the students sample with")
     progressive: ProgressiveParams = ProgressiveParams()
     reflow: ReflowParams = ReflowParams()
+    consistency: ConsistencyParams = ConsistencyParams()
     samples_per_class: int = Field(8, ge=1, le=64, description="columns of each student's sample grid")
     seed: int = Field(0, ge=0)
 
