@@ -118,10 +118,10 @@ def fid(params: FidParams) -> None:
         if params.inversion_steps:
             inversion = stage_task(inversion_errors, name="invert")(params, run)
             for point in inversion:
-                run.metrics[f"inversion_mse.steps_{point['steps']}"] = round(point["mse"], 6)
+                run.metrics[f"inversion_mse.steps_{point['steps']}"] = float(f"{point['mse']:.4g}")
             steps, errors = [p["steps"] for p in inversion], [p["mse"] for p in inversion]
             lines({"test latents": (steps, errors)}, "sampling steps (each way)", "latent MSE after the round trip",
-                  "DDIM inversion: test latents -> noise -> latents", run.outputs.plots / "inversion.png", logx=True)
+                  "DDIM inversion: test latents -> noise -> latents", run.outputs.plots / "inversion.png", logx=True, logy=True)
             print("fid/inversion: " + ", ".join(f"{p['steps']} steps MSE {p['mse']:.4g}" for p in inversion))
 
 
