@@ -8,7 +8,7 @@ from prefect import flow
 from runtime.stage import StageRun, main, stage_task
 from tasks.data import load_manifest, load_split
 from tasks.params import SslParams
-from tasks.ssl import build_ssl, knn_monitor
+from tasks.ssl import build_ssl, check_fits_the_data, knn_monitor
 from tasks.training import TrainingContext, TrainResult
 
 
@@ -27,6 +27,8 @@ def train_ssl(params: SslParams, run: StageRun) -> TrainResult:
 
 @flow(name="ssl", log_prints=True)
 def ssl(params: SslParams) -> None:
+    manifest = load_manifest()
+    check_fits_the_data(params, manifest.get("source", "unknown"), manifest["image_shape"][0])
     with StageRun("ssl", params) as run:
         result = stage_task(train_ssl, name="train")(params, run)
         if not run.is_main:

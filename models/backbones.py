@@ -19,6 +19,7 @@ class ResNetConfig:
     image_size: int = 32  # not needed by the convolutions; kept so the encoder knows its input size
     width: int = 64  # channels of the first stage; each later stage doubles them
     depth: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage; (2, 2, 2, 2) is ResNet-18
+    stem_stride: int = 1  # 2 halves the image in the stem: about 3x cheaper, for images of 28 px and up
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ViTConfig:
     depth: int = 6
     heads: int = 3
     mlp_ratio: int = 4
+    pool: str = "cls"  # the feature: the final cls token, or the mean of the patch tokens ("mean")
 
 
 # -- ResNet ------------------------------------------------------------------------------
@@ -57,13 +59,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """3x3 stem without max-pool (small images keep their resolution), then stages that halve it."""
+    """3x3 stem without max-pool (small images keep their resolution, or half of it with
+    stem_stride 2), then stages that halve it."""
 
     def __init__(self, config: ResNetConfig):
         super().__init__()
         self.config = {"name": "resnet", **asdict(config)}
         self.stem = nn.Sequential(
-            nn.Conv2d(config.in_channels, config.width, 3, 1, 1, bias=False),
+            nn.Conv2d(config.in_channels, config.width, 3, config.stem_stride, 1, bias=False),
             nn.BatchNorm2d(config.width),
             nn.ReLU(inplace=True),
         )
@@ -77,9 +80,12 @@ class ResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.out_dim = channels
 
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The last stage's features before pooling (N, out_dim, h, w), for dense SSL heads."""
+        return self.blocks(self.stem(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.blocks(self.stem(images))
-        return features.mean(dim=(2, 3))
+        return self.feature_map(images).mean(dim=(2, 3))
 
 
 # -- ViT ---------------------------------------------------------------------------------
@@ -115,16 +121,20 @@ class TransformerBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    """Non-overlapping patches, a cls token and learned positions; the feature is the final cls token."""
+    """Non-overlapping patches, a cls token and learned positions; the feature is the final cls token
+    or the mean of the final patch tokens (what I-JEPA and MAE are probed with)."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         if config.image_size % config.patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+        if config.pool not in ("cls", "mean"):
+            raise ValueError(f"pool {config.pool!r} is neither 'cls' nor 'mean'")
         if config.dim % config.heads:
             raise ValueError(f"dim {config.dim} is not a multiple of heads {config.heads}")
         self.config = {"name": "vit", **asdict(config)}
         self.image_size = config.image_size
+        self.pool = config.pool
         num_patches = (config.image_size // config.patch_size) ** 2
         self.patchify = nn.Conv2d(config.in_channels, config.dim, config.patch_size, config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
@@ -136,12 +146,28 @@ class ViT(nn.Module):
         self.out_dim = config.dim
         self.apply(_init_vit_weights)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Every patch's embedding plus its position (N, patches, dim), row by row: what the
+        masked objectives (MAE, I-JEPA) subset before `encode`."""
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"ViT built for {self.image_size}x{self.image_size} inputs, got {tuple(images.shape[-2:])}")
-        patches = self.patchify(images).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(images), -1, -1), patches], dim=1) + self.positions
-        return self.norm(self.blocks(tokens))[:, 0]
+        return self.patchify(images).flatten(2).transpose(1, 2) + self.positions[:, 1:]
+
+    def encode(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """The cls token and any subset of embedded patches through the blocks and the final norm:
+        (N, 1 + tokens, dim), the cls token first."""
+        cls = (self.cls_token + self.positions[:, :1]).expand(len(patch_tokens), -1, -1)
+        return self.norm(self.blocks(torch.cat([cls, patch_tokens], dim=1)))
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoded patch tokens as a grid (N, dim, h, w), for dense SSL heads."""
+        tokens = self.encode(self.embed_patches(images))[:, 1:]
+        side = self.image_size // self.config["patch_size"]
+        return tokens.transpose(1, 2).reshape(len(images), -1, side, side)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.encode(self.embed_patches(images))
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
 
 
 def _init_vit_weights(module: nn.Module) -> None:

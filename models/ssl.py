@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.augment import TwoViews
-from models.ssl_losses import byol_loss, dino_loss, infonce_with_queue, nt_xent
+from models.ssl_losses import byol_loss, cpc_infonce, dino_loss, infonce_with_queue, nt_xent
 
 # -- shared pieces -----------------------------------------------------------------------
 
@@ -296,13 +296,65 @@ class Rotation(SSLObjective):
         }
 
 
-OBJECTIVES: dict[str, type[SSLObjective]] = {
-    "simclr": SimCLR, "moco": MoCoV2, "byol": BYOL, "dino": DINO, "rotation": Rotation,
-}
+def overlapping_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, C, S, S) -> (N, grid * grid, C, p, p): a grid of square patches overlapping by half
+    (CPC's 7x7 grid of 64-pixel patches, 32 apart), row by row."""
+    side = images.shape[-1]
+    patch = 2 * side // (grid + 1)
+    stride = (side - patch) // (grid - 1)
+    columns = F.unfold(images, patch, stride=stride)  # (N, C * p * p, grid * grid)
+    return columns.transpose(1, 2).reshape(len(images), grid * grid, images.shape[1], patch, patch)
 
 
-def build_objective(name: str, backbone: nn.Module, augment: TwoViews, **hparams) -> SSLObjective:
-    """An objective by name (simclr, moco, byol, dino, rotation) with its hyper-parameters."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown SSL objective {name!r}; choose from {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](backbone, augment, **hparams)
+class RowCausalBlock(nn.Module):
+    """A residual convolution whose output at row r sees only rows <= r (PixelCNN's masking, by
+    padding above): the context network's autoregression runs down the rows."""
+
+    def __init__(self, dim: int, rows_seen: int = 2):
+        super().__init__()
+        self.rows_seen = rows_seen
+        self.conv = nn.Conv2d(dim, dim, (rows_seen, 3), padding=(0, 1))
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return grid + self.conv(F.relu(F.pad(grid, (0, 0, self.rows_seen - 1, 0))))
+
+
+class CPC(SSLObjective):
+    """Hénaff et al., 2020 (CPC v2): the backbone embeds each patch of an overlapping grid on its own;
+    a context network, causal down the rows, summarises the rows above; from it a linear map per
+    offset k predicts the embeddings k rows below, scored by InfoNCE against every patch of the
+    batch. Patches are resized to the backbone's input size, so the exported backbone takes whole images."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        augment: TwoViews,
+        grid: int = 7,
+        context_dim: int = 512,
+        context_layers: int = 2,
+        prediction_steps: int = 5,
+    ):
+        if not 1 <= prediction_steps < grid:
+            raise ValueError(f"cpc.prediction_steps {prediction_steps} must lie in 1..grid-1 ({grid - 1})")
+        if 2 * backbone.config["image_size"] // (grid + 1) < 2:
+            raise ValueError(f"cpc.grid {grid} leaves patches under 2 pixels on {backbone.config['image_size']}-pixel images")
+        context = nn.Sequential(nn.Conv2d(backbone.out_dim, context_dim, 1), *(RowCausalBlock(context_dim) for _ in range(context_layers)))
+        super().__init__(backbone, augment, context)
+        self.predictors = nn.ModuleList(nn.Conv2d(context_dim, backbone.out_dim, 1) for _ in range(prediction_steps))
+        self.grid = grid
+        self.image_size = backbone.config["image_size"]
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        patches = overlapping_patches(self.augment.view(images), self.grid)
+        flat = F.interpolate(patches.flatten(0, 1), size=self.image_size, mode="bilinear", align_corners=False)
+        embeddings = self.backbone(flat)  # (N * grid * grid, D), row by row per image
+        grid, batch = self.grid, len(images)
+        embedding_grid = embeddings.view(batch, grid, grid, -1).permute(0, 3, 1, 2)
+        context = self.head(embedding_grid)
+        slots = torch.arange(batch * grid * grid, device=images.device).view(batch, grid, grid)
+        losses = []
+        for step, predictor in enumerate(self.predictors, start=1):
+            predicted = predictor(context[:, :, : grid - step])  # rows that have a row `step` below
+            positives = slots[:, step:].flatten()
+            losses.append(cpc_infonce(predicted.permute(0, 2, 3, 1).flatten(0, 2), embeddings, positives))
+        return {"loss": torch.stack(losses).mean(), "feature_std": feature_std(embeddings)}

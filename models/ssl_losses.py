@@ -57,3 +57,9 @@ def dino_loss(
         if t_view != s_view
     ]
     return torch.stack(pair_losses).mean()
+
+
+def cpc_infonce(predictions: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """CPC's InfoNCE: each prediction (M, D) is scored by dot product against every candidate patch
+    embedding (T, D); its positive is candidates[positives[m]], all the others are its negatives."""
+    return F.cross_entropy(predictions @ candidates.T, positives)

@@ -62,7 +62,7 @@ def parse_value(raw: str, override: str = "") -> object:
 def set_overrides(full: dict[str, dict], overrides: list[str]) -> dict[str, dict]:
     """Apply overrides (YAML-typed values) to a full params mapping: `stage.key.sub=value`, or
     DVC's `-S` form `params/stage.yaml:key.sub=value`."""
-    full = copy.deepcopy(full)
+    full, touched = copy.deepcopy(full), {}
     for override in overrides:
         key, sep, raw = override.partition("=")
         if ":" in key:
@@ -83,7 +83,9 @@ def set_overrides(full: dict[str, dict], overrides: list[str]) -> dict[str, dict
                 section = ".".join([stage, *parents[: depth + 1]])
                 raise ParamsError(f"override '{override}': {section} is a value ({node!r}), not a section with keys")
         node[leaf] = parse_value(raw, override)
-        validate(stage, full[stage], Path(f"override '{override}'"))
+        touched.setdefault(stage, []).append(override)
+    for stage, made in touched.items():  # once all are set, so that their order does not matter
+        validate(stage, full[stage], Path(f"override{'s' * (len(made) > 1)} {', '.join(map(repr, made))}"))
     return full
 
 

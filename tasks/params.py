@@ -53,7 +53,7 @@ Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
 class PrepareParams(Strict):
     """Raw dataset -> uint8 train/val/test splits."""
 
-    source: Source = "digits"
+    source: Source = "mnist"
     root: str | None = Field(None, description="raw files; default data/raw/<source>")
     download: bool = Field(True, description="fetch missing files from the canonical mirrors")
     image_size: int = Field(16, ge=4, le=512)
@@ -73,8 +73,9 @@ class PrepareParams(Strict):
 
 
 class ResNetParams(Strict):
-    width: int = Field(32, ge=4, le=512, description="channels of the first stage, doubled per stage")
+    width: int = Field(48, ge=4, le=512, description="channels of the first stage, doubled per stage")
     depth: list[int] = Field([1, 1, 1], min_length=1, max_length=6, description="BasicBlocks per stage; [2,2,2,2] is ResNet-18")
+    stem_stride: Literal[1, 2] = Field(1, description="1 keeps the image size (CIFAR-style); 2 halves it in the stem, about 3x cheaper on 28 px and up")
 
 
 class ViTParams(Strict):
@@ -83,6 +84,7 @@ class ViTParams(Strict):
     depth: int = Field(4, ge=1, le=32)
     heads: int = Field(4, ge=1, le=32)
     mlp_ratio: int = Field(4, ge=1, le=8)
+    pool: Literal["cls", "mean"] = Field("cls", description="the feature: the cls token, or the mean patch token (use it with ijepa, whose loss never reaches the cls token's output)")
 
 
 class SimCLRParams(Strict):
@@ -123,6 +125,85 @@ class RotationParams(Strict):
     pass
 
 
+class MAEParams(Strict):
+    """He et al. 2022; the paper's decoder is 512 wide and 8 deep for ViT-L, ours is scaled to the small ViT."""
+
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches hidden: high, so the task cannot be solved by interpolating neighbours")
+    decoder_dim: int = Field(64, ge=8, description="the decoder is narrow: it is thrown away, the encoder does the work")
+    decoder_depth: int = Field(2, ge=1, le=16, description="a deeper decoder leaves the encoder's last layers more abstract (better linear probes)")
+    decoder_heads: int = Field(4, ge=1, le=32)
+    norm_pix_loss: bool = Field(True, description="targets are each patch's pixels normalised by its own mean and std (sharper features, as in the paper)")
+
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self) -> MAEParams:
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError("mae.decoder_heads must divide mae.decoder_dim")
+        return self
+
+
+class IJEPAParams(Strict):
+    """Assran et al. 2023; the paper's predictor is 384 wide and 12 deep, ours is scaled to the small ViT."""
+
+    predictor_dim: int = Field(64, ge=8, description="a narrow predictor, so the encoder's tokens carry the semantics")
+    predictor_depth: int = Field(2, ge=1, le=16)
+    predictor_heads: int = Field(4, ge=1, le=32)
+    num_targets: int = Field(4, ge=1, le=16, description="target blocks per image (paper: 4)")
+    target_scale: list[float] = Field([0.15, 0.2], min_length=2, max_length=2, description="each block's share of the patches: large enough to be semantic, not texture")
+    target_aspect: list[float] = Field([0.75, 1.5], min_length=2, max_length=2, description="blocks' height/width range")
+    momentum_base: float = Field(0.996, gt=0, lt=1, description="target-encoder EMA at step 0, cosine to 1")
+
+    @model_validator(mode="after")
+    def _ranges_and_heads(self) -> IJEPAParams:
+        low, high = self.target_scale
+        if not 0 < low <= high < 1:
+            raise ValueError("ijepa.target_scale must be [low, high] with 0 < low <= high < 1")
+        if not 0 < self.target_aspect[0] <= self.target_aspect[1]:
+            raise ValueError("ijepa.target_aspect must be [low, high] with 0 < low <= high")
+        if self.predictor_dim % self.predictor_heads:
+            raise ValueError("ijepa.predictor_heads must divide ijepa.predictor_dim")
+        return self
+
+
+class JigsawParams(Strict):
+    """Noroozi & Favaro 2016: a 3x3 puzzle; the paper's 1000 permutations suit ImageNet, 100 suit a few thousand small images."""
+
+    grid: int = Field(3, ge=2, le=3, description="tiles per side: 3x3 is the paper's, hard enough to need object parts (the set is searched among all 9! orders)")
+    num_permutations: int = Field(100, ge=2, le=2000, description="classes: permutations chosen far apart in Hamming distance, so each differs from the others in many tiles")
+    tile_fraction: float = Field(0.85, gt=0, le=1, description="tile side / cell side (paper: 64 of 75 px): the gap hides edge continuity, a shortcut")
+    hidden_dim: int = Field(512, ge=8, description="the classifier's hidden layer over the concatenated tile features (paper: 4096)")
+
+
+class CPCParams(Strict):
+    """Hénaff et al. 2020 (CPC v2): the paper's 7x7 grid of 64-pixel patches is scaled to 3x3 for 28-pixel images."""
+
+    grid: int = Field(3, ge=2, le=8, description="patches per side, overlapping by half: each is embedded alone, so no row leaks into another's embedding")
+    context_dim: int = Field(128, ge=8, description="width of the context network")
+    context_layers: int = Field(2, ge=1, le=12, description="row-causal residual blocks: more rows above in each context")
+    prediction_steps: int = Field(2, ge=1, le=7, description="how many rows below each context predicts (a linear map each): farther rows need more than texture")
+
+    @model_validator(mode="after")
+    def _steps_fit_the_grid(self) -> CPCParams:
+        if self.prediction_steps >= self.grid:
+            raise ValueError(f"cpc.prediction_steps ({self.prediction_steps}) must be below cpc.grid ({self.grid}): no row lies that far below")
+        return self
+
+
+class InpaintingParams(Strict):
+    """Pathak et al. 2016 (context encoders), random-block variant, L2 loss on the hidden block (the paper's small adversarial term is left out)."""
+
+    block_fraction: float = Field(0.5, gt=0, lt=1, description="the hidden square's side / the image side (paper: 64 of 128 px): big enough that texture alone cannot fill it")
+    decoder_dim: int = Field(64, ge=8, description="width of the light decoder back to pixels")
+
+
+class ColorizationParams(Strict):
+    """Zhang et al. 2016: per-pixel classification of quantised ab colour from lightness, with class rebalancing (colour sources only)."""
+
+    bin_size: float = Field(10.0, ge=2, le=55, description="side of an ab bin (paper: 10): colours are classified, not regressed, so a pixel can be red or blue without averaging to grey")
+    rebalance: float = Field(0.5, ge=0, le=1, description="lambda mixing the bin frequency with uniform before inverting it to weights (paper: 0.5): rare saturated colours count")
+    frequency_momentum: float = Field(0.99, ge=0, lt=1, description="running average of the bin frequencies over training batches")
+    decoder_dim: int = Field(64, ge=8, description="width of the light decoder to per-pixel bin logits")
+
+
 class AugmentParams(Strict):
     crop_scale: list[float] = Field([0.3, 1.0], min_length=2, max_length=2, description="RandomResizedCrop area range")
     flip: bool = Field(False, description="horizontal flips (off for digits: a flipped 2 is not a 2)")
@@ -132,22 +213,40 @@ class AugmentParams(Strict):
     blur_prob: float = Field(0.0, ge=0, le=1, description="gaussian blur (SimCLR leaves it out for small images)")
 
 
+PATCH_TOKEN_OBJECTIVES = ("mae", "ijepa")  # objectives that only the ViT backbone can train
+
+
 class SslParams(Strict):
     """Self-supervised pretraining of a backbone."""
 
     backbone: Literal["resnet", "vit"] = "resnet"
     resnet: ResNetParams = ResNetParams()
     vit: ViTParams = ViTParams()
-    objective: Literal["simclr", "moco", "byol", "dino", "rotation"] = "simclr"
+    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw", "cpc", "inpainting", "colorization"] = "simclr"
     simclr: SimCLRParams = SimCLRParams()
     moco: MoCoParams = MoCoParams()
     byol: BYOLParams = BYOLParams()
     dino: DINOParams = DINOParams()
     rotation: RotationParams = RotationParams()
+    mae: MAEParams = MAEParams()
+    ijepa: IJEPAParams = IJEPAParams()
+    jigsaw: JigsawParams = JigsawParams()
+    cpc: CPCParams = CPCParams()
+    inpainting: InpaintingParams = InpaintingParams()
+    colorization: ColorizationParams = ColorizationParams()
     augment: AugmentParams = AugmentParams()
-    train: TrainParams = TrainParams(epochs=30, batch_size=256, lr=2e-3, weight_decay=1e-4)
-    knn_every_epochs: int = Field(5, ge=0, description="online kNN on val every N epochs; 0 = only at the end")
+    train: TrainParams = TrainParams(epochs=2, batch_size=256, lr=4e-3, weight_decay=1e-4, log_every=20)
+    knn_every_epochs: int = Field(0, ge=0, description="online kNN on val every N epochs; 0 = only at the end")
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _objective_fits_the_backbone(self) -> SslParams:
+        if self.objective in PATCH_TOKEN_OBJECTIVES and self.backbone != "vit":
+            raise ValueError(
+                f"objective: {self.objective} needs backbone: vit, not {self.backbone} "
+                "(it hides and predicts the ViT's patch tokens, which a ResNet does not have)"
+            )
+        return self
 
 
 class EncoderParams(Strict):
@@ -163,7 +262,7 @@ class EncoderParams(Strict):
 class ProbeParams(Strict):
     """Linear probe and kNN on frozen features, with baselines."""
 
-    weight_decays: list[float] = Field([1e-5, 1e-4, 1e-3, 1e-2, 1e-1], min_length=1, description="grid searched on val")
+    weight_decays: list[float] = Field([1e-5, 1e-4, 1e-3], min_length=1, description="grid searched on val")
     label_fractions: list[float] = Field([0.01, 0.1, 1.0], min_length=1, description="shares of the training labels")
     knn_k: int = Field(20, ge=1)
     baselines: bool = Field(True, description="also probe raw pixels and a randomly initialised encoder")
@@ -189,20 +288,20 @@ class VaeParams(Strict):
 
     downsample: Literal[1, 2, 4, 8] = Field(4, description="image size / latent grid size")
     latent_channels: int = Field(4, ge=1, le=64)
-    width: int = Field(32, ge=4, le=512, description="channels at full resolution, doubling per stage up to 4x")
+    width: int = Field(16, ge=4, le=512, description="channels at full resolution, doubling per stage up to 4x")
     beta: float = Field(1e-4, ge=0, description="KL weight per image element")
     reconstruction: Literal["l1", "l2"] = "l1"
     perceptual_weight: float = Field(0.1, ge=0, description="feature distance under the frozen SSL encoder; 0 turns it off")
     adversarial: AdversarialParams = AdversarialParams()
-    train: TrainParams = TrainParams(epochs=30, batch_size=64, lr=2e-3, log_every=20)
+    train: TrainParams = TrainParams(epochs=1, batch_size=64, lr=2e-3, log_every=20)
     grid_images: int = Field(40, ge=1, le=400, description="images in the reconstruction and prior-sample grids")
     seed: int = Field(0, ge=0)
 
 
 class UNetParams(Strict):
-    channels: int = Field(48, ge=8, le=1024, description="width of the first level")
+    channels: int = Field(32, ge=8, le=1024, description="width of the first level")
     channel_mults: list[int] = Field([1, 2], min_length=1, max_length=5, description="each level's width / channels; each next level halves the grid")
-    blocks_per_level: int = Field(2, ge=1, le=8)
+    blocks_per_level: int = Field(1, ge=1, le=8)
     attention_heads: int = Field(4, ge=1, le=32, description="self-attention at the lowest resolution")
     dropout: float = Field(0.0, ge=0, lt=1)
 
@@ -253,7 +352,7 @@ class DiffusionParams(Strict):
     edm: EDMParams = EDMParams()
     unet: UNetParams = UNetParams()
     label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
-    train: TrainParams = TrainParams(epochs=80, batch_size=128, lr=1e-3, ema_decay=0.99, log_every=20)
+    train: TrainParams = TrainParams(epochs=4, batch_size=128, lr=1e-3, ema_decay=0.995, log_every=20)
     sample_steps: int = Field(32, ge=1, le=1000, description="sampler steps of the sample grids")
     guidance_scales: list[float] = Field([1.0, 2.0, 4.0], min_length=1, description="a sample grid per scale; 1 is the plain conditional model")
     samples_per_class: int = Field(8, ge=1, le=64, description="columns of each sample grid")
@@ -273,9 +372,9 @@ class ProgressiveParams(Strict):
 
 
 class ReflowParams(Strict):
-    pairs: int = Field(2048, ge=16, description="(noise, teacher sample) pairs the student straightens")
-    teacher_steps: int = Field(32, ge=1, le=1000, description="sampler steps drawing the pairs")
-    train: TrainParams = TrainParams(epochs=20, batch_size=128, lr=5e-4, warmup_fraction=0.0, log_every=20)
+    pairs: int = Field(4096, ge=16, description="(noise, teacher sample) pairs the student straightens")
+    teacher_steps: int = Field(16, ge=1, le=1000, description="sampler steps drawing the pairs")
+    train: TrainParams = TrainParams(epochs=15, batch_size=128, lr=5e-4, warmup_fraction=0.0, log_every=20)
 
 
 class ConsistencyParams(Strict):
@@ -310,9 +409,9 @@ class DistillParams(Strict):
 class FidParams(Strict):
     """FID and KID against the test split in the frozen SSL encoder's feature space."""
 
-    samples: int = Field(500, ge=10, description="generated images per row, class-balanced")
-    teacher_steps: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 100], min_length=1, description="the teacher's sampler steps, a row each")
-    inversion_steps: list[int] = Field([2, 8, 32], description="DDIM inversion of `samples` test latents to noise and back with the teacher's deterministic sampler, at each step count; [] skips it")
+    samples: int = Field(1000, ge=10, description="generated images per row, class-balanced")
+    teacher_steps: list[int] = Field([1, 2, 4, 8, 16, 32], min_length=1, description="the teacher's sampler steps, a row each")
+    inversion_steps: list[int] = Field([4, 16], description="DDIM inversion of `samples` test latents to noise and back with the teacher's deterministic sampler, at each step count; [] skips it")
     kid_subset_size: int = Field(100, ge=2, description="KID subset size, capped by the smaller image set")
     kid_subsets: int = Field(50, ge=1)
     batch_size: int = Field(500, ge=1, description="images sampled and scored at once")

@@ -8,20 +8,41 @@ from torch import nn
 from models.augment import TwoViews
 from models.backbones import build_backbone
 from models.knn import knn_accuracy
-from models.ssl import SSLObjective, build_objective
+from models.ssl import SSLObjective
+from models.ssl_registry import build_objective
 from tasks.data import ImageSplit
 from tasks.encoder import embed
-from tasks.params import SslParams
+from tasks.params import ParamsError, SslParams
 
 MONITOR_TRAIN_IMAGES = 10_000  # kNN bank size for the online monitor
 
 
+GRAYSCALE_SOURCES = ("digits", "mnist", "fashion_mnist")  # prepare.source values without colour
+
+
+def check_fits_the_data(params: SslParams, source: str, channels: int) -> None:
+    """Refuse an objective the prepared data cannot train (params/ssl.yaml against what the prepare
+    stage made, so only checkable here), before any work."""
+    if params.objective == "colorization" and (source in GRAYSCALE_SOURCES or channels != 3):
+        raise ParamsError(
+            f"params/ssl.yaml: objective: colorization predicts colour from lightness, but the prepared data "
+            f"(prepare.source: {source}, {channels} channel(s)) has no colour to predict; prepare a colour "
+            "source (prepare.source: cifar10, or folder with RGB images and prepare.channels: null or 3)"
+        )
+
+
 def build_ssl(params: SslParams, channels: int, image_size: int) -> SSLObjective:
-    backbone = build_backbone(params.backbone, channels, image_size, **getattr(params, params.backbone).model_dump())
+    """The objective the params name, on the prepared images' shape; a combination the networks
+    refuse (a patch size that does not divide the images, I-JEPA blocks that leave no context)
+    is a ParamsError naming params/ssl.yaml."""
     augment_params = params.augment.model_dump()
     augment_params["crop_scale"] = tuple(augment_params["crop_scale"])
-    augment = TwoViews(image_size, channels, **augment_params)
-    return build_objective(params.objective, backbone, augment, **getattr(params, params.objective).model_dump())
+    try:
+        backbone = build_backbone(params.backbone, channels, image_size, **getattr(params, params.backbone).model_dump())
+        augment = TwoViews(image_size, channels, **augment_params)
+        return build_objective(params.objective, backbone, augment, **getattr(params, params.objective).model_dump())
+    except ValueError as err:
+        raise ParamsError(f"params/ssl.yaml: {err} (for the prepared {channels}x{image_size}x{image_size} images)") from None
 
 
 def knn_monitor(train: ImageSplit, val: ImageSplit, k: int = 20):

@@ -83,6 +83,13 @@ def test_a_bad_override_is_refused_naming_it(override, message):
     assert message in str(caught.value)
 
 
+def test_overrides_are_validated_together_in_any_order():
+    both = set_overrides(profile_params("default"), ["ssl.objective=mae", "ssl.backbone=vit"])
+    assert (both["ssl"]["objective"], both["ssl"]["backbone"]) == ("mae", "vit")
+    with pytest.raises(ParamsError, match="overrides 'ssl.objective=mae', 'ssl.seed=1'.*needs backbone: vit"):
+        set_overrides(profile_params("default"), ["ssl.objective=mae", "ssl.seed=1"])
+
+
 # --- artifacts written by one stage and read by the next ------------------------------------------
 
 

@@ -540,7 +540,9 @@ def test_reruns_skip_what_is_up_to_date_link_what_they_reused_and_compare_shows_
 
     out = run([sys.executable, "-m", "flows", "compare", "--csv", "runs.csv"], repo).stdout
     table = pd.read_csv(repo / "runs.csv")
-    assert len(table) == 3 and "fid_student_4" in out  # the no-op run is not a result
+    assert "fid_student_4" in out and set(table["status"]) <= {"FINISHED", "FAILED"}
+    table = table[table["status"] == "FINISHED"]  # the failed runs of the tests above show too
+    assert len(table) == 3  # the no-op run is not a result
     assert sorted(table["ran"]) == sorted([",".join(STAGES), "distill,fid", "probe"])
     assert {"distill.seed", "probe.knn_k"} <= set(table.columns)
     assert "prepare.source" not in table.columns  # the same in every run

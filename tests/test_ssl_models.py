@@ -14,8 +14,10 @@ from sklearn.datasets import load_digits
 from models.augment import TwoViews
 from models.backbones import build_backbone
 from models.knn import knn_accuracy, knn_predict
-from models.ssl import BYOL, DINO, KeyQueue, MoCoV2, build_objective, rotate_four_ways
+from models.ssl import BYOL, DINO, KeyQueue, MoCoV2, rotate_four_ways
 from models.ssl_losses import byol_loss, nt_xent
+from models.ssl_masked import IJEPA
+from models.ssl_registry import build_objective
 
 
 def tiny_resnet():
@@ -46,6 +48,7 @@ def digits() -> torch.Tensor:
         ("resnet", 8, {"width": 8, "depth": (2, 2, 2, 2)}),
         ("resnet", 20, {"width": 8, "depth": (1, 1, 1)}),
         ("resnet", 32, {"width": 8, "depth": (1, 1)}),
+        ("resnet", 28, {"width": 8, "depth": (1, 1, 1), "stem_stride": 2}),
         ("vit", 8, {"patch_size": 4, "dim": 32, "depth": 2, "heads": 4}),
         ("vit", 28, {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2}),
         ("vit", 64, {"patch_size": 8, "dim": 32, "depth": 1, "heads": 2}),
@@ -153,8 +156,10 @@ def cosine_momentum_by_formula(step: int, total_steps: int, base: float) -> floa
     [
         lambda: BYOL(tiny_resnet(), digits_augment(), 16, 8, 16, momentum_base=0.9),
         lambda: DINO(tiny_resnet(), digits_augment(), out_dim=32, hidden_dim=16, bottleneck_dim=8, momentum_base=0.9),
+        lambda: IJEPA(build_backbone("vit", 1, 16, patch_size=4, dim=16, depth=1, heads=2), digits_augment(),
+                      predictor_dim=16, predictor_depth=1, predictor_heads=2, momentum_base=0.9),
     ],
-    ids=["byol", "dino"],
+    ids=["byol", "dino", "ijepa"],
 )
 def test_target_is_an_ema_of_the_online_network(make, digits):
     torch.manual_seed(0)
