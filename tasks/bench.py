@@ -125,12 +125,12 @@ def stage_cases(params: dict, device: torch.device, batch_size: int | None = Non
 
     def distillation() -> nn.Module:
         net = unet()
-        if diffusion.formulation == "flow":
+        if diffusion.formulation != "ddpm":
             return ReflowTraining(net, RectifiedFlow(diffusion.flow.time_mean, diffusion.flow.time_std, 0.0))
         rounds = distill.progressive
         return ProgressiveDistillation(freeze(copy.deepcopy(net)), net, rounds.teacher_steps // 2, label_dropout=rounds.label_dropout)
 
-    distill_train = distill.reflow.train if diffusion.formulation == "flow" else distill.progressive.train
+    distill_train = distill.reflow.train if diffusion.formulation != "ddpm" else distill.progressive.train
     cases = []
     for stage, build, train in (
         ("ssl", lambda: build_ssl(ssl, channels, height), ssl.train),
@@ -142,7 +142,7 @@ def stage_cases(params: dict, device: torch.device, batch_size: int | None = Non
         size = batch_size or train.batch_size
         if stage == "ssl" or stage == "vae":
             data = [images(size) for _ in range(batches)]
-        elif stage == "distill" and diffusion.formulation == "flow":
+        elif stage == "distill" and diffusion.formulation != "ddpm":
             data = [(latents(size), latents(size), labels(size)) for _ in range(batches)]
         else:
             data = [(latents(size), labels(size)) for _ in range(batches)]
@@ -327,7 +327,7 @@ def run_bench(
         _, height, width = image_shape(params["prepare"])
         latent_shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)
         net = build_denoiser_training(diffusion, latent_shape[0], NUM_CLASSES).net
-        student_guidance = 1.0 if diffusion.formulation == "flow" else distill.guidance
+        student_guidance = 1.0 if diffusion.formulation != "ddpm" else distill.guidance
         size = batch_size or fid.batch_size
         for network, guidance in (("teacher", distill.guidance), ("student", student_guidance)):
             for variant, setup in chosen.items():
