@@ -9,7 +9,7 @@ from prefect import flow
 from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.diffusion import class_grid, load_denoiser
-from tasks.distill import consistency_student, progressive_students, reflow_student
+from tasks.distill import consistency_student, distill_method, progressive_students, reflow_student
 from tasks.images import captioned, save_png, steps_caption
 from tasks.params import DistillParams
 from tasks.students import export_students, load_students, student_network
@@ -20,11 +20,12 @@ from tasks.vae import decoder_files, load_decoder, load_latents
 def train_students(params: DistillParams, run: StageRun):
     teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
     latents = load_latents(artifacts_dir("vae"), run.device)
-    if params.method == "consistency":
-        return "consistency", *consistency_student(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
-    if teacher.formulation == "ddpm":  # reflow for the flow and EDM: it needs only a deterministic sampler
-        return "progressive", *progressive_students(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
-    return "reflow", *reflow_student(teacher, params, latents.num_classes, TrainingContext.of(run))
+    method = distill_method(params.method, teacher.formulation)
+    if method == "consistency":
+        return method, *consistency_student(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
+    if method == "progressive":
+        return method, *progressive_students(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
+    return method, *reflow_student(teacher, params, latents.num_classes, TrainingContext.of(run))
 
 
 @flow(name="distill", log_prints=True)

@@ -7,8 +7,8 @@ Classifier-free guidance: uncond + guidance * (cond - uncond), both from one bat
 guidance = 1 is the plain conditional model and costs one call. The caller sets eval mode.
 
 The deterministic samplers (euler, heun, ddim, edm_heun) also run backwards with `invert=True`:
-from x0 to the noise they would map onto it (DDIM inversion, Song et al. 2021), each step taken
-with the net evaluated at its less noisy end.
+from x0 to the noise they would map onto it (DDIM inversion, Song et al. 2021): Euler and DDIM
+evaluate the net at each step's less noisy end, the Heun samplers at both ends.
 """
 
 from __future__ import annotations

@@ -27,6 +27,15 @@ from tasks.students import Student
 from tasks.training import TrainingContext, TrainResult
 
 
+def distill_method(method: str, formulation: str) -> str:
+    """What `distill.method` means for a teacher of `formulation`: consistency when asked, else
+    (auto) progressive distillation for DDPM, reflow for the flow and EDM (it needs only the
+    teacher's deterministic sampler)."""
+    if method == "consistency":
+        return "consistency"
+    return "progressive" if formulation == "ddpm" else "reflow"
+
+
 def progressive_students(
     teacher: Denoiser, params: DistillParams, latents: torch.Tensor, labels: torch.Tensor, training: TrainingContext
 ) -> tuple[list[Student], list[TrainResult]]:

@@ -75,7 +75,7 @@ class PrepareParams(Strict):
 class ResNetParams(Strict):
     width: int = Field(48, ge=4, le=512, description="channels of the first stage, doubled per stage")
     depth: list[int] = Field([1, 1, 1], min_length=1, max_length=6, description="BasicBlocks per stage; [2,2,2,2] is ResNet-18")
-    stem_stride: Literal[1, 2] = Field(1, description="1 keeps the image size (CIFAR-style); 2 halves it in the stem, about 3x cheaper on 28 px and up")
+    stem_stride: Literal[1, 2] = Field(1, description="1 keeps the image size (CIFAR-style); 2 halves it in the stem, about 3.5x cheaper on 28 px and up")
 
 
 class ViTParams(Strict):
@@ -84,7 +84,7 @@ class ViTParams(Strict):
     depth: int = Field(4, ge=1, le=32)
     heads: int = Field(4, ge=1, le=32)
     mlp_ratio: int = Field(4, ge=1, le=8)
-    pool: Literal["cls", "mean"] = Field("cls", description="the feature: the cls token, or the mean patch token (use it with ijepa, whose loss never reaches the cls token's output)")
+    pool: Literal["cls", "mean"] = Field("cls", description="the feature: the cls token, or the mean patch token (use it with ijepa: its paper probes mean-pooled tokens, and its loss trains the cls token only as context for the predictor)")
 
 
 class SimCLRParams(Strict):
@@ -174,9 +174,9 @@ class JigsawParams(Strict):
 
 
 class CPCParams(Strict):
-    """Hénaff et al. 2020 (CPC v2): the paper's 7x7 grid of 64-pixel patches is scaled to 3x3 for 28-pixel images."""
+    """Hénaff et al. 2020 (CPC v2): the paper's 7x7 grid of 64-pixel patches is scaled to 3x3 for 16- to 28-pixel images."""
 
-    grid: int = Field(3, ge=2, le=8, description="patches per side, overlapping by half: each is embedded alone, so no row leaks into another's embedding")
+    grid: int = Field(3, ge=2, le=8, description="patches per side, overlapping by half, each embedded on its own (the batch-norm statistics of a ResNet backbone still mix them, which CPC v2 avoided with layer norm)")
     context_dim: int = Field(128, ge=8, description="width of the context network")
     context_layers: int = Field(2, ge=1, le=12, description="row-causal residual blocks: more rows above in each context")
     prediction_steps: int = Field(2, ge=1, le=7, description="how many rows below each context predicts (a linear map each): farther rows need more than texture")
