@@ -103,12 +103,14 @@ class EDMPrecond(nn.Module):
         self.sigma_data = sigma_data
         self.null_label = net.null_label
 
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out, c_in) at `sigma`."""
+        total = sigma.square() + self.sigma_data**2
+        return self.sigma_data**2 / total, sigma * self.sigma_data / total.sqrt(), 1 / total.sqrt()
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sigma = per_sample(sigma.float(), x)
-        total = sigma.square() + self.sigma_data**2
-        c_skip = self.sigma_data**2 / total
-        c_out = sigma * self.sigma_data / total.sqrt()
-        c_in = 1 / total.sqrt()
+        c_skip, c_out, c_in = self.scalings(sigma)
         c_noise = sigma.log().flatten() / 4
         return c_skip * x + c_out * self.net(c_in * x, c_noise, labels).float()
 
@@ -122,13 +124,10 @@ class ConsistencyPrecond(EDMPrecond):
         super().__init__(net, sigma_data)
         self.sigma_min = sigma_min
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        sigma = per_sample(sigma.float(), x)
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         total = sigma.square() + self.sigma_data**2
         c_skip = self.sigma_data**2 / ((sigma - self.sigma_min).square() + self.sigma_data**2)
-        c_out = (sigma - self.sigma_min) * self.sigma_data / total.sqrt()
-        c_noise = sigma.log().flatten() / 4
-        return c_skip * x + c_out * self.net(x / total.sqrt(), c_noise, labels).float()
+        return c_skip, (sigma - self.sigma_min) * self.sigma_data / total.sqrt(), 1 / total.sqrt()
 
 
 class EDM:
