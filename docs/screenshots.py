@@ -97,36 +97,40 @@ def shoot(page, url: str, ready: str, name: str, then=None) -> None:
     page.wait_for_selector(ready, timeout=120_000)
     if then is not None:
         then(page)
-    page.wait_for_load_state("networkidle")
-    page.wait_for_timeout(1500)  # charts and graphs animate in
+    page.wait_for_timeout(2000)  # charts and graphs animate in (MLflow's UI polls: never network-idle)
     page.screenshot(path=IMAGES / f"{name}.png")
     print(f"wrote docs/img/{name}.png")
 
 
 def prefect_pages(page, ui: str, flow_run_id: str, deployment_id: str) -> None:
-    def task_runs(page):
-        page.get_by_role("tab", name="Task Runs").click()
-        page.wait_for_selector("text=fid", timeout=60_000)
+    def subflow_runs(page):  # the stages' own flow runs (the Task Runs tab lists none of these task runs)
+        page.get_by_text("Subflow Runs", exact=True).click()
+        page.locator("a[href^='/runs/flow-run/']", has_text="prepare").wait_for(timeout=60_000)
 
-    shoot(page, f"{ui}/runs/flow-run/{flow_run_id}", "text=Completed", "prefect-run", task_runs)
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": 1200})  # the graph, then the list
+    shoot(page, f"{ui}/runs/flow-run/{flow_run_id}", "text=Completed", "prefect-run", subflow_runs)
+    page.set_viewport_size(VIEWPORT)
     shoot(page, f"{ui}/deployments/deployment/{deployment_id}/run", "text=ssl_objective", "prefect-custom-run")
 
 
 def mlflow_pages(page, ui: str, experiment_id: str) -> None:
     def expand_parent(page):
-        page.locator("[data-testid='runs-table-expand-button'], button[aria-label*='xpand']").first.click()
+        for panel in ("Close", "Hide banner"):  # the assistant's side panel, the shared view's banner
+            if (button := page.get_by_role("button", name=panel, exact=True)).count():
+                button.first.click()
+        page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # the parent's +
         page.wait_for_selector("text=distill", timeout=60_000)
 
     runs = f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=headline"
     shoot(page, runs, "text=fid_student_4", "mlflow-runs", expand_parent)
-    shoot(page, f"{ui}/#/models/latentlab-student", "text=latentlab-student", "mlflow-models")
+    shoot(page, f"{ui}/#/models/latentlab-student", "text=Version 1", "mlflow-models")
 
 
 def dvc_page(page, clone: Path, vega: Path | None) -> None:
     if vega is not None:
         for package, path in VEGA.items():
-            page.route(CDN + package, lambda route, path=path: route.fulfill(path=vega / path))
-    shoot(page, (clone / "dvc_plots" / "index.html").as_uri(), "canvas, svg.marks", "dvc-plots")
+            page.route(CDN + package, lambda route, _, path=path: route.fulfill(path=vega / path))
+    shoot(page, (clone / "dvc_plots" / "index.html").as_uri(), "canvas.marks:not([width=\"0\"])", "dvc-plots")
 
 
 def main() -> None:
