@@ -130,7 +130,9 @@ def dvc_page(page, clone: Path, vega: Path | None) -> None:
     if vega is not None:
         for package, path in VEGA.items():
             page.route(CDN + package, lambda route, _, path=path: route.fulfill(path=vega / path))
+    page.set_viewport_size({"width": 2000, "height": 1250})  # four charts a row, then the first sample grids
     shoot(page, (clone / "dvc_plots" / "index.html").as_uri(), "canvas.marks:not([width=\"0\"])", "dvc-plots")
+    page.set_viewport_size(VIEWPORT)
 
 
 def main() -> None:
@@ -154,12 +156,12 @@ def main() -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page(viewport=VIEWPORT)
-        with started([*python, "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                     clone, env, f"{api_url}/health", work / "prefect-server.log"):
-            with started([*python, "flows", "serve", "--cron", "0 3 * * *"], clone, env, f"{api_url}/health",
-                         work / "serve.log"):
-                flow_run_id, deployment_id = run_pipeline(api_url)
-                prefect_pages(page, f"http://127.0.0.1:{port}", flow_run_id, deployment_id)
+        server = [*python, "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        serve = [*python, "flows", "serve", "--cron", "0 3 * * *"]
+        with (started(server, clone, env, f"{api_url}/health", work / "prefect-server.log"),
+              started(serve, clone, env, f"{api_url}/health", work / "serve.log")):
+            flow_run_id, deployment_id = run_pipeline(api_url)
+            prefect_pages(page, f"http://127.0.0.1:{port}", flow_run_id, deployment_id)
         with started([*python, "mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--port", str(mlflow_port)],
                      clone, env, f"http://127.0.0.1:{mlflow_port}/health", work / "mlflow.log"):
             import mlflow
