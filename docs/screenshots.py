@@ -1,7 +1,7 @@
 """The README's screenshots of the three front doors (docs/img/*.png), taken as a user sees them.
 
     pip install -e '.[docs]'        # playwright; the browser is Debian's chromium (/usr/bin/chromium)
-    python docs/screenshots.py      # about 5 minutes on 2 CPU cores
+    python docs/screenshots.py      # 15–20 minutes on a busy 2-core machine (the smoke pipeline runs once)
 
 In a throw-away clone of this repo (its last commit) on the smoke profile, it starts
 `prefect server start` on a free port, serves the pipeline (`python -m flows serve`), runs the
@@ -139,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vega", type=Path, help="serve Vega from this folder instead of the CDN (offline)")
     args = parser.parse_args()
+    import mlflow
     from playwright.sync_api import sync_playwright
 
     IMAGES.mkdir(parents=True, exist_ok=True)
@@ -153,24 +154,22 @@ def main() -> None:
     python = [sys.executable, "-m"]
     subprocess.run([*python, "flows", "profile", "smoke"], cwd=clone, env=env, check=True)
     mlflow_port = free_port()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page(viewport=VIEWPORT)
-        server = [*python, "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        serve = [*python, "flows", "serve", "--cron", "0 3 * * *"]
-        with (started(server, clone, env, f"{api_url}/health", work / "prefect-server.log"),
-              started(serve, clone, env, f"{api_url}/health", work / "serve.log")):
-            flow_run_id, deployment_id = run_pipeline(api_url)
-            prefect_pages(page, f"http://127.0.0.1:{port}", flow_run_id, deployment_id)
-        with started([*python, "mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--port", str(mlflow_port)],
-                     clone, env, f"http://127.0.0.1:{mlflow_port}/health", work / "mlflow.log"):
-            import mlflow
-
-            experiment = mlflow.MlflowClient(f"sqlite:///{clone / 'mlflow.db'}").get_experiment_by_name("latentlab")
-            mlflow_pages(page, f"http://127.0.0.1:{mlflow_port}", experiment.experiment_id)
+    server = [*python, "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    serve = [*python, "flows", "serve", "--cron", "0 3 * * *"]
+    mlflow_ui = [*python, "mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--port", str(mlflow_port)]
+    with (started(server, clone, env, f"{api_url}/health", work / "prefect-server.log"),
+          started(serve, clone, env, f"{api_url}/health", work / "serve.log")):
+        flow_run_id, deployment_id = run_pipeline(api_url)  # before playwright: its event loop makes Prefect async
         subprocess.run(["dvc", "plots", "show"], cwd=clone, env=env, check=True)
-        dvc_page(page, clone, args.vega)
-        browser.close()
+        experiment = mlflow.MlflowClient(f"sqlite:///{clone / 'mlflow.db'}").get_experiment_by_name("latentlab")
+        with (started(mlflow_ui, clone, env, f"http://127.0.0.1:{mlflow_port}/health", work / "mlflow.log"),
+              sync_playwright() as playwright):
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page(viewport=VIEWPORT)
+            prefect_pages(page, f"http://127.0.0.1:{port}", flow_run_id, deployment_id)
+            mlflow_pages(page, f"http://127.0.0.1:{mlflow_port}", experiment.experiment_id)
+            dvc_page(page, clone, args.vega)
+            browser.close()
     print(f"the clone is left in {work}")
 
 
