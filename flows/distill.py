@@ -1,6 +1,7 @@
 """distill: few-step students of the diffusion teacher, progressive distillation for DDPM (each
-round halves the steps, the student starting from its teacher) or reflow for the rectified flow;
-a per-class sample grid of each student at its step count, decoded by the VAE."""
+round halves the steps, the student starting from its teacher), reflow for the rectified flow
+and EDM, or (distill.method: consistency) consistency distillation of EDM; a per-class sample
+grid of each student at its step count, decoded by the VAE."""
 
 import torch
 from prefect import flow
@@ -8,7 +9,7 @@ from prefect import flow
 from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.diffusion import class_grid, load_denoiser
-from tasks.distill import progressive_students, reflow_student
+from tasks.distill import consistency_student, distill_method, progressive_students, reflow_student
 from tasks.images import captioned, save_png, steps_caption
 from tasks.params import DistillParams
 from tasks.students import export_students, load_students, student_network
@@ -19,9 +20,12 @@ from tasks.vae import decoder_files, load_decoder, load_latents
 def train_students(params: DistillParams, run: StageRun):
     teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
     latents = load_latents(artifacts_dir("vae"), run.device)
-    if teacher.formulation == "ddpm":
-        return "progressive", *progressive_students(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
-    return "reflow", *reflow_student(teacher, params, latents.num_classes, TrainingContext.of(run))
+    method = distill_method(params.method, teacher.formulation)
+    if method == "consistency":
+        return method, *consistency_student(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
+    if method == "progressive":
+        return method, *progressive_students(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
+    return method, *reflow_student(teacher, params, latents.num_classes, TrainingContext.of(run))
 
 
 @flow(name="distill", log_prints=True)

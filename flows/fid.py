@@ -1,7 +1,8 @@
 """fid: FID and KID against the test split in the frozen SSL encoder's feature space, for the
 teacher at each step count, the students at theirs, and three references: real train images (the
 floor), VAE reconstructions of the test split, decoded prior samples. Class-balanced samples;
-sampling throughput for each; FID-vs-steps plot, table and sample grids."""
+sampling throughput for each; FID-vs-steps plot, table and sample grids. Then DDIM inversion:
+test latents run back to noise and forward again, the error against the steps."""
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from runtime.stage import StageRun, main, stage_task
 from tasks.artifacts import artifacts_dir
 from tasks.curves import write_csv
 from tasks.data import load_manifest, load_split
-from tasks.diffusion import balanced_labels, load_denoiser, timed_images
+from tasks.diffusion import balanced_labels, invert_and_regenerate, load_denoiser, timed_images
 from tasks.encoder import load_encoder
 from tasks.fid import FidScorer, inception_weights
 from tasks.images import captioned, grid, save_png, steps_caption, to_uint8
@@ -67,6 +68,20 @@ def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
     return rows
 
 
+def inversion_errors(params: FidParams, run: StageRun) -> list[dict[str, float]]:
+    """For each of inversion_steps: the mean squared error, in the scaled latent space (unit
+    variance per channel), of `samples` test latents inverted to noise and regenerated."""
+    test, decoder = load_split("test", run.device), load_decoder(artifacts_dir("vae"), run.device)
+    teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
+    latents = decoder.latent_scale.normalize(encode_means(decoder.vae, test.floats(slice(params.samples))))
+    labels = test.labels[: params.samples]
+    errors = []
+    for steps in sorted(params.inversion_steps):
+        _, regenerated = invert_and_regenerate(teacher, latents, labels, steps, params.batch_size)
+        errors.append({"steps": steps, "mse": (regenerated - latents).square().mean().item()})
+    return errors
+
+
 def table(rows: dict[str, dict[str, float]]) -> str:
     """The rows as a Markdown table."""
     columns = list(dict.fromkeys(key for row in rows.values() for key in row))
@@ -100,6 +115,14 @@ def fid(params: FidParams) -> None:
         lines(series, "sampling steps", "FID (SSL encoder features)", "FID vs sampling steps (lower is better)",
               run.outputs.plots / "fid_vs_steps.png", logx=True)
         print("fid:\n" + table(rows))
+        if params.inversion_steps:
+            inversion = stage_task(inversion_errors, name="invert")(params, run)
+            for point in inversion:
+                run.metrics[f"inversion_mse.steps_{point['steps']}"] = float(f"{point['mse']:.4g}")
+            steps, errors = [p["steps"] for p in inversion], [p["mse"] for p in inversion]
+            lines({"test latents": (steps, errors)}, "sampling steps (each way)", "latent MSE after the round trip",
+                  "DDIM inversion: test latents -> noise -> latents", run.outputs.plots / "inversion.png", logx=True, logy=True)
+            print("fid/inversion: " + ", ".join(f"{p['steps']} steps MSE {p['mse']:.4g}" for p in inversion))
 
 
 if __name__ == "__main__":

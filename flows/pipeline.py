@@ -164,7 +164,7 @@ def pipeline(
         profile: rewrite every params file from this profile first; keep: the files as they are.
         source: dataset (prepare.source); keep: as the params files say.
         ssl_objective: ssl.objective; keep: as the params files say.
-        diffusion_formulation: diffusion.formulation (flow or ddpm); keep: as the params files say.
+        diffusion_formulation: diffusion.formulation (flow, ddpm or edm); keep: as the params files say.
         overrides: DVC-style `params/<stage>.yaml:key=value` (or `stage.key=value`) values, applied last.
     """
     try:

@@ -34,9 +34,10 @@ class TwoViews(nn.Module):
         steps: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=crop_scale, cropping_mode="resample")]
         if flip:
             steps.append(K.RandomHorizontalFlip())
-        if channels == 3:
+        if channels == 3 and jitter_prob > 0:
             strength = jitter_strength  # SimCLR's s: brightness, contrast, saturation 0.8 s, hue 0.2 s
             steps.append(K.ColorJitter(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength, p=jitter_prob))
+        if channels == 3 and grayscale_prob > 0:
             steps.append(K.RandomGrayscale(p=grayscale_prob))
         if blur_prob > 0:
             # SimCLR's kernel: 10% of the image side, odd, at least 3

@@ -1,9 +1,10 @@
 """Diffusion objectives, each a small callable in NVlabs/edm's shape: the constructor holds the
 hyper-parameters, `objective(net, x0, labels)` returns the per-sample loss (N,).
 
-A denoiser is any module `net(x, t, labels)` returning a tensor shaped like x, with t (N,) in
-[0, 1] and an attribute `null_label`: the class index that means "no label". Training with
-`label_dropout` > 0 teaches it the unconditional model too, for classifier-free guidance.
+A denoiser is any module `net(x, t, labels)` returning a tensor shaped like x, with t (N,) the
+noise level (in [0, 1] for the flow and DDPM; EDM's preconditioning feeds it log(σ) / 4) and an
+attribute `null_label`: the class index that means "no label". Training with `label_dropout` > 0
+teaches it the unconditional model too, for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -90,10 +91,71 @@ class DDPM:
         return (predicted - noise).square().flatten(1).mean(1)
 
 
+class EDMPrecond(nn.Module):
+    """The denoiser D(x, σ) = c_skip x + c_out F(c_in x, c_noise) around a raw network F (Karras et
+    al. 2022, NVlabs/edm's EDMPrecond): input and training target at unit variance at every σ, and
+    the network's error amplified as little as it can be. `precond(x, sigma, labels)` with sigma
+    (N,); it has the net's null_label, so the samplers guide it like any denoiser."""
+
+    def __init__(self, net: nn.Module, sigma_data: float):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+        self.null_label = net.null_label
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out, c_in) at `sigma`."""
+        total = sigma.square() + self.sigma_data**2
+        return self.sigma_data**2 / total, sigma * self.sigma_data / total.sqrt(), 1 / total.sqrt()
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sigma = per_sample(sigma.float(), x)
+        c_skip, c_out, c_in = self.scalings(sigma)
+        c_noise = sigma.log().flatten() / 4
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, labels).float()
+
+
+class ConsistencyPrecond(EDMPrecond):
+    """A consistency function f(x, σ) = c_skip x + c_out F(c_in x, c_noise) whose c_skip and c_out
+    are shifted by σ_min so that f(x, σ_min) = x, the boundary condition (Song et al. 2023,
+    appendix C); c_in and c_noise are EDM's."""
+
+    def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float):
+        super().__init__(net, sigma_data)
+        self.sigma_min = sigma_min
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        total = sigma.square() + self.sigma_data**2
+        c_skip = self.sigma_data**2 / ((sigma - self.sigma_min).square() + self.sigma_data**2)
+        return c_skip, (sigma - self.sigma_min) * self.sigma_data / total.sqrt(), 1 / total.sqrt()
+
+
+class EDM:
+    """The σ-parameterisation of Karras et al. 2022: x = x0 + σ noise, σ log-normal
+    (ln σ ~ N(p_mean, p_std²)), the preconditioned denoiser regresses x0 with weight
+    (σ² + σ_data²) / (σ σ_data)², which makes the network's own target unit-variance at every σ."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5, label_dropout: float = 0.1):
+        self.p_mean = p_mean
+        self.p_std = p_std
+        self.sigma_data = sigma_data
+        self.label_dropout = label_dropout
+
+    def sample_sigma(self, n: int, device: torch.device) -> torch.Tensor:
+        return (self.p_mean + self.p_std * torch.randn(n, device=device)).exp()
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sigma = self.sample_sigma(len(x0), x0.device)
+        weight = per_sample((sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square(), x0)
+        noisy = x0 + per_sample(sigma, x0) * torch.randn_like(x0)
+        denoised = EDMPrecond(net, self.sigma_data)(noisy, sigma, drop_labels(labels, net.null_label, self.label_dropout))
+        return (weight * (denoised - x0).square()).flatten(1).mean(1)
+
+
 class DenoiserTraining(nn.Module):
     """What the training loop trains: forward((latents, labels)) -> {"loss": the batch mean}."""
 
-    def __init__(self, net: nn.Module, objective: RectifiedFlow | DDPM):
+    def __init__(self, net: nn.Module, objective: RectifiedFlow | DDPM | EDM):
         super().__init__()
         self.net = net
         self.objective = objective

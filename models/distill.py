@@ -1,6 +1,7 @@
-"""Few-step students: progressive distillation for DDPM (Salimans & Ho 2022) and reflow for the
-rectified flow (Liu et al. 2022). Students are denoisers like their teachers and sample with the
-same samplers (models/samplers.py), at 1, 2 or 4 steps.
+"""Few-step students: progressive distillation for DDPM (Salimans & Ho 2022), reflow for the
+rectified flow (Liu et al. 2022) and consistency distillation for EDM (Song et al. 2023).
+Students are denoisers like their teachers and sample with the samplers of models/samplers.py,
+at 1, 2 or 4 steps.
 """
 
 from __future__ import annotations
@@ -11,8 +12,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.diffusion import CosineSchedule, RectifiedFlow, drop_labels, per_sample
-from models.samplers import ddim_step, predict_x0
+from models.diffusion import (
+    ConsistencyPrecond,
+    CosineSchedule,
+    EDMPrecond,
+    RectifiedFlow,
+    drop_labels,
+    per_sample,
+)
+from models.ema import EMA
+from models.samplers import KarrasSchedule, ddim_step, edm_heun_step, predict_x0
 
 
 class ProgressiveDistillation(nn.Module):
@@ -118,4 +127,52 @@ class ReflowTraining(nn.Module):
         return {"loss": self.flow(self.student, samples, labels, noise=noise).mean()}
 
     def compile(self, **kwargs) -> None:
+        self.student.compile(**kwargs)
+
+
+class ConsistencyDistillation(nn.Module):
+    """Consistency distillation (Song et al. 2023, Algorithm 2): x0 noised to a level σ of the
+    N-level ρ-schedule, the frozen EDM teacher takes one Heun step of its (guided) ODE down to
+    the next level σ'; the student's consistency function at (x, σ) regresses the target's at the
+    teacher's (x', σ'). The target is an EMA of the student, updated after each optimizer step;
+    both start as copies of the teacher's U-Net. forward((x0, labels)) -> {"loss"}."""
+
+    def __init__(
+        self, teacher: EDMPrecond, student: nn.Module, schedule: KarrasSchedule, levels: int,
+        target_decay: float, guidance: float = 1.0,
+    ):
+        super().__init__()
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student = student.requires_grad_(True)
+        self.target = EMA(student, target_decay)
+        self.schedule, self.guidance = schedule, guidance
+        self.register_buffer("sigmas", torch.tensor(schedule.sigmas(levels)[:-1]), persistent=False)
+
+    def consistency(self, net: nn.Module) -> ConsistencyPrecond:
+        return ConsistencyPrecond(net, self.teacher.sigma_data, self.schedule.sigma_min)
+
+    def train(self, mode: bool = True) -> ConsistencyDistillation:
+        super().train(mode)
+        self.teacher.eval()
+        self.target.eval()
+        return self
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x0, labels = batch
+        level = torch.randint(0, len(self.sigmas) - 1, (len(x0),), device=x0.device)
+        sigma, sigma_next = self.sigmas[level], self.sigmas[level + 1]
+        x = x0 + per_sample(sigma, x0) * torch.randn_like(x0)
+        with torch.no_grad():
+            x_next = edm_heun_step(self.teacher, x, sigma, sigma_next, labels, self.guidance)
+            target = self.consistency(self.target.module)(x_next, sigma_next, labels)
+        prediction = self.consistency(self.student)(x, sigma, labels)
+        return {"loss": (prediction - target).square().flatten(1).mean(1).mean()}
+
+    def after_step(self, step: int, steps: int) -> None:
+        """The training loop's hook: the target follows the student."""
+        self.target.update(self.student)
+
+    def compile(self, **kwargs) -> None:
+        """torch.compile teacher and student; the Heun step between them stays eager."""
+        self.teacher.net.compile(**kwargs)
         self.student.compile(**kwargs)

@@ -54,6 +54,8 @@ class SSLObjective(nn.Module):
 
     sync_batch_norm = True
 
+    colour_augmented = True  # False: the method's paper crops and flips only (its target is the pixels or colours)
+
     def __init__(self, backbone: nn.Module, augment: TwoViews, head: nn.Module):
         super().__init__()
         self.backbone = backbone
@@ -301,10 +303,13 @@ class Rotation(SSLObjective):
 
 def overlapping_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
     """(N, C, S, S) -> (N, grid * grid, C, p, p): a grid of square patches overlapping by half
-    (CPC's 7x7 grid of 64-pixel patches, 32 apart), row by row."""
+    (CPC's 7x7 grid of 64-pixel patches, 32 apart), row by row, from the central square the grid
+    spans (the rounding of patch and stride may leave a border)."""
     side = images.shape[-1]
     patch = 2 * side // (grid + 1)
     stride = (side - patch) // (grid - 1)
+    span, start = patch + stride * (grid - 1), (side - patch - stride * (grid - 1)) // 2
+    images = images[..., start : start + span, start : start + span]
     columns = F.unfold(images, patch, stride=stride)  # (N, C * p * p, grid * grid)
     return columns.transpose(1, 2).reshape(len(images), grid * grid, images.shape[1], patch, patch)
 
@@ -326,7 +331,8 @@ class CPC(SSLObjective):
     """Hénaff et al., 2020 (CPC v2): the backbone embeds each patch of an overlapping grid on its own;
     a context network, causal down the rows, summarises the rows above; from it a linear map per
     offset k predicts the embeddings k rows below, scored by InfoNCE against every patch of the
-    batch. Patches are resized to the backbone's input size, so the exported backbone takes whole images."""
+    batch. Patches are resized to the backbone's input size, so the exported backbone takes whole images.
+    A ResNet backbone's batch norm still mixes the patches' statistics (CPC v2 used layer norm)."""
 
     def __init__(
         self,

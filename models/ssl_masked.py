@@ -1,6 +1,6 @@
 """Masked-image objectives on the ViT's patch tokens: MAE (pixels of masked patches) and I-JEPA
 (representations of masked blocks). The encoder sees only the tokens it keeps; the exported
-encoder is the plain ViT (its cls token)."""
+encoder is the plain ViT (its cls token, or its mean patch token with `vit.pool: mean`)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ class MAE(SSLObjective):
     """He et al., 2022: hide a high ratio of random patches, encode the visible ones only, and
     reconstruct the hidden patches' per-patch normalised pixels with a light decoder."""
 
+    colour_augmented = False
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -114,6 +116,8 @@ class IJEPA(MomentumObjective):
     Batched: one block shape per step (positions per image), so every image has the same number of
     target tokens; the context is a random subset, of a fixed size, of the tokens outside every
     block (the paper's context block covers 85-100 % of these small grids anyway)."""
+
+    colour_augmented = False
 
     def __init__(
         self,

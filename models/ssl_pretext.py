@@ -18,9 +18,10 @@ from models.ssl import SSLObjective, _gather_across_ranks, feature_std
 
 
 def hamming_permutations(tiles: int, count: int) -> torch.Tensor:
-    """Noroozi & Favaro's permutation set (count, tiles): from the identity, greedily add the
-    permutation farthest (in minimum Hamming distance) from those chosen, the first in
-    lexicographic order on ties. Far-apart permutations make every class tell the puzzle apart."""
+    """A maximin variant of Noroozi & Favaro's permutation set (count, tiles): from the identity,
+    greedily add the permutation whose *minimum* Hamming distance to those chosen is largest (the
+    paper's Algorithm 1 maximises the summed distance from a random start), the first in
+    lexicographic order on ties. It guarantees the closest pair of classes stays far apart."""
     if tiles > 9:
         raise ValueError(f"jigsaw: {tiles} tiles have too many permutations to search (at most 9 tiles, a 3x3 grid)")
     every = np.array(list(itertools.permutations(range(tiles))), dtype=np.int8)
@@ -142,6 +143,8 @@ class Inpainting(SSLObjective):
     data's middle grey), encode what is left, decode the whole image, and pay an L2 loss on the
     hidden block only. The random-block variant of the paper; its adversarial term is left out."""
 
+    colour_augmented = False
+
     def __init__(self, backbone: nn.Module, augment: TwoViews, block_fraction: float = 0.5, decoder_dim: int = 64):
         config = backbone.config
         super().__init__(backbone, augment, pixel_decoder(backbone.out_dim, decoder_dim, config["in_channels"], config["image_size"]))
@@ -175,6 +178,8 @@ class Colorization(SSLObjective):
     the 313 in gamut), hard targets (not soft-encoded), and bin frequencies estimated as a running
     average over training batches (not beforehand on the dataset). The backbone keeps its RGB
     input: it sees the lightness as a grey RGB image."""
+
+    colour_augmented = False
 
     def __init__(
         self,

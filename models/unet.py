@@ -1,7 +1,8 @@
 """U-Net denoiser over a latent grid: `net(x, t, labels)` returns a tensor shaped like x.
 
 The network knows nothing of the formulation: models/diffusion.py decides whether the output
-is a flow velocity or DDPM's epsilon. t is a float tensor (N,) in [0, 1]; labels are class
+is a flow velocity, DDPM's epsilon or EDM's preconditioned F. t is a float tensor (N,), the noise
+level: in [0, 1] for the flow and DDPM, ln(σ) / 4 (about -1.6 to 1.1) under EDM; labels are class
 indices (N,), where `null_label` (= num_classes) means "no label" for classifier-free guidance.
 Any grid size works (2x2 up): each level halves it (rounding up) and the way back up resizes
 to the skip connection it meets.

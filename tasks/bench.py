@@ -37,6 +37,7 @@ from models.samplers import guided
 from tasks.artifacts import freeze
 from tasks.device import autocast, channels_last, uses_bf16
 from tasks.diffusion import build_denoiser_training
+from tasks.distill import distill_method
 from tasks.params import TrainParams
 from tasks.ssl import build_ssl
 from tasks.training import Trainer, make_optimizer
@@ -123,14 +124,16 @@ def stage_cases(params: dict, device: torch.device, batch_size: int | None = Non
     def unet() -> nn.Module:
         return build_denoiser_training(diffusion, latent_shape[0], NUM_CLASSES).net
 
+    reflow = distill_method("auto", diffusion.formulation) == "reflow"  # consistency is not benched
+
     def distillation() -> nn.Module:
         net = unet()
-        if diffusion.formulation == "flow":
+        if reflow:
             return ReflowTraining(net, RectifiedFlow(diffusion.flow.time_mean, diffusion.flow.time_std, 0.0))
         rounds = distill.progressive
         return ProgressiveDistillation(freeze(copy.deepcopy(net)), net, rounds.teacher_steps // 2, label_dropout=rounds.label_dropout)
 
-    distill_train = distill.reflow.train if diffusion.formulation == "flow" else distill.progressive.train
+    distill_train = distill.reflow.train if reflow else distill.progressive.train
     cases = []
     for stage, build, train in (
         ("ssl", lambda: build_ssl(ssl, channels, height), ssl.train),
@@ -142,7 +145,7 @@ def stage_cases(params: dict, device: torch.device, batch_size: int | None = Non
         size = batch_size or train.batch_size
         if stage == "ssl" or stage == "vae":
             data = [images(size) for _ in range(batches)]
-        elif stage == "distill" and diffusion.formulation == "flow":
+        elif stage == "distill" and reflow:
             data = [(latents(size), latents(size), labels(size)) for _ in range(batches)]
         else:
             data = [(latents(size), labels(size)) for _ in range(batches)]
@@ -327,7 +330,7 @@ def run_bench(
         _, height, width = image_shape(params["prepare"])
         latent_shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)
         net = build_denoiser_training(diffusion, latent_shape[0], NUM_CLASSES).net
-        student_guidance = 1.0 if diffusion.formulation == "flow" else distill.guidance
+        student_guidance = 1.0 if distill_method("auto", diffusion.formulation) == "reflow" else distill.guidance
         size = batch_size or fid.batch_size
         for network, guidance in (("teacher", distill.guidance), ("student", student_guidance)):
             for variant, setup in chosen.items():

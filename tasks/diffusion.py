@@ -7,6 +7,7 @@ The distilled students are denoisers too: they are saved, loaded and sampled the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,9 +15,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from models.diffusion import DDPM, DenoiserTraining, RectifiedFlow
-from models.samplers import ddim, ddpm_ancestral, euler, heun
+from models.diffusion import (
+    DDPM,
+    EDM,
+    ConsistencyPrecond,
+    DenoiserTraining,
+    EDMPrecond,
+    RectifiedFlow,
+)
+from models.samplers import (
+    KarrasSchedule,
+    consistency,
+    ddim,
+    ddpm_ancestral,
+    edm_heun,
+    euler,
+    heun,
+    reverse_sde,
+)
 from models.unet import UNet, UNetConfig
 from tasks.artifacts import load_network, save_network, unreadable
 from tasks.data import EpochBatches
@@ -25,13 +43,22 @@ from tasks.images import grid, to_uint8
 from tasks.params import DiffusionParams
 from tasks.vae import LatentDecoder
 
-SAMPLERS = {"euler": euler, "heun": heun, "ddim": ddim, "ancestral": ddpm_ancestral}
+SAMPLERS = {
+    "flow": {"euler": euler, "heun": heun},
+    "ddpm": {"ddim": ddim, "ancestral": ddpm_ancestral},
+    "edm": {"heun": edm_heun, "sde": reverse_sde},
+    "consistency": {"multistep": consistency},  # consistency-distilled students (tasks/distill.py)
+}
+DETERMINISTIC = {"ddpm": "ddim", "edm": "heun"}  # each formulation's invertible sampler; the flow's are both
 
 
 def build_denoiser_training(params: DiffusionParams, latent_channels: int, num_classes: int) -> DenoiserTraining:
     net = UNet(UNetConfig(in_channels=latent_channels, num_classes=num_classes, **params.unet.model_dump()))
     if params.formulation == "flow":
         objective = RectifiedFlow(params.flow.time_mean, params.flow.time_std, params.label_dropout)
+    elif params.formulation == "edm":
+        edm = params.edm
+        objective = EDM(edm.p_mean, edm.p_std, edm.sigma_data, params.label_dropout)
     else:
         objective = DDPM(label_dropout=params.label_dropout)
     return DenoiserTraining(net, objective)
@@ -42,34 +69,70 @@ class Denoiser:
     """A trained U-Net and what sampling it takes: the formulation, sampler and latent shape."""
 
     net: UNet
-    formulation: str  # "flow" or "ddpm"
-    sampler: str  # a key of SAMPLERS
+    formulation: str  # "flow", "ddpm", "edm", or "consistency" (a student)
+    sampler: str  # a key of SAMPLERS[formulation]
     latent_shape: tuple[int, ...]
     flow_time: dict[str, float] = field(default_factory=dict)  # the flow's logit-normal t, for reflow
+    edm: dict[str, float | None] = field(default_factory=dict)  # EDM's (and consistency's) sigma_data, schedule, churn
 
     @classmethod
     def from_params(cls, net: UNet, params: DiffusionParams, latent_shape: tuple[int, ...]) -> Denoiser:
-        flow = params.formulation == "flow"
-        sampler = params.flow.sampler if flow else params.ddpm.sampler
-        flow_time = {"time_mean": params.flow.time_mean, "time_std": params.flow.time_std} if flow else {}
-        return cls(net, params.formulation, sampler, tuple(latent_shape), flow_time)
+        formulation = params.formulation
+        sampler = getattr(params, formulation).sampler
+        flow_time = params.flow.model_dump(include={"time_mean", "time_std"}) if formulation == "flow" else {}
+        edm = params.edm.model_dump(exclude={"p_mean", "p_std", "sampler"}) if formulation == "edm" else {}
+        return cls(net, formulation, sampler, tuple(latent_shape), flow_time, edm)
 
     def with_net(self, net: UNet, sampler: str | None = None) -> Denoiser:
         return dataclasses.replace(self, net=net, sampler=sampler or self.sampler)
+
+    def sampling(self) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
+        """(what the sampler calls, the sampler(net, noise, labels, steps, guidance)): for EDM the
+        preconditioned U-Net (a consistency student's with its boundary condition), and its sampler
+        bound to the stored schedule (and churn)."""
+        sampler = SAMPLERS[self.formulation][self.sampler]
+        if self.formulation not in ("edm", "consistency"):
+            return self.net, sampler
+        edm = self.edm
+        schedule = KarrasSchedule(edm["sigma_min"], edm["sigma_max"], edm["rho"])
+        if self.formulation == "consistency":
+            return ConsistencyPrecond(self.net, edm["sigma_data"], edm["sigma_min"]), functools.partial(sampler, schedule=schedule)
+        options = {"churn": edm["churn"]} if self.sampler == "sde" else {}
+        return EDMPrecond(self.net, edm["sigma_data"]), functools.partial(sampler, schedule=schedule, **options)
+
+    def deterministic(self) -> Denoiser:
+        """This denoiser with its formulation's deterministic sampler (its own, if deterministic)."""
+        return self.with_net(self.net, DETERMINISTIC.get(self.formulation, self.sampler))
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, steps: int, guidance: float, seed: int, batch_size: int = 500) -> torch.Tensor:
         """Scaled latents for `labels`, drawn in batches from seeded noise (the same on any device);
         the net runs under bf16 autocast on CUDA, the sampler's state in float32."""
         self.net.eval()
-        torch.manual_seed(seed)  # the ancestral sampler's fresh noise
+        torch.manual_seed(seed)  # the stochastic samplers' fresh noise
         noise = torch.randn(len(labels), *self.latent_shape, generator=torch.Generator().manual_seed(seed))
-        sampler = SAMPLERS[self.sampler]
+        net, sampler = self.sampling()
         with autocast(labels.device):
             return torch.cat([
-                sampler(self.net, chunk.to(labels.device), chunk_labels, steps, guidance)
+                sampler(net, chunk.to(labels.device), chunk_labels, steps, guidance)
                 for chunk, chunk_labels in zip(noise.split(batch_size), labels.split(batch_size), strict=True)
             ])
+
+
+@torch.no_grad()
+def invert_and_regenerate(
+    denoiser: Denoiser, latents: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM inversion: scaled `latents` run backwards to the noise that the deterministic sampler
+    maps onto them, unguided, and sampled forwards again from it: (noise, regenerated latents)."""
+    denoiser.net.eval()
+    net, sampler = denoiser.deterministic().sampling()
+    noises, regenerated = [], []
+    with autocast(labels.device):
+        for chunk, chunk_labels in zip(latents.split(batch_size), labels.split(batch_size), strict=True):
+            noises.append(sampler(net, chunk, chunk_labels, steps, 1.0, invert=True))
+            regenerated.append(sampler(net, noises[-1], chunk_labels, steps, 1.0))
+    return torch.cat(noises), torch.cat(regenerated)
 
 
 def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") -> None:
@@ -77,6 +140,7 @@ def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") ->
     config = {
         "unet": dataclasses.asdict(denoiser.net.config), "formulation": denoiser.formulation,
         "sampler": denoiser.sampler, "latent_shape": list(denoiser.latent_shape), "flow_time": denoiser.flow_time,
+        "edm": denoiser.edm,
     }
     save_network(denoiser.net, config, folder, name)
 
@@ -86,7 +150,12 @@ def load_denoiser(folder: Path | str, device: torch.device | str = "cpu", name: 
     net, config = load_network(folder, name, lambda config: UNet(UNetConfig(**config["unet"])), device)
     if missing := [key for key in ("formulation", "sampler", "latent_shape", "flow_time") if key not in config]:
         raise unreadable(Path(folder) / f"{name}.json", f"missing key(s) {', '.join(missing)}")
-    return Denoiser(net, config["formulation"], config["sampler"], tuple(config["latent_shape"]), config["flow_time"])
+    if config["formulation"] in ("edm", "consistency") and not config.get("edm"):
+        raise unreadable(Path(folder) / f"{name}.json", f"formulation {config['formulation']} without its 'edm' settings")
+    return Denoiser(
+        net, config["formulation"], config["sampler"], tuple(config["latent_shape"]), config["flow_time"],
+        config.get("edm", {}),
+    )
 
 
 def step_rows(batches: EpochBatches, *tensors: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, ...]]:

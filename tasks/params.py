@@ -78,7 +78,7 @@ class PrepareParams(Strict):
 class ResNetParams(Strict):
     width: int = Field(48, ge=4, le=512, description="channels of the first stage, doubled per stage")
     depth: list[int] = Field([1, 1, 1], min_length=1, max_length=6, description="BasicBlocks per stage; [2,2,2,2] is ResNet-18")
-    stem_stride: Literal[1, 2] = Field(1, description="1 keeps the image size (CIFAR-style); 2 halves it in the stem, about 3x cheaper on 28 px and up")
+    stem_stride: Literal[1, 2] = Field(1, description="1 keeps the image size (CIFAR-style); 2 halves it in the stem, about 3.5x cheaper on 28 px and up")
 
 
 class ViTParams(Strict):
@@ -87,7 +87,7 @@ class ViTParams(Strict):
     depth: int = Field(4, ge=1, le=32)
     heads: int = Field(4, ge=1, le=32)
     mlp_ratio: int = Field(4, ge=1, le=8)
-    pool: Literal["cls", "mean"] = Field("cls", description="the feature: the cls token, or the mean patch token (use it with ijepa, whose loss never reaches the cls token's output)")
+    pool: Literal["cls", "mean"] = Field("cls", description="the feature: the cls token, or the mean patch token (use it with ijepa: its paper probes mean-pooled tokens, and its loss trains the cls token only as context for the predictor)")
 
 
 class SimCLRParams(Strict):
@@ -177,9 +177,9 @@ class JigsawParams(Strict):
 
 
 class CPCParams(Strict):
-    """Hénaff et al. 2020 (CPC v2): the paper's 7x7 grid of 64-pixel patches is scaled to 3x3 for 28-pixel images."""
+    """Hénaff et al. 2020 (CPC v2): the paper's 7x7 grid of 64-pixel patches is scaled to 3x3 for 16- to 28-pixel images."""
 
-    grid: int = Field(3, ge=2, le=8, description="patches per side, overlapping by half: each is embedded alone, so no row leaks into another's embedding")
+    grid: int = Field(3, ge=2, le=8, description="patches per side, overlapping by half, each embedded on its own (the batch-norm statistics of a ResNet backbone still mix them, which CPC v2 avoided with layer norm)")
     context_dim: int = Field(128, ge=8, description="width of the context network")
     context_layers: int = Field(2, ge=1, le=12, description="row-causal residual blocks: more rows above in each context")
     prediction_steps: int = Field(2, ge=1, le=7, description="how many rows below each context predicts (a linear map each): farther rows need more than texture")
@@ -327,12 +327,32 @@ class DDPMParams(Strict):
     sampler: Literal["ddim", "ancestral"] = "ddim"
 
 
-class DiffusionParams(Strict):
-    """A class-conditional U-Net denoiser over the VAE's latents: rectified flow or DDPM, with CFG."""
+class EDMParams(Strict):
+    """Karras et al. 2022's defaults, except sigma_data (see its description)."""
 
-    formulation: Literal["flow", "ddpm"] = Field("flow", description="flow: v-prediction, logit-normal t; ddpm: eps-prediction, cosine schedule")
+    p_mean: float = Field(-1.2, description="training ln(sigma) ~ N(p_mean, p_std^2)")
+    p_std: float = Field(1.2, gt=0)
+    sigma_data: float = Field(1.0, gt=0, description="the data's std for the preconditioning: 1.0 because the latents are scaled to unit variance per channel (the paper's 0.5 is the std of images in [-1, 1])")
+    sigma_min: float = Field(0.002, gt=0, description="the rho-schedule's last noise level before 0")
+    sigma_max: float = Field(80.0, gt=0, description="the rho-schedule's first noise level: sampling starts from N(0, sigma_max^2)")
+    rho: float = Field(7.0, gt=0, description="schedule curvature: higher crowds the steps at low sigma")
+    sampler: Literal["heun", "sde"] = Field("heun", description="heun: the probability-flow ODE, 2 steps - 1 net calls; sde: Euler-Maruyama on the reverse-time SDE, 1 call a step")
+    churn: float | None = Field(None, ge=0, description="sde only: null = Anderson's reverse-time SDE; a number = EDM's S_churn, Langevin share min(churn / steps, sqrt(2) - 1) a step (0: the Euler ODE)")
+
+    @model_validator(mode="after")
+    def _sigma_range(self) -> EDMParams:
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError("sigma_min must be below sigma_max")
+        return self
+
+
+class DiffusionParams(Strict):
+    """A class-conditional U-Net denoiser over the VAE's latents: rectified flow, DDPM or EDM, with CFG."""
+
+    formulation: Literal["flow", "ddpm", "edm"] = Field("flow", description="flow: v-prediction, logit-normal t; ddpm: eps-prediction, cosine schedule; edm: preconditioned x0-prediction, log-normal sigma")
     flow: FlowParams = FlowParams()
     ddpm: DDPMParams = DDPMParams()
+    edm: EDMParams = EDMParams()
     unet: UNetParams = UNetParams()
     label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
     train: TrainParams = TrainParams(epochs=8, batch_size=128, lr=1e-3, ema_decay=0.995, log_every=20)
@@ -360,13 +380,22 @@ class ReflowParams(Strict):
     train: TrainParams = TrainParams(epochs=15, batch_size=128, lr=5e-4, warmup_fraction=0.0, log_every=20)
 
 
-class DistillParams(Strict):
-    """Few-step students of the diffusion teacher: progressive distillation (DDPM) or reflow (flow)."""
+class ConsistencyParams(Strict):
+    levels: int = Field(18, ge=2, le=1000, description="N: noise levels of the rho-schedule the student is made consistent across (Song et al. 2023: 18 with an EDM teacher)")
+    target_decay: float = Field(0.95, ge=0, lt=1, description="mu: the target network's EMA of the student (Song et al. 2023)")
+    train: TrainParams = TrainParams(epochs=20, batch_size=128, lr=4e-4, warmup_fraction=0.0, log_every=20)
 
+
+class DistillParams(Strict):
+    """Few-step students of the diffusion teacher: progressive distillation (DDPM), reflow (flow,
+    EDM) or consistency distillation (EDM)."""
+
+    method: Literal["auto", "consistency"] = Field("auto", description="auto: progressive for a ddpm teacher, reflow for flow and edm; consistency: consistency distillation of an edm teacher")
     guidance: float = Field(2.0, ge=1, description="the teacher's guidance the students reproduce (and fid samples the teacher at)")
     student_steps: list[int] = Field([1, 2, 4], min_length=1, description="steps the students sample with")
     progressive: ProgressiveParams = ProgressiveParams()
     reflow: ReflowParams = ReflowParams()
+    consistency: ConsistencyParams = ConsistencyParams()
     samples_per_class: int = Field(8, ge=1, le=64, description="columns of each student's sample grid")
     seed: int = Field(0, ge=0)
 
@@ -385,6 +414,7 @@ class FidParams(Strict):
 
     samples: int = Field(2000, ge=10, description="generated images per row, class-balanced")
     teacher_steps: list[int] = Field([1, 2, 4, 8, 16, 32], min_length=1, description="the teacher's sampler steps, a row each")
+    inversion_steps: list[int] = Field([4, 16], description="DDIM inversion of `samples` test latents to noise and back with the teacher's deterministic sampler, at each step count; [] skips it")
     kid_subset_size: int = Field(100, ge=2, description="KID subset size, capped by the smaller image set")
     kid_subsets: int = Field(50, ge=1)
     batch_size: int = Field(500, ge=1, description="images sampled and scored at once")
@@ -395,8 +425,8 @@ class FidParams(Strict):
 
     @model_validator(mode="after")
     def _steps_positive(self) -> FidParams:
-        if any(steps < 1 for steps in self.teacher_steps):
-            raise ValueError("teacher_steps must be >= 1")
+        if any(steps < 1 for steps in self.teacher_steps + self.inversion_steps):
+            raise ValueError("teacher_steps and inversion_steps must be >= 1")
         return self
 
 

@@ -47,13 +47,15 @@ def confusion(matrix: np.ndarray, class_names: list[str], title: str, path: Path
 
 
 def lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, path: Path,
-          logx: bool = False) -> None:
+          logx: bool = False, logy: bool = False) -> None:
     """One line per name: {name: (xs, ys)}."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)
     if logx:
         ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

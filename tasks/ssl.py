@@ -9,7 +9,7 @@ from models.augment import TwoViews
 from models.backbones import build_backbone
 from models.knn import knn_accuracy
 from models.ssl import SSLObjective
-from models.ssl_registry import build_objective
+from models.ssl_registry import OBJECTIVES, build_objective
 from tasks.data import ImageSplit
 from tasks.encoder import embed
 from tasks.params import ParamsError, SslParams
@@ -37,6 +37,8 @@ def build_ssl(params: SslParams, channels: int, image_size: int) -> SSLObjective
     is a ParamsError naming params/ssl.yaml."""
     augment_params = params.augment.model_dump()
     augment_params["crop_scale"] = tuple(augment_params["crop_scale"])
+    if not OBJECTIVES[params.objective].colour_augmented:  # crops and flips only, as its paper
+        augment_params.update(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     try:
         backbone = build_backbone(params.backbone, channels, image_size, **getattr(params, params.backbone).model_dump())
         augment = TwoViews(image_size, channels, **augment_params)

@@ -23,8 +23,9 @@ class Student:
 
 
 def student_network(method: str, steps: int) -> str:
-    """The name a student's files are exported under: reflow makes one student for every step count."""
-    return "student" if method == "reflow" else f"student_{steps}_steps"
+    """The name a student's files are exported under: reflow and consistency distillation make one
+    student for every step count."""
+    return f"student_{steps}_steps" if method == "progressive" else "student"
 
 
 def export_students(students: list[Student], method: str, target_guidance: float, folder: Path) -> None:

@@ -120,17 +120,23 @@ def test_the_formulation_param_picks_the_objective():
     assert ddpm.net.config.num_classes == 10 and ddpm.net.null_label == 10
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "ancestral"])
-def test_exported_denoiser_samples_identically(tmp_path, sampler):
-    formulation = "flow" if sampler in ("euler", "heun") else "ddpm"
-    denoiser = Denoiser(tiny_unet().eval(), formulation, sampler, (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0})
+EDM_SETTINGS = {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "churn": None}
+
+
+@pytest.mark.parametrize(
+    ("formulation", "sampler"),
+    [("flow", "euler"), ("flow", "heun"), ("ddpm", "ddim"), ("ddpm", "ancestral"), ("edm", "heun"), ("edm", "sde")],
+)
+def test_exported_denoiser_samples_identically(tmp_path, formulation, sampler):
+    edm = EDM_SETTINGS if formulation == "edm" else {}
+    denoiser = Denoiser(tiny_unet().eval(), formulation, sampler, (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0}, edm)
     labels = balanced_labels(12, 3)
     before = denoiser.sample(labels, steps=3, guidance=2.0, seed=7)
     export_denoiser(denoiser, tmp_path, "teacher")
     loaded = load_denoiser(tmp_path, name="teacher")
     assert (loaded.formulation, loaded.sampler, loaded.latent_shape) == (formulation, sampler, (2, 4, 4))
     assert torch.equal(loaded.sample(labels, steps=3, guidance=2.0, seed=7), before)
-    if sampler != "ancestral":  # deterministic samplers: the batching does not change a sample
+    if sampler not in ("ancestral", "sde"):  # deterministic samplers: the batching does not change a sample
         torch.testing.assert_close(loaded.sample(labels, 3, 2.0, seed=7, batch_size=5), before)
 
 
@@ -193,6 +199,18 @@ def test_reflow_trains_one_student_that_samples_unguided_at_every_step_count(in_
     assert loaded[0].denoiser is loaded[1].denoiser  # one file, loaded once
 
 
+def test_reflow_from_an_edm_teacher_trains_a_rectified_flow_student(in_tmp):
+    teacher = Denoiser(tiny_unet().requires_grad_(False), "edm", "heun", (2, 4, 4), edm=EDM_SETTINGS)
+    students, _ = reflow_student(teacher, distill_params(), num_classes=3, training=TrainingContext("distill"), batch_size=8)
+    student = students[0].denoiser
+    assert (student.formulation, student.sampler, student.edm) == ("flow", "euler", {})
+    assert student.flow_time == {"time_mean": 0.0, "time_std": 1.0}
+    export_students(students, "reflow", 1.5, in_tmp / "out")
+    loaded, _ = load_students(in_tmp / "out")
+    labels = balanced_labels(6, 3)
+    assert torch.equal(loaded[0].denoiser.sample(labels, 2, 1.0, seed=1), student.sample(labels, 2, 1.0, seed=1))
+
+
 @pytest.mark.parametrize("steps", [[3], [4], [0]])
 def test_student_steps_must_be_rounds_of_the_progressive_halving(steps):
     with pytest.raises(ParamsError, match="student_steps must be powers of two below progressive.teacher_steps"):
@@ -208,7 +226,7 @@ def test_generative_params_refuse_bad_combinations():
         validate("diffusion", {"guidance_scales": [0.5]})
     with pytest.raises(ParamsError, match="key 'flow.sampler' = 'ddim'"):
         validate("diffusion", {"flow": {"sampler": "ddim"}})
-    with pytest.raises(ParamsError, match="teacher_steps must be >= 1"):
+    with pytest.raises(ParamsError, match="teacher_steps and inversion_steps must be >= 1"):
         validate("fid", {"teacher_steps": [0, 4]})
 
 

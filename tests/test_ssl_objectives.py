@@ -167,6 +167,13 @@ def test_cpc_context_sees_only_the_rows_above_and_patches_overlap_by_half():
     torch.testing.assert_close(patches[0, 5, 0], image[0, 0, 2:6, 2:6])  # row 1, column 1
 
 
+@pytest.mark.parametrize("side, grid", [(28, 7), (16, 5), (16, 6), (16, 8), (32, 8), (16, 3)])
+def test_cpc_grid_is_grid_by_grid_patches_for_any_image_size(side, grid):
+    patches = overlapping_patches(torch.randn(2, 1, side, side), grid)
+    patch = 2 * side // (grid + 1)
+    assert patches.shape == (2, grid * grid, 1, patch, patch)
+
+
 # -- inpainting ----------------------------------------------------------------------------
 
 
@@ -256,6 +263,20 @@ TINY = {  # each new objective at a size that trains in a second
     "inpainting": {"inpainting": {"decoder_dim": 8}},
     "colorization": {"colorization": {"decoder_dim": 8, "bin_size": 20.0}},
 }
+
+
+@pytest.mark.parametrize("name, colour", [("simclr", True), ("mae", False), ("ijepa", False), ("inpainting", False), ("colorization", False)])
+def test_pixel_and_colour_targets_train_on_crops_and_flips_only(name, colour):
+    """Colour jitter and grayscale would change what MAE, I-JEPA, inpainting and colorization
+    predict (the pixels, the colours): their papers augment by cropping and flipping only."""
+    import kornia.augmentation as K
+
+    from tasks.ssl import build_ssl
+
+    params = SslParams.model_validate({"objective": name, "backbone": "resnet" if name in ("simclr", "inpainting", "colorization") else "vit",
+                                       "vit": {"dim": 16, "depth": 1, "heads": 2}, **TINY.get(name, {})})
+    steps = build_ssl(params, 3, 16).augment.pipeline
+    assert any(isinstance(step, (K.ColorJitter, K.RandomGrayscale)) for step in steps) == colour
 
 
 class Killed(Exception):
