@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from runtime.server import answers, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "img"
@@ -34,20 +34,6 @@ CDN = "https://cdn.jsdelivr.net/npm/"
 VEGA = {"vega@5.20.2": "vega-5.20.2/package/build/vega.min.js",
         "vega-lite@5.2.0": "vega-lite-5.2.0/package/build/vega-lite.min.js",
         "vega-embed@6.18.2": "vega-embed-6.18.2/package/build/vega-embed.min.js"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 @contextmanager

@@ -40,12 +40,17 @@ STARTUP_SECONDS = 60
 LOCAL_API = re.compile(r"http://127\.0\.0\.1:\d{1,5}/api")  # what `prefect_server` serves
 
 
-def healthy(api_url: str, timeout: float = 2) -> bool:
+def answers(url: str, timeout: float = 2) -> bool:
+    """Whether an HTTP GET of `url` succeeds."""
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout):
+        with urllib.request.urlopen(url, timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def healthy(api_url: str, timeout: float = 2) -> bool:
+    return answers(f"{api_url}/health", timeout)
 
 
 @contextmanager
@@ -90,7 +95,7 @@ def read_api_url(address: Path) -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -103,7 +108,7 @@ def server_command(port: int) -> list[str]:
 @contextmanager
 def prefect_server() -> Iterator[str]:
     """`prefect server start` on a free local port for the duration; yields its API URL."""
-    api_url = f"http://127.0.0.1:{(port := _free_port())}/api"
+    api_url = f"http://127.0.0.1:{(port := free_port())}/api"
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             server_command(port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **child_dies_with_us(),

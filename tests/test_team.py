@@ -19,27 +19,12 @@ import pytest
 import yaml
 
 from runtime.dag import stages
+from runtime.server import answers, free_port
 from runtime.team import POOL, Services
 from tests.conftest import copy_repo, run
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 FLOW_RUN_SECONDS = 900
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5):
-            return True
-    except OSError:
-        return False
 
 
 def exports(env_file: Path) -> dict[str, str]:
