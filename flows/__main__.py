@@ -83,7 +83,14 @@ def serve(args: argparse.Namespace) -> None:
             """Stop as `Runner.astop` does: cancel the runs in progress, then stop polling. (Prefect
             3.8's own handler calls the async `stop` without awaiting it, then waits for the runs.)"""
             loop = asyncio.get_running_loop()
-            loop.call_soon_threadsafe(loop.create_task, self.astop())
+            loop.call_soon_threadsafe(loop.create_task, self.stop_once_started())
+
+        async def stop_once_started(self) -> None:
+            """`start` installs the handler before it has started (its `astop` then refuses): a
+            SIGTERM that early waits for the start instead of being lost."""
+            while not self.started:
+                await asyncio.sleep(0.1)
+            await self.astop()
 
     runner = StopsOnSigterm(name=args.name)
     deployment_id = runner.add_flow(pipeline, name=args.name, cron=args.cron, parameters=_pipeline_parameters(args))
