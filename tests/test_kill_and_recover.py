@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from runtime.server import free_port
 from tests.conftest import BIN, REPO, run
 
 GONE_SECONDS = 20  # how long the processes of a killed run may take to notice
@@ -180,9 +181,7 @@ def test_a_published_server_address_is_checked_before_use(tmp_path, prefect_api)
     address = tmp_path / "prefect.url"
     address.write_text(prefect_api)
     assert read_api_url(address) == prefect_api
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # nothing listens there
     for planted in ("http://attacker.example:4200/api", f"http://127.0.0.1:{closed}/api", "file:///etc/passwd"):
         address.write_text(planted)
         assert read_api_url(address) is None, planted
@@ -267,9 +266,7 @@ def test_a_failure_is_transient_by_its_exception_types(monkeypatch):
     from runtime.stage import is_transient
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # nothing listens there
     with pytest.raises(MlflowException) as unreachable:
         MlflowClient(f"http://127.0.0.1:{closed}").get_experiment_by_name("latentlab")
     assert is_transient(unreachable.value)

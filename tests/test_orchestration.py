@@ -3,7 +3,6 @@ briefly unreachable tracking server, bad form values, and the Prefect server a `
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runtime.server import free_port
 from tests.conftest import BIN, REPO, run
 
 
@@ -47,18 +47,12 @@ def test_a_bad_form_value_fails_the_flow_before_any_stage_runs(repo_copy):
     assert not (repo_copy / "artifacts" / "prepare").exists()
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_an_unreachable_tracking_server_is_a_transient_failure_found_at_once(repo_copy):
     from flows.pipeline import StageFailed
     from runtime.stage import TRANSIENT_EXIT
 
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
     done = subprocess.run(  # MLflow's own retries would take ~4 minutes
         [sys.executable, "-m", "flows.prepare"], cwd=repo_copy, env=env, capture_output=True, text=True, timeout=180,
