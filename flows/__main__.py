@@ -4,6 +4,8 @@
   run [--profile NAME] [--set ...]     the pipeline as one Prefect flow run (+ an MLflow parent run)
   serve --cron "0 3 * * *"             serve the pipeline as a Prefect deployment on that schedule
   compare [-n 10] [--csv FILE]         the last pipeline runs from MLflow: differing params, metrics
+  sweep ssl.objective=all [KEY=V1,V2]  queue a grid as DVC experiments (`dvc queue start` runs them)
+  rank [--csv FILE] [--plot FILE]      the finished experiments ranked by probe top-1, with baselines
   team up|down|deploy|worker|push      the team set-up: shared servers, work pool, workers, DVC remote
   bench [--profile NAME ...] [--json F] each training stage's speed on this device (torch only)
 
@@ -123,6 +125,18 @@ def compare(args: argparse.Namespace) -> None:
         print(f"wrote {args.csv}")
 
 
+def sweep(args: argparse.Namespace) -> None:
+    from runtime.sweep import queue
+
+    queue(args.axes, args.target, args.start)
+
+
+def rank(args: argparse.Namespace) -> None:
+    from runtime.sweep import experiments, ranking, show
+
+    show(ranking(experiments(), args.by), args.csv, args.plot, args.by)
+
+
 def team(args: argparse.Namespace) -> None:
     if args.action == "up":
         team_setup.up(args.state, args.prefect_port, args.mlflow_port)
@@ -193,6 +207,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default="fid_student_4", help="headline metric to sort by (best first)")
     p.add_argument("--csv", help="also write the table to this CSV file")
     p.set_defaults(run=compare)
+
+    p = commands.add_parser("sweep", help="queue a grid of params as DVC experiments")
+    p.add_argument("axes", nargs="+", metavar="KEY=V1,V2", help="a value list per key; ssl.objective=all is every objective")
+    p.add_argument("--target", default="probe", help="the stage each experiment reproduces, with what it needs (default: %(default)s)")
+    p.add_argument("--start", action="store_true", help="then `dvc queue start` (one experiment at a time)")
+    p.set_defaults(run=sweep)
+
+    p = commands.add_parser("rank", help="the finished DVC experiments ranked, with the probe's baselines")
+    p.add_argument("--by", default="probe_top1", help="column to rank by (default: %(default)s)")
+    p.add_argument("--csv", type=Path, help="also write the table to this CSV file")
+    p.add_argument("--plot", type=Path, help="also draw it as bars to this PNG")
+    p.set_defaults(run=rank)
 
     p = commands.add_parser("team", help="the team set-up (README: Team set-up)")
     team_actions = p.add_subparsers(dest="action", required=True)

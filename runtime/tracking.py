@@ -2,7 +2,7 @@
 
 Uses `MlflowClient` with explicit run ids rather than the fluent API, which is not
 thread-safe (Prefect runs tasks in threads). The store is `MLFLOW_TRACKING_URI`, else a
-SQLite file `mlflow.db` in the working directory; a run is the child of the run named by
+SQLite file `mlflow.db` in the checkout (`checkout_root`); a run is the child of the run named by
 `LATENTLAB_PARENT_RUN_ID` when that is set, else of the parent run of the `dvc repro` it runs
 under (one `PipelineRun` per pipeline run, whoever started it).
 """
@@ -42,8 +42,20 @@ RUNS_VIEW_STATE = {
 }
 
 
+def checkout_root() -> Path:
+    """Where the local store lives: the working directory, or for an experiment that DVC's queue
+    runs in a temporary copy (`<checkout>/.dvc/tmp/exps/<copy>`), the checkout it was queued from,
+    so that its runs are not deleted with the copy."""
+    here = Path.cwd().resolve()
+    parts = here.parts
+    for index in range(len(parts) - 3):
+        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:index])
+    return here
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{checkout_root() / 'mlflow.db'}"
 
 
 class TrackingUnreachable(ConnectionError):
@@ -86,7 +98,7 @@ def experiment_id(mlflow_client, name: str | None = None) -> str:
     if found is None:
         location = None
         if tracking_uri().startswith("sqlite:"):
-            location = Path("mlartifacts").resolve().as_uri()
+            location = (checkout_root() / "mlartifacts").as_uri()
         return mlflow_client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND, view]))
     for key, value in (EXPERIMENT_KIND, view):
         if key not in found.tags:  # a store from before the tag, or kept as someone set it

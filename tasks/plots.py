@@ -46,6 +46,25 @@ def confusion(matrix: np.ndarray, class_names: list[str], title: str, path: Path
     _save(fig, path)
 
 
+def bars(values: dict[str, float], lines: dict[str, float], xlabel: str, title: str, path: Path) -> None:
+    """Horizontal bars, the first on top, with labelled vertical lines (baselines) across them."""
+    fig, ax = plt.subplots(figsize=(6, 0.9 + 0.32 * len(values)))
+    ax.barh(range(len(values)), list(values.values()), color="tab:blue")
+    ax.set_yticks(range(len(values)), list(values))
+    ax.invert_yaxis()
+    styles = iter(["--", ":", "-."])
+    for name, x in lines.items():
+        ax.axvline(x, color="black", linestyle=next(styles, "--"), label=f"{name} {x:.3f}")
+    low = min([*values.values(), *lines.values()])
+    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    if lines:
+        ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
 def lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, path: Path,
           logx: bool = False, logy: bool = False) -> None:
     """One line per name: {name: (xs, ys)}."""

@@ -1,0 +1,197 @@
+"""Sweeps on DVC's own experiment queue: a grid of overrides queued as `dvc exp run --queue -S …`
+(run one after another by `dvc queue start`), and the ranking of the finished experiments by their
+probe, against the raw-pixel and random-encoder baselines."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from runtime.profiles import set_overrides
+from tasks.params import PATCH_TOKEN_OBJECTIVES, STAGE_PARAMS, ParamsError, load_params
+
+TARGET = "probe"  # what a sweep point reruns: ssl, encoder, probe (the stages the ranking reads)
+OBJECTIVES = "ssl.objective"
+PROBE = "metrics/probe.json"
+SSL = "metrics/ssl.json"
+RANKED = {  # column: (metrics file, key)
+    "probe_top1": (PROBE, "probe_top1"),
+    "knn_top1": (PROBE, "knn_top1"),
+    "probe_1%_labels": (PROBE, "probe_top1_at_0.01_labels"),
+    "probe_10%_labels": (PROBE, "probe_top1_at_0.1_labels"),
+    "ssl_seconds": (SSL, "wall_seconds"),
+    "ssl_images_per_s": (SSL, "images_per_s"),
+}
+BASELINES = ("raw_pixels", "random_encoder")  # what the probe stage also scores, on the same split
+
+
+def parse_axis(axis: str) -> tuple[str, list[str]]:
+    """`stage.key=v1,v2` (or DVC's `params/stage.yaml:key=v1,v2`) -> (key, values)."""
+    key, sep, values = axis.partition("=")
+    if not sep or not values:
+        raise ParamsError(f"sweep axis '{axis}': expected stage.key=value1,value2,...")
+    return key, values.split(",")
+
+
+def points(axes: list[str]) -> list[list[str]]:
+    """The grid's points, each a list of `stage.key=value` overrides. An objective that only a ViT
+    can train (MAE, I-JEPA) gets `ssl.backbone=vit` unless the point sets a backbone itself, so
+    `ssl.objective=all` sweeps the whole menu; `all` is every objective `ssl.objective` accepts."""
+    grid = []
+    for key, values in map(parse_axis, axes):
+        if key in (OBJECTIVES, "params/ssl.yaml:objective") and values == ["all"]:
+            values = list(STAGE_PARAMS["ssl"].model_fields["objective"].annotation.__args__)
+        grid.append([f"{key}={value}" for value in values])
+    chosen = []
+    for point in map(list, itertools.product(*grid)):
+        sets_backbone = any(re.match(r"(ssl\.|params/ssl\.yaml:)backbone=", o) for o in point)
+        if not sets_backbone and any(o.endswith(tuple(f"objective={name}" for name in PATCH_TOKEN_OBJECTIVES)) for o in point):
+            point.append("ssl.backbone=vit")
+        chosen.append(point)
+    return chosen
+
+
+def refusal(point: list[str], current: dict[str, dict]) -> str | None:
+    """Why the stages would refuse this point (the params validation, or the ssl stage's check of
+    the objective against the prepared data), or None."""
+    from tasks.ssl import GRAYSCALE_SOURCES, check_fits_the_data
+
+    try:
+        full = set_overrides(current, point)
+        ssl = STAGE_PARAMS["ssl"].model_validate(full["ssl"])
+        prepare = full["prepare"]
+        source = prepare["source"]
+        check_fits_the_data(ssl, source, prepare["channels"] or (1 if source in GRAYSCALE_SOURCES else 3))
+    except ParamsError as err:
+        return str(err)
+    return None
+
+
+def dvc_set(override: str) -> str:
+    """`stage.key=value` in DVC's `-S` form, `params/stage.yaml:key=value`."""
+    key, _, value = override.partition("=")
+    if ":" in key:
+        return override
+    stage, _, dotted = key.partition(".")
+    return f"params/{stage}.yaml:{dotted}={value}"
+
+
+def experiment_name(point: list[str], stamp: str) -> str:
+    """A git-ref-safe name from the point's values, unique to this sweep: `mae-vit-1123-1734`."""
+    values = "-".join(override.partition("=")[2] for override in point)
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', values)}-{stamp}"
+
+
+def queue(axes: list[str], target: str = TARGET, start: bool = False) -> list[str]:
+    """Queue one DVC experiment per grid point (refused points are skipped with the reason);
+    the queued names. `start` runs `dvc queue start` (one worker: one experiment at a time)."""
+    current = {stage: load_params(stage).model_dump(mode="json") for stage in STAGE_PARAMS}
+    stamp = datetime.now().strftime("%m%d-%H%M")
+    queued = []
+    for point in points(axes):
+        if reason := refusal(point, current):
+            print(f"skipped {' '.join(point)}: {reason}")
+            continue
+        name = experiment_name(point, stamp)
+        sets = [arg for override in point for arg in ("-S", dvc_set(override))]
+        subprocess.run(["dvc", "exp", "run", "--queue", "-n", name, *sets, target], check=True, stdout=subprocess.DEVNULL)
+        print(f"queued {name}: {' '.join(point)}")
+        queued.append(name)
+    if queued and start:
+        subprocess.run(["dvc", "queue", "start"], check=True)
+    if queued:
+        print("follow with `dvc queue status` and `dvc queue logs <name>`; rank them with `python -m flows rank`")
+    return queued
+
+
+def experiments() -> list[dict]:
+    """The finished experiments of the workspace's commit, from `dvc exp show --json`: name,
+    params and metrics of each (failed or running ones are left out)."""
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+    found = []
+    for commit in json.loads(shown):
+        for experiment in commit.get("experiments") or []:
+            if (experiment.get("executor") or {}).get("state") not in (None, "success"):
+                continue
+            data = experiment["revs"][0]["data"]
+            found.append({"name": experiment.get("name") or data["rev"][:7], **_flat(data)})
+    return found
+
+
+def _flat(data: dict) -> dict:
+    """{"params": {"params/ssl.yaml:objective": …}, "metrics": {"metrics/probe.json": {…}}}."""
+    params = {f"{path}:{key}": value for path, found in data["params"].items()
+              for key, value in _dotted(found.get("data") or {}).items()}
+    metrics = {path: found.get("data") or {} for path, found in data["metrics"].items()}
+    return {"params": params, "metrics": metrics}
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def ranking(found: list[dict], by: str = "probe_top1") -> pd.DataFrame:
+    """One row per experiment (the params that differ between them, then RANKED), best `by`
+    first, and a row per baseline from the probe stage."""
+    if by not in RANKED:
+        raise ParamsError(f"cannot rank by '{by}'; choose one of {', '.join(RANKED)}")
+    rows = [e for e in found if e["metrics"].get(PROBE, {}).get("probe_top1") is not None]
+    if not rows:
+        return pd.DataFrame()
+    params = pd.DataFrame([e["params"] for e in rows])
+    differing = [c for c in params.columns if params[c].astype(str).nunique() > 1]
+    table = pd.DataFrame({"experiment": [e["name"] for e in rows]})
+    table = table.join(params[differing].rename(columns=lambda c: c.removeprefix("params/").replace(".yaml:", ".")))
+    for column, (path, key) in RANKED.items():
+        table[column] = [e["metrics"].get(path, {}).get(key) for e in rows]
+    table = table.sort_values(by, ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", range(1, len(table) + 1))
+    probe = rows[0]["metrics"][PROBE]
+    baselines = pd.DataFrame([
+        {"experiment": f"({baseline.replace('_', ' ')})",
+         **{column: probe.get(f"{baseline}.{key}") for column, (path, key) in RANKED.items() if path == PROBE}}
+        for baseline in BASELINES
+    ])
+    return pd.concat([table, baselines], ignore_index=True)
+
+
+def ranking_plot(table: pd.DataFrame, path: Path, by: str = "probe_top1") -> None:
+    """The experiments' `by` as bars, best on top, with the baselines as lines."""
+    from tasks.plots import bars
+
+    ranked = table[table["rank"].notna()]
+    labels = [_label(row) for _, row in ranked.iterrows()]
+    lines = {row["experiment"].strip("()"): row[by] for _, row in table[table["rank"].isna()].iterrows()}
+    bars(dict(zip(labels, ranked[by], strict=True)), lines, xlabel=by, title="self-supervised objectives, ranked", path=path)
+
+
+def _label(row: pd.Series) -> str:
+    """The experiment's differing params, else its name."""
+    values = [str(v) for k, v in row.items() if "." in str(k) and k not in RANKED and pd.notna(v)]
+    return " ".join(values) or row["experiment"]
+
+
+def show(table: pd.DataFrame, csv: Path | None, plot: Path | None, by: str) -> None:
+    if table.empty:
+        print("no finished experiments with probe metrics: queue some with `python -m flows sweep ssl.objective=all`")
+        return
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4g}".format):
+        print(table.to_string(index=False, na_rep=""))
+    if csv:
+        table.to_csv(csv, index=False)
+        print(f"wrote {csv}")
+    if plot:
+        ranking_plot(table, plot, by)
+        print(f"wrote {plot}")
