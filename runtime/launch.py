@@ -31,6 +31,20 @@ def processes_asked(stage: str) -> int:
         return 1
 
 
+def gpus_short(stage: str, nproc: int) -> str | None:
+    """Why `nproc` ranks cannot each have a GPU of this machine; None when they can, or when it has
+    none (gloo ranks share the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available() or nproc <= (count := torch.cuda.device_count()):
+        return None
+    return (
+        f"params/{stage}.yaml: train.processes {nproc} asks for one GPU per process, but this machine has {count} "
+        "(CUDA_VISIBLE_DEVICES counts); lower it, or spread the ranks over machines with torchrun's rendezvous "
+        "(README: Team set-up, multi-GPU stages)"
+    )
+
+
 def run_under_torchrun(stage: str, argv: list[str], nproc: int) -> int:
     """torchrun (of this environment) running `nproc` ranks of the stage; its exit code. torchrun
     is killed when this process goes (parent-death signal), and each rank when this process goes
@@ -50,6 +64,9 @@ def main() -> None:
         sys.exit("usage: python -m runtime.launch <stage> [args...]")
     stage, argv = sys.argv[1], sys.argv[2:]
     if "WORLD_SIZE" not in os.environ and (nproc := processes_asked(stage)) > 1:
+        if reason := gpus_short(stage, nproc):
+            print(f"error in stage '{stage}':\n{reason}", file=sys.stderr)
+            sys.exit(2)
         from runtime.invocation import current_invocation, lineage
         from runtime.lifetime import end_with
 

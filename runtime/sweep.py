@@ -103,8 +103,9 @@ def queue(axes: list[str], target: str = TARGET, start: bool = False) -> list[st
         subprocess.run(["dvc", "exp", "run", "--queue", "-n", name, *sets, target], check=True, stdout=subprocess.DEVNULL)
         print(f"queued {name}: {' '.join(point)}")
         queued.append(name)
-    if queued and start:
-        subprocess.run(["dvc", "queue", "start"], check=True)
+    if queued and start:  # its worker outlives this command: it must not hold this command's output open
+        subprocess.run(["dvc", "queue", "start"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print("started DVC's queue worker: one experiment at a time")
     if queued:
         print("follow with `dvc queue status` and `dvc queue logs <name>`; rank them with `python -m flows rank`")
     return queued

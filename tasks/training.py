@@ -266,7 +266,7 @@ class Trainer:
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
                 metrics["images_per_s"] = len(window) * train.batch_size / max(elapsed, 1e-9)
                 metrics["epoch"] = done / self.steps_per_epoch
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}", refresh=False)  # redrawn at most once a second
                 if self.log:
                     self.log({f"train/{k}": v for k, v in metrics.items()}, done)
                 window, window_start = [], time.perf_counter()

@@ -64,6 +64,17 @@ def test_sync_batch_norm_encoder_exports_as_plain_batch_norm(tmp_path):
         assert torch.equal(tensor, loaded.state_dict()[name]), name
 
 
+def test_more_processes_than_gpus_is_refused_by_name(monkeypatch):
+    """No GPU here: the machine's GPU count is the one thing faked."""
+    from runtime.launch import gpus_short
+
+    assert gpus_short("ssl", 4) is None  # this CPU machine: gloo ranks share it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert gpus_short("ssl", 2) is None
+    assert "params/ssl.yaml: train.processes 4 asks for one GPU per process, but this machine has 2" in gpus_short("ssl", 4)
+
+
 @pytest.mark.slow
 def test_two_process_ssl_stage_through_dvc_repro_matches_one_process(repo_copy):
     def ssl_run(processes: int) -> dict:

@@ -5,6 +5,7 @@ checks, and each trained by the real loop and exported as a frozen encoder."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -345,3 +346,28 @@ def test_a_network_that_does_not_fit_the_prepared_images_is_a_params_error():
     params = SslParams.model_validate({"objective": "ijepa", "backbone": "vit"})
     with pytest.raises(ParamsError, match=r"params/ssl.yaml: ijepa.num_targets 4 leaves no context in a 2x2 patch grid"):
         build_ssl(params, 1, 8)
+
+
+@pytest.mark.slow
+def test_colorization_trains_on_a_colour_folder_source_through_dvc_repro(repo_copy):
+    """Three classes of 8x8 RGB images, each a hue with noise, in data/raw/folder/<class>/."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import run
+
+    rng = np.random.default_rng(0)
+    for name, hue in (("red", (220, 40, 40)), ("green", (40, 200, 60)), ("blue", (50, 60, 230))):
+        folder = repo_copy / "data" / "raw" / "folder" / name
+        folder.mkdir(parents=True)
+        for index in range(40):
+            pixels = np.clip(np.array(hue) * rng.uniform(0.4, 1.0, (8, 8, 1)) + rng.normal(0, 12, (8, 8, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index}.png")
+    overrides = ["prepare.source=folder", "prepare.limit_per_class=null", "ssl.objective=colorization",
+                 "ssl.train.epochs=3", "ssl.knn_every_epochs=0"]
+    run([sys.executable, "-m", "flows", "profile", "smoke", *(a for o in overrides for a in ("--set", o))], repo_copy)
+    run(["dvc", "repro", "ssl"], repo_copy)
+    metrics = json.loads((repo_copy / "metrics" / "ssl.json").read_text())
+    assert metrics["steps"] > 0 and 0 <= metrics["knn_top1"] <= 1

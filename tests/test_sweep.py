@@ -1,0 +1,62 @@
+"""Sweeps: a grid of params queued on DVC's own experiment queue, run by its worker, and ranked."""
+
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from runtime.profiles import profile_params
+from runtime.sweep import points, refusal
+from tests.conftest import run
+from tests.test_pipeline import mlflow_client
+
+
+def test_all_objectives_are_eleven_points_and_the_patch_token_ones_get_a_vit():
+    grid = points(["ssl.objective=all"])
+    assert len(grid) == 11
+    assert ["ssl.objective=mae", "ssl.backbone=vit"] in grid and ["ssl.objective=ijepa", "ssl.backbone=vit"] in grid
+    assert ["ssl.objective=simclr"] in grid
+    crossed = points(["ssl.objective=mae,simclr", "params/ssl.yaml:backbone=resnet,vit"])
+    assert len(crossed) == 4 and ["ssl.objective=mae", "params/ssl.yaml:backbone=resnet"] in crossed  # chosen, not replaced
+
+
+def test_a_point_the_stages_would_refuse_is_named_with_the_reason():
+    current = profile_params("default")  # MNIST: grayscale
+    assert "colorization" in refusal(["ssl.objective=colorization"], current)
+    assert "needs backbone: vit" in refusal(["ssl.objective=mae", "ssl.backbone=resnet"], current)
+    assert refusal(["ssl.objective=colorization", "prepare.source=cifar10"], current) is None
+    assert refusal(["ssl.objective=jigsaw"], current) is None
+
+
+@pytest.mark.slow
+def test_a_queued_sweep_runs_on_dvcs_queue_and_ranks_against_the_baselines(repo_copy):
+    repo = repo_copy
+    run(["dvc", "repro", "probe"], repo)
+    run(["git", "add", "-A"], repo)  # dvc.lock, metrics and plots: the baseline the experiments start from
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "baseline"], repo)
+    queued = run([sys.executable, "-m", "flows", "sweep", "ssl.objective=rotation,colorization", "--start"], repo).stdout
+    assert "queued rotation-" in queued and "skipped ssl.objective=colorization" in queued, queued
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Success" in status, status
+
+    ranked = run([sys.executable, "-m", "flows", "rank", "--csv", "ranking.csv", "--plot", "ranking.png"], repo).stdout
+    table = pd.read_csv(repo / "ranking.csv")
+    assert table["experiment"].tolist()[0].startswith("rotation-"), ranked
+    assert table.loc[0, "rank"] == 1 and 0 < table.loc[0, "probe_top1"] <= 1 and table.loc[0, "ssl_images_per_s"] > 0
+    assert table["experiment"].tolist()[1:] == ["(raw pixels)", "(random encoder)"]
+    assert (repo / "ranking.png").stat().st_size > 0
+    # its MLflow runs are in this checkout's store, not in the queue's deleted copy
+    client = mlflow_client(repo)
+    experiment = client.get_experiment_by_name("latentlab")
+    name = table["experiment"][0]
+    parent, = client.search_runs([experiment.experiment_id], f"tags.`dvc.experiment` = '{name}'")
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name for r in runs} == {"ssl", "encoder", "probe"}, [r.info.run_name for r in runs]
+    probe = next(r for r in runs if r.info.run_name == "probe")
+    assert probe.data.metrics["probe_top1"] == pytest.approx(table.loc[0, "probe_top1"])
