@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from runtime.server import answers, free_port
+from runtime.team import stop_session
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "img"
@@ -50,11 +50,7 @@ def started(args: list[str], cwd: Path, env: dict[str, str], ready: str, log: Pa
             time.sleep(1)
         yield
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_session(process.pid)
 
 
 def run_pipeline(api_url: str) -> tuple[str, str]:

@@ -227,7 +227,7 @@ def down(state: Path, quiet: bool = False) -> None:
     running = services.running()
     stopped = [name for name in ("worker", "mlflow", "prefect") if name in running]
     for name in stopped:
-        _stop(running[name]["pid"])
+        stop_session(running[name]["pid"])
     services.record.unlink(missing_ok=True)
     if not quiet:
         print(f"stopped {', '.join(stopped) or 'nothing (nothing was running)'}; the stores stay in {state}")
@@ -303,7 +303,7 @@ def _wait_for_worker(pid: int, log: Path) -> None:
             time.sleep(1)
 
 
-def _stop(pid: int) -> None:
+def stop_session(pid: int) -> None:
     """SIGTERM to the process's session (a worker then stops taking runs), SIGKILL to whatever of it
     is left after STOP_SECONDS."""
     import psutil

@@ -6,7 +6,6 @@ deployment runs of the pipeline one at a time."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import yaml
 
 from runtime.dag import stages
 from runtime.server import answers, free_port
-from runtime.team import POOL, Services
+from runtime.team import POOL, Services, stop_session
 from tests.conftest import copy_repo, run
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
@@ -172,11 +171,7 @@ def test_a_worker_in_a_second_clone_runs_deployment_runs_there_one_at_a_time(sha
         submitted = [run_deployment("pipeline/team", parameters=knn_k, timeout=0).id for _ in range(2)]
         done = sorted(flow_runs_done(submitted, FLOW_RUN_SECONDS), key=lambda flow_run: flow_run.start_time)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop_session(worker.pid)
     assert [flow_run.state.name for flow_run in done] == ["Completed", "Completed"], log.read_text()[-3000:]
     assert done[1].start_time >= done[0].end_time  # the pool's limit of 1 queued the second
     names = list(stages(second / "dvc.yaml"))
