@@ -5,8 +5,6 @@ VAE reconstructions of the test split. Class-balanced samples; sampling throughp
 generators' training seconds for each; one FID-vs-NFE chart, table and sample grids. Then DDIM
 inversion: test latents run back to noise and forward again, the error against the steps."""
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from prefect import flow
@@ -14,7 +12,7 @@ from tqdm import tqdm
 
 from models.fid import FeatureExtractor
 from runtime.stage import StageRun, main, stage_task
-from tasks.artifacts import artifacts_dir, read_json
+from tasks.artifacts import artifacts_dir, metrics_path, read_json
 from tasks.curves import write_csv
 from tasks.data import load_manifest, load_split
 from tasks.diffusion import (
@@ -100,7 +98,7 @@ def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
 def train_seconds() -> dict[str, float]:
     """Each trained generator's training seconds, from its stage's metrics: the teacher's
     (diffusion), the students' (distill, on top of the teacher's) and the GAN's."""
-    return {kind: read_json(Path("metrics") / f"{stage}.json", keys=("train_seconds",))["train_seconds"]
+    return {kind: read_json(metrics_path(stage), keys=("train_seconds",))["train_seconds"]
             for kind, stage in (("teacher", "diffusion"), ("student", "distill"), ("gan", "gan"))}
 
 
