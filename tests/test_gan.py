@@ -122,3 +122,29 @@ def test_dvc_repro_gan_then_fid_scores_the_gan_and_every_sampler_on_one_chart(re
     assert (repo_copy / "plots" / "fid" / "fid_vs_nfe.png").is_file()
     assert "| gan |" in (repo_copy / "artifacts" / "fid" / "fid_table.md").read_text()
     assert run(["dvc", "status", "gan", "fid"], repo_copy).stdout.strip().endswith("up to date.")
+
+
+def test_the_teacher_is_scored_with_each_sampler_that_applies_within_its_own_sampler_s_nfe():
+    """A flow teacher (Euler, 1 call a step) to 32 steps: Heun (2 a step) at up to 16 steps; DDIM
+    is a DDPM sampler and skipped. Rows and the chart's lines are named after the samplers."""
+    from flows.fid import nfe_points, teacher_samplers
+    from models.unet import UNet, UNetConfig
+    from tasks.diffusion import Denoiser
+    from tasks.params import FidParams
+
+    teacher = Denoiser(UNet(UNetConfig(in_channels=2, num_classes=3, channels=8, channel_mults=(1,), attention_heads=1)),
+                       "flow", "euler", (2, 4, 4))
+    rows = teacher_samplers(FidParams(teacher_steps=[1, 2, 4, 8, 16, 32]), teacher)
+    assert [(prefix, denoiser.sampler, steps) for prefix, denoiser, steps in rows] == [
+        ("teacher", "euler", [1, 2, 4, 8, 16, 32]), ("teacher_heun", "heun", [1, 2, 4, 8, 16])]
+    assert [rows[1][1].evaluations(n) for n in rows[1][2]] == [2, 4, 8, 16, 32]
+
+    scored = {"floor_train_vs_test": {"fid": 0.1}, "prior_vs_test": {"fid": 7.0, "nfe": 0},
+              "gan": {"fid": 2.0, "images_per_s": 9000.0, "nfe": 1},
+              "teacher.steps_4": {"fid": 0.5, "images_per_s": 100.0, "nfe": 4},
+              "teacher_heun.steps_2": {"fid": 0.4, "images_per_s": 100.0, "nfe": 4}}
+    points = nfe_points(scored, "euler")
+    assert {(p["generator"], p["nfe"], p["fid"]) for p in points} == {
+        ("gan", 1, 2.0), ("teacher (euler)", 4, 0.5), ("teacher (heun)", 4, 0.4),
+        ("decoded prior", 1, 7.0), ("decoded prior", 4, 7.0),
+        ("floor (real train vs test)", 1, 0.1), ("floor (real train vs test)", 4, 0.1)}
