@@ -1,8 +1,9 @@
-"""fid: FID and KID against the test split in the frozen SSL encoder's feature space, for the
-teacher at each step count, the students at theirs, and three references: real train images (the
-floor), VAE reconstructions of the test split, decoded prior samples. Class-balanced samples;
-sampling throughput for each; FID-vs-steps plot, table and sample grids. Then DDIM inversion:
-test latents run back to noise and forward again, the error against the steps."""
+"""fid: FID and KID against the test split in the frozen SSL encoder's feature space, for every
+generator the run trained: the decoded prior, the GAN (one network call), the teacher with each of
+its samplers across step counts, the students at theirs, beside real train images (the floor) and
+VAE reconstructions of the test split. Class-balanced samples; sampling throughput and the
+generators' training seconds for each; one FID-vs-NFE chart, table and sample grids. Then DDIM
+inversion: test latents run back to noise and forward again, the error against the steps."""
 
 import numpy as np
 import torch
@@ -11,15 +12,23 @@ from tqdm import tqdm
 
 from models.fid import FeatureExtractor
 from runtime.stage import StageRun, main, stage_task
-from tasks.artifacts import artifacts_dir
+from tasks.artifacts import artifacts_dir, metrics_path, read_json
 from tasks.curves import write_csv
 from tasks.data import load_manifest, load_split
-from tasks.diffusion import balanced_labels, invert_and_regenerate, load_denoiser, timed_images
+from tasks.diffusion import (
+    SAMPLERS,
+    Denoiser,
+    balanced_labels,
+    invert_and_regenerate,
+    load_denoiser,
+    timed_images,
+)
 from tasks.encoder import load_encoder
 from tasks.fid import FidScorer, inception_weights
+from tasks.gan import load_generator, timed_gan_images
 from tasks.images import captioned, grid, save_png, steps_caption, to_uint8
 from tasks.params import FidParams
-from tasks.plots import lines
+from tasks.plots import fid_chart, lines
 from tasks.students import load_students
 from tasks.vae import decode, encode_means, load_decoder
 
@@ -31,8 +40,23 @@ def class_rows(images: torch.Tensor, num_classes: int, per_class: int) -> np.nda
     return grid(to_uint8(images[order]), ncols=per_class)
 
 
+def teacher_samplers(params: FidParams, teacher: Denoiser) -> list[tuple[str, Denoiser, list[int]]]:
+    """(row prefix, denoiser, steps) for the teacher's own sampler (rows teacher.steps_N, at every
+    teacher_steps) and each other sampler of `samplers` that applies to its formulation (rows
+    teacher_<sampler>.steps_N, at the teacher_steps costing no more network calls than the own
+    sampler's most, so every line spans the same NFE range)."""
+    steps = sorted(params.teacher_steps)
+    rows = [("teacher", teacher, steps)]
+    most = teacher.evaluations(steps[-1])
+    for sampler in dict.fromkeys(params.samplers):
+        if sampler in SAMPLERS[teacher.formulation] and sampler != teacher.sampler:
+            other = teacher.with_net(teacher.net, sampler)
+            rows.append((f"teacher_{sampler}", other, [n for n in steps if other.evaluations(n) <= most]))
+    return rows
+
+
 def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
-    """{row: {"fid", "kid"[, "fid_inception"][, "images_per_s"]}}, saving a grid per sampled row."""
+    """{row: {"fid", "kid"[, "fid_inception"][, "images_per_s", "nfe"]}}, saving a grid per sampled row."""
     device, plots = run.device, run.outputs.plots
     train, test = load_split("train", device), load_split("test", device)
     extractor = FeatureExtractor(load_encoder(artifacts_dir("encoder"), device), tuple(load_manifest()["image_shape"]))
@@ -49,23 +73,33 @@ def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
     train_subset = torch.randperm(len(train), generator=generator)[: params.samples].to(device)
     torch.manual_seed(params.seed)
     prior_latents = torch.randn(params.samples, *teacher.latent_shape, device=device)
+    labels = balanced_labels(params.samples, num_classes, device)
+    gan_images, gan_images_per_s = timed_gan_images(load_generator(artifacts_dir("gan"), device), decoder, labels, params.seed, params.batch_size)
     rows = {
         "floor_train_vs_test": scorer(train.floats(train_subset)),
         "vae_recon_vs_test": scorer(decode(decoder.vae, encode_means(decoder.vae, test.floats()))),
-        "prior_vs_test": scorer(decode(decoder.vae, prior_latents)),
+        "prior_vs_test": {**scorer(decode(decoder.vae, prior_latents)), "nfe": 0},
+        "gan": {**scorer(gan_images), "images_per_s": gan_images_per_s, "nfe": 1},
     }
-    labels = balanced_labels(params.samples, num_classes, device)
-    sampled = [("teacher", steps, teacher, guidance) for steps in sorted(params.teacher_steps)]
-    sampled += [("student", s.steps, s.denoiser, s.guidance) for s in students]
     grids = {"teacher": {}, "student": {}}
-    for kind, steps, denoiser, scale in tqdm(sampled, desc="fid", unit="row", disable=not run.is_main):
+    sampled = [(prefix, n, denoiser, guidance) for prefix, denoiser, steps in teacher_samplers(params, teacher) for n in steps]
+    sampled += [("student", s.steps, s.denoiser, s.guidance) for s in students]
+    for prefix, steps, denoiser, scale in tqdm(sampled, desc="fid", unit="row", disable=not run.is_main):
         images, images_per_s = timed_images(denoiser, decoder, labels, steps, scale, params.seed, params.batch_size)
-        row = rows[f"{kind}.steps_{steps}"] = {**scorer(images), "images_per_s": images_per_s}
-        caption = f"{steps_caption(steps)}, FID {row['fid']:.3g}"
+        row = rows[f"{prefix}.steps_{steps}"] = {**scorer(images), "images_per_s": images_per_s, "nfe": denoiser.evaluations(steps)}
+        kind, _, sampler = prefix.partition("_")
+        caption = f"{steps_caption(steps)}{f' {sampler}' if sampler else ''}, FID {row['fid']:.3g}"
         grids[kind][caption] = class_rows(images, num_classes, params.samples_per_class)
     for kind, panels in grids.items():
         save_png(captioned(panels), plots / f"samples_{kind}.png")
     return rows
+
+
+def train_seconds() -> dict[str, float]:
+    """Each trained generator's training seconds, from its stage's metrics: the teacher's
+    (diffusion), the students' (distill, on top of the teacher's) and the GAN's."""
+    return {kind: read_json(metrics_path(stage), keys=("train_seconds",))["train_seconds"]
+            for kind, stage in (("teacher", "diffusion"), ("student", "distill"), ("gan", "gan"))}
 
 
 def inversion_errors(params: FidParams, run: StageRun) -> list[dict[str, float]]:
@@ -97,23 +131,46 @@ def by_steps(rows: dict[str, dict[str, float]], kind: str) -> list[dict[str, flo
     return sorted(found, key=lambda row: row["steps"])
 
 
+def series_name(row: str, own_sampler: str) -> str:
+    """The chart line a row is a point of: 'teacher (euler)', 'student', 'gan', ..."""
+    prefix = row.partition(".")[0]
+    if prefix == "teacher":
+        return f"teacher ({own_sampler})"
+    return f"teacher ({prefix.removeprefix('teacher_')})" if prefix.startswith("teacher_") else prefix
+
+
+def nfe_points(rows: dict[str, dict[str, float]], own_sampler: str) -> list[dict[str, float | str]]:
+    """What the FID-vs-NFE chart draws: a point per sampled row (the GAN's at NFE 1), and the floor
+    and the decoded prior (NFE 0) as flat lines across the sampled NFE range."""
+    sampled = [(name, row) for name, row in rows.items() if row.get("nfe", 0) > 0]
+    points = [{"generator": series_name(name, own_sampler), "nfe": int(row["nfe"]), "fid": row["fid"],
+               "images_per_s": row["images_per_s"]} for name, row in sampled]
+    span = (min(p["nfe"] for p in points), max(p["nfe"] for p in points))
+    for generator, name in (("decoded prior", "prior_vs_test"), ("floor (real train vs test)", "floor_train_vs_test")):
+        points += [{"generator": generator, "nfe": nfe, "fid": rows[name]["fid"]} for nfe in span]
+    return sorted(points, key=lambda p: (p["generator"], p["nfe"]))
+
+
 @flow(name="fid", log_prints=True)
 def fid(params: FidParams) -> None:
     with StageRun("fid", params) as run:
         rows = stage_task(score_rows, name="score")(params, run)
         for name, row in rows.items():
             for metric, value in row.items():
-                run.metrics[f"{metric}.{name}"] = round(value, 1 if metric == "images_per_s" else 5)
+                if metric != "nfe":
+                    run.metrics[f"{metric}.{name}"] = round(value, 1 if metric == "images_per_s" else 5)
+        seconds = train_seconds()
+        run.metrics.update({f"train_seconds.{kind}": value for kind, value in seconds.items()})
+        for name, row in rows.items():  # the table shows what each generator cost to train
+            if (kind := name.partition(".")[0].partition("_")[0]) in seconds:
+                row["train_seconds"] = seconds[kind]
         (run.outputs.artifacts / "fid_table.md").write_text(table(rows))
-        curves = {kind: by_steps(rows, kind) for kind in ("teacher", "student")}
-        floor = rows["floor_train_vs_test"]["fid"]
-        curves["floor"] = [{"steps": steps, "fid": floor} for steps in (1, max(params.teacher_steps))]
-        for kind, points in curves.items():  # what dvc.yaml's FID plots draw
-            write_csv(run.outputs.plots / f"{kind}.csv", points)
-        series = {kind: ([p["steps"] for p in points], [p["fid"] for p in points]) for kind, points in curves.items()}
-        series["real train vs test (floor)"] = series.pop("floor")
-        lines(series, "sampling steps", "FID (SSL encoder features)", "FID vs sampling steps (lower is better)",
-              run.outputs.plots / "fid_vs_steps.png", logx=True)
+        for kind in ("teacher", "student"):  # what dvc.yaml's sampling-speed plot draws
+            write_csv(run.outputs.plots / f"{kind}.csv", by_steps(rows, kind))
+        own_sampler = load_denoiser(artifacts_dir("diffusion")).sampler
+        points = nfe_points(rows, own_sampler)
+        write_csv(run.outputs.plots / "fid_vs_nfe.csv", points)  # what dvc.yaml's fid_vs_nfe plot draws
+        fid_chart(points, "floor (real train vs test)", "decoded prior", run.outputs.plots / "fid_vs_nfe.png")
         print("fid:\n" + table(rows))
         if params.inversion_steps:
             inversion = stage_task(inversion_errors, name="invert")(params, run)

@@ -7,6 +7,7 @@ and loading it runs this file and the project's own loaders. Nothing is unpickle
 - `vae`: float32 images (N, C, H, W) in [-1, 1] -> posterior-mean latents (N, c, h, w)
 - `generator` (the denoiser, a student): int64 class labels (N,) -> decoded images (N, C, H, W) in
   [-1, 1]; params `steps`, `guidance`, `seed` (defaults: how the stage sampled)
+- `gan` (the GAN's generator): int64 class labels (N,) -> decoded images in [-1, 1]; param `seed`
 `model_config["device"]` (default `cpu`) is where it runs; override it at load with
 `mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})`.
 """
@@ -22,6 +23,7 @@ from mlflow.pyfunc import PythonModel
 
 from tasks.diffusion import load_denoiser, timed_images
 from tasks.encoder import load_encoder
+from tasks.gan import load_generator, timed_gan_images
 from tasks.vae import NAME as VAE
 from tasks.vae import encode_means, load_decoder, load_vae
 
@@ -52,7 +54,13 @@ def _generator(artifacts: dict[str, str], config: dict, device: str):
     return generate
 
 
-KINDS = {"encoder": _encoder, "vae": _vae, "generator": _generator}
+def _gan(artifacts: dict[str, str], config: dict, device: str):
+    generator = load_generator(_folder(artifacts, config["network"]), device, config["network"])
+    decoder = load_decoder(_folder(artifacts, VAE), device)
+    return lambda labels, params: timed_gan_images(generator, decoder, labels, int(params["seed"]))[0]
+
+
+KINDS = {"encoder": _encoder, "vae": _vae, "generator": _generator, "gan": _gan}
 
 
 class Network(PythonModel):

@@ -28,7 +28,7 @@ from tasks.params import STAGE_PARAMS, flatten, load_params
 EXPERIMENT = "latentlab"
 PARENT_ENV = "LATENTLAB_PARENT_RUN_ID"
 _BATCH = 100  # MLflow's limit of params per log_batch call
-HEADLINE = ["probe_top1", "fid_teacher", "fid_student_4", "total_wall_seconds", "overhead_fraction"]
+HEADLINE = ["probe_top1", "fid_teacher", "fid_student_4", "fid_gan", "total_wall_seconds", "overhead_fraction"]
 # What MLflow 3's experiment-kind selector writes; the 3.17 UI follows its own "GenAI / Model
 # training" switch instead, which `ui_url` sets (README: Tracking).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -192,7 +192,7 @@ def _log_params(mlflow_client, run_id: str, values: dict) -> None:
 
 
 def headline_metrics() -> dict[str, float]:
-    """probe top-1, FID of the teacher at its most steps and of the 4-step student, where present."""
+    """probe top-1, FID of the teacher at its most steps, of the 4-step student and of the GAN, where present."""
 
     def read(stage: str) -> dict[str, float]:
         return read_json(metrics_path(stage)) if metrics_path(stage).exists() else {}
@@ -206,6 +206,8 @@ def headline_metrics() -> dict[str, float]:
         headline["fid_teacher"] = teacher[max(teacher)]
     if "fid.student.steps_4" in fid:
         headline["fid_student_4"] = fid["fid.student.steps_4"]
+    if "fid.gan" in fid:
+        headline["fid_gan"] = fid["fid.gan"]
     return headline
 
 
@@ -299,7 +301,7 @@ class PipelineRun:
             if key.startswith(REUSED_TAG) and key.removeprefix(REUSED_TAG) not in reused:
                 self._client.delete_tag(self.run_id, key)
         if ok:
-            for path in [artifacts_dir("fid") / "fid_table.md", *sorted(plots_dir("fid").glob("fid_vs_steps*"))]:
+            for path in [artifacts_dir("fid") / "fid_table.md", *sorted(plots_dir("fid").glob("fid_vs_nfe*"))]:
                 if path.is_file():
                     self._client.log_artifact(self.run_id, str(path), "fid")
             register_current(self._client, sources, self.run_id)

@@ -100,6 +100,13 @@ class Denoiser:
         options = {"churn": edm["churn"]} if self.sampler == "sde" else {}
         return EDMPrecond(self.net, edm["sigma_data"]), functools.partial(sampler, schedule=schedule, **options)
 
+    def evaluations(self, steps: int) -> int:
+        """Network calls (NFE) of `steps` steps of its sampler, a guided call counted once: Heun's
+        two a step (EDM's last step one), every other sampler's one."""
+        if self.sampler != "heun":
+            return steps
+        return 2 * steps - (self.formulation == "edm")
+
     def deterministic(self) -> Denoiser:
         """This denoiser with its formulation's deterministic sampler (its own, if deterministic)."""
         return self.with_net(self.net, DETERMINISTIC.get(self.formulation, self.sampler))

@@ -81,3 +81,30 @@ def lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabe
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
+
+
+def fid_chart(points: list[dict], floor: str, prior: str, path: Path) -> None:
+    """FID against network evaluations (log axis), a line per generator of `points` ({"generator",
+    "nfe", "fid"}); a lone point (the GAN) as a marker, the `prior` generator as a dashed level and
+    the `floor` one as a band from 0 up to it: what no generator can beat."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_generator: dict[str, list[dict]] = {}
+    for point in points:
+        by_generator.setdefault(point["generator"], []).append(point)
+    for name, group in by_generator.items():
+        nfe, fid = [p["nfe"] for p in group], [p["fid"] for p in group]
+        if name == floor:
+            ax.axhspan(0, fid[0], color="0.6", alpha=0.3, label=f"{name}: {fid[0]:.3g}")
+        elif name == prior:
+            ax.axhline(fid[0], color="0.3", linestyle="--", label=f"{name} (NFE 0): {fid[0]:.3g}")
+        else:
+            ax.plot(nfe, fid, marker="*" if len(group) == 1 else "o", markersize=12 if len(group) == 1 else 5,
+                    linestyle="-" if len(group) > 1 else "none", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per sample (NFE; Heun: 2 a step)")
+    ax.set_ylabel("FID (SSL encoder features)")
+    ax.set_title("FID vs NFE (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -25,7 +25,7 @@ from tests.conftest import run, run_env
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "distill", "fid"]
+STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "gan", "distill", "fid"]
 
 
 def metrics(repo, stage):
@@ -112,6 +112,7 @@ def test_mlflow_holds_a_finished_run_per_stage_with_lineage(pipeline):
     assert headline["probe_top1"] == metrics(repo, "probe")["probe_top1"]
     assert headline["fid_student_4"] == metrics(repo, "fid")["fid.student.steps_4"]
     assert headline["fid_teacher"] == metrics(repo, "fid")["fid.teacher.steps_16"]
+    assert headline["fid_gan"] == metrics(repo, "fid")["fid.gan"]
     compute = sum(metrics(repo, stage)["wall_seconds"] for stage in STAGES)
     assert headline["total_wall_seconds"] > compute and headline["compute_seconds"] == pytest.approx(compute)
     prepare = runs["prepare"]
@@ -187,22 +188,24 @@ def test_generative_results_reach_dvc_metrics_plots_and_mlflow(pipeline):
     workspace = next(iter(shown.values()))["data"]
     fid = workspace["metrics/fid.json"]["data"]
     assert {"fid.teacher.steps_4", "fid.student.steps_4", "fid.floor_train_vs_test", "kid.prior_vs_test"} <= set(fid)
-    assert (repo / "plots" / "fid" / "fid_vs_steps.png").exists()
+    assert (repo / "plots" / "fid" / "fid_vs_nfe.png").exists()
     assert (repo / "artifacts" / "fid" / "fid_table.md").read_text().startswith("| row |")
     client, runs = mlflow_runs(repo)
     plots = {stage: [a.path for a in client.list_artifacts(runs[stage].info.run_id, "plots")] for stage in ("vae", "diffusion", "fid")}
     assert "plots/reconstructions.png" in plots["vae"] and "plots/prior_samples.png" in plots["vae"]
     assert "plots/samples.png" in plots["diffusion"] and "plots/train.csv" in plots["diffusion"]
-    assert "plots/fid_vs_steps.png" in plots["fid"]
+    assert "plots/fid_vs_nfe.png" in plots["fid"]
     assert runs["fid"].data.metrics["fid.student.steps_4"] == fid["fid.student.steps_4"]
     assert len(client.get_metric_history(runs["diffusion"].info.run_id, "train/loss")) > 3
 
 
-CURVES = ["fid_vs_steps", "sampling_speed", "ssl_loss", "ssl_knn", "vae_loss", "diffusion_loss", "distill_loss"]
+CURVES = [
+    "fid_vs_nfe", "sampling_speed", "ssl_loss", "ssl_knn", "vae_loss", "diffusion_loss", "gan_wasserstein", "distill_loss",
+]
 IMAGES = [
     "plots/prepare/samples.png", "plots/encoder/embedding_2d.png", "plots/probe/confusion.png",
     "plots/probe/label_efficiency.png", "plots/vae/reconstructions.png", "plots/vae/prior_samples.png",
-    "plots/diffusion/samples.png", "plots/distill/samples.png", "plots/fid/samples_teacher.png",
+    "plots/diffusion/samples.png", "plots/gan/samples.png", "plots/distill/samples.png", "plots/fid/samples_teacher.png",
     "plots/fid/samples_student.png",
 ]
 
@@ -221,15 +224,16 @@ def test_dvc_plots_show_draws_the_curves_and_the_sample_figures(pipeline):
         text = json.dumps(spec)
         assert f'"title": "{defined[name]["x_label"]}"' in text and f'"title": "{defined[name]["y_label"]}"' in text
 
-    rows = specs["fid_vs_steps"]["data"]["values"]  # teacher and student on one chart, by steps
-    assert specs["fid_vs_steps"]["encoding"]["x"]["scale"]["type"] == "log"
+    rows = specs["fid_vs_nfe"]["data"]["values"]  # every generator on one chart, a line each, by NFE
+    assert specs["fid_vs_nfe"]["encoding"]["x"]["scale"]["type"] == "log"
     fid = metrics(repo, "fid")
-    for kind in ("teacher", "student"):
-        points = [(int(r["steps"]), float(r["fid"])) for r in rows if r["filename"] == f"{kind}.csv"]
+    for kind, line in (("teacher", "teacher (ddim)"), ("student", "student")):  # smoke: a DDPM teacher, 1 call a step
+        points = [(int(r["nfe"]), float(r["fid"])) for r in rows if r["generator"] == line]
         steps = sorted(int(key.rpartition("_")[2]) for key in fid if key.startswith(f"fid.{kind}."))
         assert [s for s, _ in points] == steps  # numeric order: 1, 2, 4, 8, 16
         assert all(value == pytest.approx(fid[f"fid.{kind}.steps_{s}"], rel=1e-4, abs=1e-5) for s, value in points)
-    floor = [float(r["fid"]) for r in rows if r["filename"] == "floor.csv"]
+    assert [float(r["fid"]) for r in rows if r["generator"] == "gan"] == [pytest.approx(fid["fid.gan"], rel=1e-4, abs=1e-5)]
+    floor = [float(r["fid"]) for r in rows if r["generator"] == "floor (real train vs test)"]
     assert floor == [pytest.approx(fid["fid.floor_train_vs_test"], rel=1e-4, abs=1e-5)] * 2
 
     for name in ("ssl_loss", "vae_loss", "diffusion_loss", "distill_loss"):  # a point per logged training step
@@ -272,7 +276,7 @@ def test_the_flow_s_experiment_holds_every_plot_and_metrics_file(pipeline):
     repo, _ = pipeline
     name = pipeline_runs(repo)[0].info.run_name
     in_workspace = files_under(repo, "plots", "metrics")
-    assert len(in_workspace) > 20 and "plots/fid/fid_vs_steps.png" in in_workspace
+    assert len(in_workspace) > 20 and "plots/fid/fid_vs_nfe.png" in in_workspace
     assert experiment_files(repo, name, "plots", "metrics") == in_workspace  # git tracked none of them before
 
 
@@ -324,8 +328,8 @@ def test_the_models_tab_lists_each_network_with_its_stage_run(pipeline):
     client, runs = mlflow_runs(repo)
     experiment = client.get_experiment_by_name("latentlab")
     models = {model.name: model for model in client.search_logged_models([experiment.experiment_id])}
-    made_by = {"encoder": "encoder", "vae": "vae", "denoiser": "diffusion", "student_1_steps": "distill",
-               "student_2_steps": "distill", "student_4_steps": "distill"}
+    made_by = {"encoder": "encoder", "vae": "vae", "denoiser": "diffusion", "gan_generator": "gan",
+               "student_1_steps": "distill", "student_2_steps": "distill", "student_4_steps": "distill"}
     assert set(models) == set(made_by)
     for name, stage in made_by.items():
         model = models[name]
@@ -479,7 +483,7 @@ def test_a_code_change_makes_exactly_the_stages_importing_it_stale(pipeline):
     original = training.read_text()
     assert "betas=(0.9, 0.99)" in original
     importers = {stage for stage in STAGES if "tasks/training.py" in stage_code(repo, stage)}
-    assert importers == {"ssl", "vae", "diffusion", "distill"}
+    assert importers == {"ssl", "vae", "diffusion", "gan", "distill"}
     try:
         training.write_text(original.replace("betas=(0.9, 0.99)", "betas=(0.9, 0.999)"))
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
@@ -520,7 +524,7 @@ def test_reruns_skip_what_is_up_to_date_link_what_they_reused_and_compare_shows_
     assert first_children["diffusion"].info.run_id in tags["mlflow.note.content"]  # the description links them
     assert parent.data.metrics["stages_run"] == 2
     fid_files = {a.path for a in client.list_artifacts(parent.info.run_id, "fid")}
-    assert "fid/fid_table.md" in fid_files and any(path.startswith("fid/fid_vs_steps") for path in fid_files), fid_files
+    assert "fid/fid_table.md" in fid_files and any(path.startswith("fid/fid_vs_nfe") for path in fid_files), fid_files
     table = client.download_artifacts(parent.info.run_id, "fid/fid_table.md")
     assert Path(table).read_text() == (repo / "artifacts/fid/fid_table.md").read_text()
     assert client.get_model_version_by_alias("latentlab-student", "current").run_id == partial["distill"].info.run_id
