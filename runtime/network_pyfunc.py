@@ -5,6 +5,7 @@ and loading it runs this file and the project's own loaders. Nothing is unpickle
 `model_config["kind"]` says what `predict` does:
 - `encoder`: float32 images (N, C, H, W) in [-1, 1] -> embeddings (N, D)
 - `vae`: float32 images (N, C, H, W) in [-1, 1] -> posterior-mean latents (N, c, h, w)
+- `classifier` (the kd stage's student): float32 images (N, C, H, W) in [-1, 1] -> logits (N, classes)
 - `generator` (the denoiser, a student): int64 class labels (N,) -> decoded images (N, C, H, W) in
   [-1, 1]; params `steps`, `guidance`, `seed` (defaults: how the stage sampled)
 `model_config["device"]` (default `cpu`) is where it runs; override it at load with
@@ -22,6 +23,7 @@ from mlflow.pyfunc import PythonModel
 
 from tasks.diffusion import load_denoiser, timed_images
 from tasks.encoder import load_encoder
+from tasks.kd import load_student
 from tasks.vae import NAME as VAE
 from tasks.vae import encode_means, load_decoder, load_vae
 
@@ -35,6 +37,11 @@ def _folder(artifacts: dict[str, str], network: str) -> Path:
 def _encoder(artifacts: dict[str, str], config: dict, device: str):
     encoder = load_encoder(_folder(artifacts, config["network"]), device)
     return lambda images, params: encoder(images).float()
+
+
+def _classifier(artifacts: dict[str, str], config: dict, device: str):
+    student = load_student(_folder(artifacts, config["network"]), device)
+    return lambda images, params: student(images).float()
 
 
 def _vae(artifacts: dict[str, str], config: dict, device: str):
@@ -52,7 +59,7 @@ def _generator(artifacts: dict[str, str], config: dict, device: str):
     return generate
 
 
-KINDS = {"encoder": _encoder, "vae": _vae, "generator": _generator}
+KINDS = {"encoder": _encoder, "classifier": _classifier, "vae": _vae, "generator": _generator}
 
 
 class Network(PythonModel):
