@@ -28,11 +28,11 @@ def kd(params: KdParams) -> None:
         measure = stage_task(top1_and_speed, name="evaluate")
         run.metrics["teacher.top1"], run.metrics["teacher.images_per_s"] = measure(teacher, test, params.batch_size)
         run.metrics["teacher.parameters"] = parameters(teacher)
-        for name, result in results.items():
-            student = result.module.student.eval()
+        students = {name: result.module.student.eval() for name, result in results.items()}
+        for name, student in students.items():
             run.metrics[f"student.{name}.top1"], run.metrics[f"student.{name}.images_per_s"] = measure(student, test, params.batch_size)
-        run.metrics["student.parameters"] = parameters(student)
-        export_student(results["with_kd"].module.student, run.outputs.artifacts)
+        run.metrics["student.parameters"] = parameters(students["with_kd"])
+        export_student(students["with_kd"], run.outputs.artifacts)
         run.log_model("kd_student", "classifier", test.floats(slice(0, 2)), network="student")
         seconds = sum(result.seconds for result in results.values())
         run.metrics.update(
