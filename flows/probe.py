@@ -12,7 +12,7 @@ from tasks.data import SPLITS, load_manifest, load_split
 from tasks.encoder import embed
 from tasks.params import ProbeParams
 from tasks.plots import confusion, lines
-from tasks.probe import Features, Labels, evaluate_features
+from tasks.probe import Features, Labels, evaluate_features, export_probe
 
 
 def feature_sets(params: ProbeParams, device) -> dict[str, Features]:
@@ -49,6 +49,7 @@ def probe(params: ProbeParams) -> None:
             for fraction, top1 in result["label_efficiency"].items():
                 run.metrics[f"{prefix}probe_top1_at_{fraction:g}_labels"] = top1
         ssl = report["ssl"]
+        export_probe(ssl["probe"], run.outputs.artifacts)  # the kd stage's teacher, with the encoder
         run.metrics["probe_weight_decay"] = ssl["probe_weight_decay"]
         plots = run.outputs.plots
         confusion(ssl["confusion"], class_names, f"linear probe on SSL features: top-1 {ssl['probe_top1']:.3f}", plots / "confusion.png")

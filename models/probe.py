@@ -58,6 +58,29 @@ class ProbeResult:
     val_accuracy: float
 
 
+class LinearProbe(nn.Module):
+    """A fitted probe as one network over features: standardise, then the linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.config = {"dim": dim, "num_classes": num_classes}
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.classifier = nn.Linear(dim, num_classes)
+
+    @classmethod
+    def of(cls, result: ProbeResult) -> LinearProbe:
+        probe = cls(result.classifier.in_features, result.classifier.out_features)
+        probe.load_state_dict({
+            "mean": result.standardizer.mean, "std": result.standardizer.std,
+            "classifier.weight": result.classifier.weight, "classifier.bias": result.classifier.bias,
+        })
+        return probe.to(result.classifier.weight.device)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier((features - self.mean) / self.std)
+
+
 def select_and_fit(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],

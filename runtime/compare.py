@@ -9,7 +9,7 @@ import pandas as pd
 
 from runtime.tracking import HEADLINE, PIPELINE_TAG, client, experiment_name, tracking_uri
 
-HIGHER_IS_BETTER = {"probe_top1"}
+HIGHER_IS_BETTER = {"probe_top1", "kd_student_top1", "kd_gain"}
 
 
 def pipeline_runs(last: int = 10, sort: str = "fid_student_4") -> pd.DataFrame:

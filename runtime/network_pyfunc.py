@@ -5,6 +5,7 @@ and loading it runs this file and the project's own loaders. Nothing is unpickle
 `model_config["kind"]` says what `predict` does:
 - `encoder`: float32 images (N, C, H, W) in [-1, 1] -> embeddings (N, D)
 - `vae`: float32 images (N, C, H, W) in [-1, 1] -> posterior-mean latents (N, c, h, w)
+- `classifier` (the kd stage's student): float32 images (N, C, H, W) in [-1, 1] -> logits (N, classes)
 - `generator` (the denoiser, a student): int64 class labels (N,) -> decoded images (N, C, H, W) in
   [-1, 1]; params `steps`, `guidance`, `seed` (defaults: how the stage sampled)
 - `gan` (the GAN's generator): int64 class labels (N,) -> decoded images in [-1, 1]; param `seed`
@@ -24,6 +25,7 @@ from mlflow.pyfunc import PythonModel
 from tasks.diffusion import load_denoiser, timed_images
 from tasks.encoder import load_encoder
 from tasks.gan import load_generator, timed_gan_images
+from tasks.kd import load_student
 from tasks.vae import NAME as VAE
 from tasks.vae import encode_means, load_decoder, load_vae
 
@@ -37,6 +39,11 @@ def _folder(artifacts: dict[str, str], network: str) -> Path:
 def _encoder(artifacts: dict[str, str], config: dict, device: str):
     encoder = load_encoder(_folder(artifacts, config["network"]), device)
     return lambda images, params: encoder(images).float()
+
+
+def _classifier(artifacts: dict[str, str], config: dict, device: str):
+    student = load_student(_folder(artifacts, config["network"]), device)
+    return lambda images, params: student(images).float()
 
 
 def _vae(artifacts: dict[str, str], config: dict, device: str):
@@ -60,7 +67,7 @@ def _gan(artifacts: dict[str, str], config: dict, device: str):
     return lambda labels, params: timed_gan_images(generator, decoder, labels, int(params["seed"]))[0]
 
 
-KINDS = {"encoder": _encoder, "vae": _vae, "generator": _generator, "gan": _gan}
+KINDS = {"encoder": _encoder, "classifier": _classifier, "vae": _vae, "generator": _generator, "gan": _gan}
 
 
 class Network(PythonModel):

@@ -124,7 +124,7 @@ class StageRun:
         """The network this stage exported as artifacts/<stage>/<network>.{safetensors,json}
         (`network` defaults to `name`), and `with_files` it needs (a generator: the VAE decoder's), as
         the MLflow logged model `name` of its run, a pyfunc of `kind` (`runtime/network_pyfunc.py`:
-        encoder, vae or generator) with `example` as its input example and `params` as predict's
+        encoder, classifier, vae or generator) with `example` as its input example and `params` as predict's
         defaults; logged when the stage succeeds, outside its `wall_seconds`."""
         example = example.cpu().numpy() if hasattr(example, "cpu") else example
         self._models.append((name, kind, network or name, list(with_files), example, params))

@@ -28,7 +28,10 @@ from tasks.params import STAGE_PARAMS, flatten, load_params
 EXPERIMENT = "latentlab"
 PARENT_ENV = "LATENTLAB_PARENT_RUN_ID"
 _BATCH = 100  # MLflow's limit of params per log_batch call
-HEADLINE = ["probe_top1", "fid_teacher", "fid_student_4", "fid_gan", "total_wall_seconds", "overhead_fraction"]
+HEADLINE = [
+    "probe_top1", "kd_student_top1", "kd_gain", "fid_teacher", "fid_student_4", "fid_gan", "total_wall_seconds",
+    "overhead_fraction",
+]
 # What MLflow 3's experiment-kind selector writes; the 3.17 UI follows its own "GenAI / Model
 # training" switch instead, which `ui_url` sets (README: Tracking).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -192,15 +195,18 @@ def _log_params(mlflow_client, run_id: str, values: dict) -> None:
 
 
 def headline_metrics() -> dict[str, float]:
-    """probe top-1, FID of the teacher at its most steps, of the 4-step student and of the GAN, where present."""
+    """probe top-1, the distilled classifier's top-1 and its gain over the same student trained on the
+    labels alone, FID of the teacher at its most steps, of the 4-step student and of the GAN, where present."""
 
     def read(stage: str) -> dict[str, float]:
         return read_json(metrics_path(stage)) if metrics_path(stage).exists() else {}
 
-    probe, fid = read("probe"), read("fid")
+    probe, kd, fid = read("probe"), read("kd"), read("fid")
     headline = {}
     if "probe_top1" in probe:
         headline["probe_top1"] = probe["probe_top1"]
+    if "kd_gain" in kd:
+        headline["kd_student_top1"], headline["kd_gain"] = kd["student.with_kd.top1"], kd["kd_gain"]
     teacher = {int(key.rpartition("_")[2]): value for key, value in fid.items() if key.startswith("fid.teacher.steps_")}
     if teacher:
         headline["fid_teacher"] = teacher[max(teacher)]
@@ -219,7 +225,7 @@ REUSED_TAG = "reused."  # + a stage: the run that made the outputs a pipeline ru
 
 class PipelineRun:
     """The parent MLflow run of one pipeline run: every stage's params, a child run per stage that
-    ran, and the headline metrics (probe top-1, FIDs, wall and compute time, overhead share).
+    ran, and the headline metrics (probe and kd top-1, FIDs, wall and compute time, overhead share).
 
     The Prefect pipeline flow starts one and hands its id to the stages in `LATENTLAB_PARENT_RUN_ID`;
     under a plain `dvc repro` the first stage that runs starts it, keyed on the `dvc` process, and

@@ -278,6 +278,24 @@ class ProbeParams(Strict):
         return self
 
 
+class KdParams(Strict):
+    """Knowledge distillation (Hinton et al. 2015) of the encoder + probe classifier into a small CNN,
+    trained twice with the same seed and budget: with the soft term, and on the labels alone."""
+
+    temperature: float = Field(4.0, gt=0, le=100, description="T softening teacher and student outputs (Hinton et al. 2015 found T 2.5-4 best for small MNIST students; 4 is common practice)")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft term (times T^2); 1 - alpha weighs the labels' cross-entropy, which Hinton et al. found best kept considerably lower; 0.9 is common practice")
+    student_widths: list[int] = Field([16, 32], min_length=1, max_length=4, description="channels of the student's conv stages, each a 3x3 conv, ReLU and 2x2 max-pool")
+    train: TrainParams = TrainParams(epochs=3, batch_size=128, lr=3e-3, log_every=20)
+    batch_size: int = Field(1024, ge=1, description="images a forward pass when measuring top-1 and images/s")
+    seed: int = Field(0, ge=0, description="the same for both students: the same initial weights and batches")
+
+    @model_validator(mode="after")
+    def _widths_positive(self) -> KdParams:
+        if any(width < 1 for width in self.student_widths):
+            raise ValueError("student_widths must be positive")
+        return self
+
+
 class AdversarialParams(Strict):
     enabled: bool = Field(False, description="train a PatchGAN discriminator (hinge loss) against the decoder")
     weight: float = Field(0.1, ge=0, description="weight of the generator's hinge term")
@@ -471,6 +489,7 @@ STAGE_PARAMS: dict[str, type[Strict]] = {
     "ssl": SslParams,
     "encoder": EncoderParams,
     "probe": ProbeParams,
+    "kd": KdParams,
     "vae": VaeParams,
     "diffusion": DiffusionParams,
     "gan": GanParams,

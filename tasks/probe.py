@@ -1,15 +1,20 @@
 """Evaluate frozen features: linear probe (val-selected weight decay), per-class accuracy,
-confusion matrix, kNN, and label efficiency at several fractions of the training labels."""
+confusion matrix, kNN, and label efficiency at several fractions of the training labels; the
+probe's export (safetensors + JSON), which the kd stage's teacher loads."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.knn import knn_accuracy
-from models.probe import accuracy, select_and_fit
+from models.probe import LinearProbe, accuracy, select_and_fit
+from tasks.artifacts import load_network, save_network
+
+NAME = "probe"  # probe.safetensors + probe.json
 
 
 @dataclass
@@ -48,7 +53,8 @@ def evaluate_features(
     knn_k: int,
     seed: int,
 ) -> dict:
-    """Probe top-1 (full labels), per-class accuracy, confusion matrix, kNN, label efficiency."""
+    """Probe top-1 (full labels), per-class accuracy, confusion matrix, kNN, label efficiency, and
+    the probe fitted on the full labels (`probe`, a LinearProbe)."""
     result: dict = {"label_efficiency": {}}
     for fraction in sorted(label_fractions):
         subset = label_subset(labels.train, fraction, seed)
@@ -62,6 +68,7 @@ def evaluate_features(
             predictions = probe.classifier(test_x).argmax(1)
             result["probe_top1"] = top1
             result["probe_weight_decay"] = probe.weight_decay
+            result["probe"] = LinearProbe.of(probe)
             result["confusion"] = confusion_matrix(predictions, labels.test, num_classes)
     result["per_class"] = (result["confusion"].diagonal() / result["confusion"].sum(1).clip(min=1)).tolist()
     result["knn_top1"] = knn_accuracy(features.train, labels.train, features.test, labels.test, k=knn_k)
@@ -72,3 +79,12 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     """Rows: true class, columns: predicted class."""
     flat = labels.cpu() * num_classes + predictions.cpu()
     return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes).numpy()
+
+
+def export_probe(probe: LinearProbe, folder: Path) -> None:
+    save_network(probe, probe.config, folder, NAME)
+
+
+def load_probe(folder: Path | str, device: torch.device | str = "cpu") -> LinearProbe:
+    """The frozen probe (features -> logits), rebuilt from probe.json + probe.safetensors."""
+    return load_network(folder, NAME, lambda config: LinearProbe(**config), device)[0]

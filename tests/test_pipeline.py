@@ -25,7 +25,7 @@ from tests.conftest import run, run_env
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["prepare", "ssl", "encoder", "probe", "vae", "diffusion", "gan", "distill", "fid"]
+STAGES = ["prepare", "ssl", "encoder", "probe", "kd", "vae", "diffusion", "gan", "distill", "fid"]
 
 
 def metrics(repo, stage):
@@ -110,6 +110,7 @@ def test_mlflow_holds_a_finished_run_per_stage_with_lineage(pipeline):
     assert parent.data.params["ssl.objective"] == "simclr" and parent.data.params["diffusion.formulation"] == "ddpm"
     headline = parent.data.metrics
     assert headline["probe_top1"] == metrics(repo, "probe")["probe_top1"]
+    assert headline["kd_gain"] == metrics(repo, "kd")["kd_gain"]
     assert headline["fid_student_4"] == metrics(repo, "fid")["fid.student.steps_4"]
     assert headline["fid_teacher"] == metrics(repo, "fid")["fid.teacher.steps_16"]
     assert headline["fid_gan"] == metrics(repo, "fid")["fid.gan"]
@@ -328,7 +329,7 @@ def test_the_models_tab_lists_each_network_with_its_stage_run(pipeline):
     client, runs = mlflow_runs(repo)
     experiment = client.get_experiment_by_name("latentlab")
     models = {model.name: model for model in client.search_logged_models([experiment.experiment_id])}
-    made_by = {"encoder": "encoder", "vae": "vae", "denoiser": "diffusion", "gan_generator": "gan",
+    made_by = {"encoder": "encoder", "kd_student": "kd", "vae": "vae", "denoiser": "diffusion", "gan_generator": "gan",
                "student_1_steps": "distill", "student_2_steps": "distill", "student_4_steps": "distill"}
     assert set(models) == set(made_by)
     for name, stage in made_by.items():
@@ -483,7 +484,7 @@ def test_a_code_change_makes_exactly_the_stages_importing_it_stale(pipeline):
     original = training.read_text()
     assert "betas=(0.9, 0.99)" in original
     importers = {stage for stage in STAGES if "tasks/training.py" in stage_code(repo, stage)}
-    assert importers == {"ssl", "vae", "diffusion", "gan", "distill"}
+    assert importers == {"ssl", "kd", "vae", "diffusion", "gan", "distill"}
     try:
         training.write_text(original.replace("betas=(0.9, 0.99)", "betas=(0.9, 0.999)"))
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)

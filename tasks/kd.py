@@ -1,0 +1,87 @@
+"""Knowledge distillation of the pipeline's classifier: the teacher (the frozen encoder and its
+linear probe), its logits on the training images (the probe on the encoder stage's embeddings),
+students trained by the one loop, their export, and top-1 and images/s end to end from images."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.kd import KnowledgeDistillation, StudentCNN
+from tasks.artifacts import artifacts_dir, load_network, read_array, save_network, unreadable
+from tasks.data import ImageSplit
+from tasks.device import autocast
+from tasks.encoder import load_encoder
+from tasks.params import KdParams
+from tasks.probe import load_probe
+from tasks.training import TrainingContext, TrainResult
+
+NAME = "student"  # student.safetensors + student.json
+
+
+def load_teacher(device: torch.device | str) -> tuple[nn.Module, torch.Tensor]:
+    """The teacher, images -> logits (encoder, then probe; frozen), and its logits of the training
+    images: the probe on the encoder stage's training embeddings, the same features it was fitted on."""
+    encoder, probe = load_encoder(artifacts_dir("encoder"), device), load_probe(artifacts_dir("probe"), device)
+    path = artifacts_dir("encoder") / "train_embeddings.npy"
+    with torch.no_grad():
+        train_logits = probe(torch.from_numpy(read_array(path, ndim=2, kinds="f")).to(device))
+    return nn.Sequential(encoder, probe).eval(), train_logits
+
+
+def parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train_student(
+    params: KdParams, train: ImageSplit, teacher_logits: torch.Tensor, alpha: float, context: TrainingContext, name: str
+) -> TrainResult:
+    """A student trained on the training images with the distillation loss at `alpha` (0: the
+    labels alone), from the seed's initial weights; its step metrics are logged as `<name>/<metric>`
+    (plots/kd/<name>.csv), its checkpoint is checkpoints/kd/<name>.pt."""
+    if len(teacher_logits) != len(train):
+        raise unreadable(artifacts_dir("encoder") / "train_embeddings.npy",
+                         f"{len(teacher_logits)} rows for {len(train)} training images; it comes from other prepared data")
+    torch.manual_seed(params.seed)
+    student = StudentCNN(train.images.shape[1], train.images.shape[-1], teacher_logits.shape[1], params.student_widths)
+    log = context.log
+    named = dataclasses.replace(context, log=log and (
+        lambda metrics, step: log({f"{name}/{key.removeprefix('train/')}": value for key, value in metrics.items()}, step)
+    ))
+    trainer, batches = named.trainer(KnowledgeDistillation(student, params.temperature, alpha), params.train, len(train), params.seed, name)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = batches(step)
+        return train.floats(rows), train.labels[rows], teacher_logits[rows]
+
+    return trainer.fit(batch)
+
+
+@torch.no_grad()
+def top1_and_speed(classifier: nn.Module, split: ImageSplit, batch_size: int) -> tuple[float, float]:
+    """Top-1 on `split` and images/s, end to end from its uint8 images on the device (after one
+    warm-up batch)."""
+    device = split.images.device
+    with autocast(device):
+        classifier(split.floats(slice(0, batch_size)))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        predictions = torch.cat([
+            classifier(split.floats(slice(start, start + batch_size))).argmax(1) for start in range(0, len(split), batch_size)
+        ])
+        correct = (predictions == split.labels).sum().item()  # reading it back waits for the device
+    return correct / len(split), len(split) / max(time.perf_counter() - started, 1e-9)
+
+
+def export_student(student: StudentCNN, folder: Path) -> None:
+    save_network(student, student.config, folder, NAME)
+
+
+def load_student(folder: Path | str, device: torch.device | str = "cpu") -> StudentCNN:
+    """The frozen student (images -> logits), rebuilt from student.json + student.safetensors."""
+    return load_network(folder, NAME, lambda config: StudentCNN(**config), device)[0]
