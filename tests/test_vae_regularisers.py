@@ -1,6 +1,10 @@
 """The VAE's bottleneck regularisers: VQ-VAE's straight-through codebook with its EMA updates and
 restarts, InfoVAE's MMD, and the prior-mismatch report every regulariser gets."""
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -8,6 +12,7 @@ from torch.nn import functional as F
 
 from models.vae import (
     VAE,
+    KLRegulariser,
     MMDRegulariser,
     VAEConfig,
     VAETraining,
@@ -19,6 +24,9 @@ from models.vae import (
     perplexity,
     prior_mismatch,
 )
+from tasks.params import ParamsError, validate
+from tasks.vae import build_vae_training, export_vae, load_vae
+from tests.conftest import run
 
 
 def quantizer_with(codebook: list[list[float]]) -> VectorQuantizer:
@@ -181,3 +189,51 @@ def test_mmd_regulariser_pulls_the_aggregate_posterior_to_the_prior():
     logged = train(VAETraining(vae, regulariser=MMDRegulariser(weight=1000.0)), 120)
     assert mean_of(logged[-20:], "recon") < 0.6 * mean_of(logged[:10], "recon")
     assert mean_of(logged[-20:], "mmd") < 0.5 * mean_of(logged[:10], "mmd")
+
+
+@pytest.mark.parametrize(("regulariser", "kind"), [("kl", KLRegulariser), ("mmd", MMDRegulariser), ("vq", VectorQuantisation)])
+def test_the_regulariser_param_picks_the_bottleneck(regulariser, kind):
+    params = validate("vae", {"regulariser": regulariser, "vq": {"codebook_size": 64}, "perceptual_weight": 0.0})
+    training = build_vae_training(params, [1, 16, 16], steps=10, feature_fn=None)
+    assert type(training.regulariser) is kind
+    assert (training.vae.quantizer is not None) == (regulariser == "vq")
+    if regulariser == "vq":
+        assert training.vae.quantizer.codebook.shape == (64, params.latent_channels)
+
+
+def test_a_vq_vae_rebuilds_with_its_codebook(tmp_path):
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(latent_channels=3, downsample=2, width=8, codebook_size=10)).eval()
+    export_vae(vae, tmp_path)
+    loaded = load_vae(tmp_path)
+    assert torch.equal(loaded.quantizer.codebook, vae.quantizer.codebook)
+    latents = torch.randn(4, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(latents), vae.eval().decode(latents))
+
+
+def test_vq_refuses_several_processes():
+    with pytest.raises(ParamsError, match="regulariser: vq needs train.processes: 1"):
+        validate("vae", {"regulariser": "vq", "train": {"processes": 2}})
+    with pytest.raises(ParamsError, match="regulariser"):
+        validate("vae", {"regulariser": "vqgan"})
+
+
+@pytest.mark.slow
+def test_each_regulariser_runs_through_dvc_and_diffusion_trains_on_vq_latents(repo_copy: Path):
+    """`dvc repro diffusion` with a VQ-VAE, then `dvc exp run -S` of the vae stage with MMD: both
+    report the prior mismatch, the VQ-VAE its codebook use, and the diffusion stage samples
+    through the VQ decoder."""
+    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "vae.regulariser=vq", "--set", "vae.vq.codebook_size=64"], repo_copy)
+    run(["dvc", "repro", "diffusion"], repo_copy)
+    vq = json.loads((repo_copy / "metrics/vae.json").read_text())
+    assert 0 < vq["codebook_usage"] <= 1 and 1 <= vq["perplexity"] <= 64, vq
+    assert {"prior_mmd", "prior_mean_norm", "prior_cov_error"} <= vq.keys()
+    assert json.loads((repo_copy / "artifacts/vae/vae.json").read_text())["codebook_size"] == 64
+    assert (repo_copy / "metrics/diffusion.json").exists() and (repo_copy / "plots/diffusion/samples.png").exists()
+
+    run(["dvc", "exp", "run", "-S", "params/vae.yaml:regulariser=mmd", "vae"], repo_copy)
+    infovae = json.loads((repo_copy / "metrics/vae.json").read_text())
+    assert "codebook_usage" not in infovae and infovae["psnr"] > infovae["psnr_mean_image"], infovae
+    assert {"prior_mmd", "prior_mean_norm", "prior_cov_error"} <= infovae.keys()
+    assert infovae["prior_mmd"] != vq["prior_mmd"]
