@@ -70,7 +70,8 @@ class VectorQuantizer(nn.Module):
     def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
         """The index of the nearest code (squared Euclidean) of each row of `vectors` (M, dim)."""
         vectors = vectors.float()
-        distances = vectors.square().sum(1, keepdim=True) - 2 * vectors @ self.codebook.T + self.codebook.square().sum(1)
+        with torch.autocast(vectors.device.type, enabled=False):  # bf16 would blur close codes
+            distances = vectors.square().sum(1, keepdim=True) - 2 * vectors @ self.codebook.T + self.codebook.square().sum(1)
         return distances.argmin(1)
 
     def codes(self, latents: torch.Tensor) -> torch.Tensor:
@@ -175,14 +176,17 @@ def imq_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The unbiased estimate of MMD^2 between samples x (n, d) and y (m, d) under `imq_kernel`:
-    near 0 (either sign) for samples of one distribution."""
+    near 0 (either sign) for samples of one distribution. In float32 even under autocast: it is
+    a difference of near-equal means."""
     n, m = len(x), len(y)
-    within_x, within_y = imq_kernel(x, x), imq_kernel(y, y)
-    return (
-        (within_x.sum() - within_x.diagonal().sum()) / (n * (n - 1))
-        + (within_y.sum() - within_y.diagonal().sum()) / (m * (m - 1))
-        - 2 * imq_kernel(x, y).mean()
-    )
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        within_x, within_y = imq_kernel(x, x), imq_kernel(y, y)
+        return (
+            (within_x.sum() - within_x.diagonal().sum()) / (n * (n - 1))
+            + (within_y.sum() - within_y.diagonal().sum()) / (m * (m - 1))
+            - 2 * imq_kernel(x, y).mean()
+        )
 
 
 def prior_mismatch(latents: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
