@@ -62,7 +62,8 @@ def vae(params: VaeParams) -> None:
         latents = Latents(means, train.labels, LatentScale.fit(means), len(load_manifest()["class_names"]))
         latents.save(folder)
         run.metrics.update(stage_task(reconstruction_report, name="evaluate")(model, test, train.floats().mean(0)))
-        run.metrics.update(mismatch_report(model, test, latents.latent_scale, params.mismatch_samples, params.seed))
+        mismatch = stage_task(mismatch_report, name="prior-mismatch")
+        run.metrics.update(mismatch(model, test, latents.latent_scale, params.mismatch_samples, params.seed))
 
         shown = min(params.grid_images, len(test))
         save_png(reconstruction_grid(model, test.floats(slice(0, shown))), run.outputs.plots / "reconstructions.png")

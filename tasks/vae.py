@@ -1,5 +1,6 @@
-"""The VAE stage's pieces: the training module built from params, export and rebuild from
-safetensors + JSON, the training set's latents with their per-channel scale, PSNR and SSIM."""
+"""The VAE stage's pieces: the training module built from params (its regulariser included),
+export and rebuild from safetensors + JSON, the training set's latents with their per-channel
+scale, PSNR and SSIM, codebook use, and the latents' mismatch to the prior."""
 
 from __future__ import annotations
 
