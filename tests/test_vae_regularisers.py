@@ -24,8 +24,16 @@ from models.vae import (
     perplexity,
     prior_mismatch,
 )
+from tasks.data import ImageSplit
 from tasks.params import ParamsError, validate
-from tasks.vae import build_vae_training, export_vae, load_vae
+from tasks.vae import (
+    LatentScale,
+    build_vae_training,
+    export_vae,
+    load_vae,
+    mismatch_report,
+    reconstruction_report,
+)
 from tests.conftest import run
 
 
@@ -210,6 +218,20 @@ def test_a_vq_vae_rebuilds_with_its_codebook(tmp_path):
     latents = torch.randn(4, 3, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(latents), vae.eval().decode(latents))
+
+
+def test_the_stage_reports_codebook_use_for_vq_and_the_prior_mismatch_for_all():
+    torch.manual_seed(0)
+    test = ImageSplit(torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8), torch.zeros(30, dtype=torch.long))
+    for codebook_size in (0, 16):
+        vae = VAE(VAEConfig(downsample=2, width=8, codebook_size=codebook_size)).eval()
+        report = reconstruction_report(vae, test, test.floats().mean(0))
+        assert ("codebook_usage" in report) == bool(codebook_size)
+        if codebook_size:
+            assert 0 < report["codebook_usage"] <= 1 and 1 <= report["perplexity"] <= report["codebook_usage"] * 16
+        mismatch = mismatch_report(vae, test, LatentScale(torch.zeros(4), torch.ones(4)), samples=20, seed=0)
+        assert set(mismatch) == {"prior_mmd", "prior_mean_norm", "prior_cov_error"}
+        assert mismatch == mismatch_report(vae, test, LatentScale(torch.zeros(4), torch.ones(4)), samples=20, seed=0)
 
 
 def test_vq_refuses_several_processes():
