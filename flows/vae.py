@@ -1,6 +1,8 @@
-"""vae: a convolutional VAE on the prepared images (beta-KL, L1/L2, optional PatchGAN and a
-perceptual loss in the frozen SSL encoder's space); the training set's latents with their
-per-channel scale; reconstruction and prior-sample grids; PSNR/SSIM on the test split."""
+"""vae: a convolutional VAE on the prepared images (beta-KL, InfoVAE's MMD or VQ-VAE's codebook;
+L1/L2, optional PatchGAN and a perceptual loss in the frozen SSL encoder's space); the training
+set's latents (pre-quantisation for VQ: the decoder snaps them to the codebook) with their
+per-channel scale; reconstruction and prior-sample grids; PSNR/SSIM (and codebook use) on the
+test split, and how far its scaled latents sit from the N(0, I) prior."""
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from tasks.vae import (
     encode_means,
     export_vae,
     load_vae,
+    mismatch_report,
     reconstruction_report,
 )
 
@@ -59,6 +62,8 @@ def vae(params: VaeParams) -> None:
         latents = Latents(means, train.labels, LatentScale.fit(means), len(load_manifest()["class_names"]))
         latents.save(folder)
         run.metrics.update(stage_task(reconstruction_report, name="evaluate")(model, test, train.floats().mean(0)))
+        mismatch = stage_task(mismatch_report, name="prior-mismatch")
+        run.metrics.update(mismatch(model, test, latents.latent_scale, params.mismatch_samples, params.seed))
 
         shown = min(params.grid_images, len(test))
         save_png(reconstruction_grid(model, test.floats(slice(0, shown))), run.outputs.plots / "reconstructions.png")
@@ -72,7 +77,8 @@ def vae(params: VaeParams) -> None:
         )
         grid_shape = "x".join(map(str, means.shape[1:]))
         print(f"vae: {grid_shape} latents; test PSNR {run.metrics['psnr']:.2f} dB "
-              f"(mean image {run.metrics['psnr_mean_image']:.2f}), SSIM {run.metrics['ssim']:.3f}")
+              f"(mean image {run.metrics['psnr_mean_image']:.2f}), SSIM {run.metrics['ssim']:.3f}; "
+              f"MMD to the prior {run.metrics['prior_mmd']:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Convolutional VAE from images in [-1, 1] to a latent grid, a PatchGAN discriminator, and the
-module the training loop trains them with.
+"""Convolutional VAE from images in [-1, 1] to a latent grid, a PatchGAN discriminator, the
+bottleneck regularisers (beta-KL, InfoVAE's MMD, VQ-VAE's codebook) and the module the training
+loop trains them with. The VAE never knows which regulariser trains it; a vector-quantised one
+only carries its codebook, which `decode` snaps latents to.
 
 The loop's contract: one optimizer over all parameters, forward then one loss.backward(). So
 the discriminator's hinge loss sees detached reconstructions, and the generator's adversarial
@@ -28,10 +30,13 @@ class VAEConfig:
     downsample: int = 4  # 1, 2, 4 or 8: image size / latent grid size (one stride-2 stage per factor 2)
     width: int = 32  # channels at full resolution, doubling per stage up to 4x
     norm_groups: int = 8
+    codebook_size: int = 0  # VQ-VAE: codes `decode` snaps latents to; 0 for a continuous latent
 
     def __post_init__(self):
         if self.downsample not in (1, 2, 4, 8):
             raise ValueError(f"downsample must be 1, 2, 4 or 8, got {self.downsample}")
+        if self.codebook_size < 0:
+            raise ValueError(f"codebook_size must be >= 0, got {self.codebook_size}")
 
     @property
     def stage_widths(self) -> list[int]:
@@ -52,8 +57,36 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
+class VectorQuantizer(nn.Module):
+    """A codebook of `size` vectors of `dim` channels (van den Oord et al. 2017). Called on latents
+    (N, dim, h, w), it snaps each position's vector to its nearest code with a straight-through
+    gradient: the value is the code, the gradient reaches the latent unchanged. The codebook is a
+    buffer: `VectorQuantisation` moves it by EMA, not the optimiser."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("codebook", torch.randn(size, dim))
+
+    def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The index of the nearest code (squared Euclidean) of each row of `vectors` (M, dim)."""
+        vectors = vectors.float()
+        with torch.autocast(vectors.device.type, enabled=False):  # bf16 would blur close codes
+            distances = vectors.square().sum(1, keepdim=True) - 2 * vectors @ self.codebook.T + self.codebook.square().sum(1)
+        return distances.argmin(1)
+
+    def codes(self, latents: torch.Tensor) -> torch.Tensor:
+        """The code index at each position of latents (N, dim, h, w): (N, h, w)."""
+        return self.nearest(latents.movedim(1, -1).flatten(0, -2)).view(latents.shape[0], *latents.shape[2:])
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        quantised = self.codebook[self.codes(latents)].movedim(-1, 1)
+        return latents + (quantised - latents).detach()
+
+
 class VAE(nn.Module):
-    """Images (N, C, H, W) -> latents (N, latent_channels, H / downsample, W / downsample) and back."""
+    """Images (N, C, H, W) -> latents (N, latent_channels, H / downsample, W / downsample) and back.
+    With a codebook (VQ-VAE) `decode` quantises first, so it takes the pre-quantisation latents
+    that `encode` gives and the diffusion stage models (latent-diffusion practice)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -79,6 +112,7 @@ class VAE(nn.Module):
             group_norm(widths[0], groups), nn.SiLU(), nn.Conv2d(widths[0], config.image_channels, 3, padding=1)
         ]
         self.decoder = nn.Sequential(*decoder)
+        self.quantizer = VectorQuantizer(config.codebook_size, config.latent_channels) if config.codebook_size else None
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior's mean and log-variance, each (N, latent_channels, h, w)."""
@@ -86,7 +120,7 @@ class VAE(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)  # exp() stays finite early in training
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents)
+        return self.decoder(latents if self.quantizer is None else self.quantizer(latents))
 
     @staticmethod
     def sample(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -131,22 +165,150 @@ def feature_distance(features: torch.Tensor, target_features: torch.Tensor) -> t
     return (features - target_features).square().sum(1).mean()
 
 
-class VAETraining(nn.Module):
-    """forward(images in [-1, 1]) -> {"loss", "recon", "kl"[, "perceptual"][, "adv", "disc"]}.
+def imq_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Inverse multiquadric kernel C / (C + |x - y|^2) between the rows of x (n, d) and y (m, d), with
+    C = 2d, the scale Tolstikhin et al. (2018) use for an N(0, I) prior: its heavy tails keep a
+    gradient when the two samples lie far apart, where a Gaussian kernel's vanishes."""
+    scale = 2.0 * x.shape[1]
+    distances = (x.square().sum(1, keepdim=True) - 2 * x @ y.T + y.square().sum(1)).clamp(min=0)
+    return scale / (scale + distances)
 
-    loss = recon + beta * kl / (elements per image)
+
+def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The unbiased estimate of MMD^2 between samples x (n, d) and y (m, d) under `imq_kernel`:
+    near 0 (either sign) for samples of one distribution. In float32 even under autocast: it is
+    a difference of near-equal means."""
+    n, m = len(x), len(y)
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        within_x, within_y = imq_kernel(x, x), imq_kernel(y, y)
+        return (
+            (within_x.sum() - within_x.diagonal().sum()) / (n * (n - 1))
+            + (within_y.sum() - within_y.diagonal().sum()) / (m * (m - 1))
+            - 2 * imq_kernel(x, y).mean()
+        )
+
+
+def prior_mismatch(latents: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+    """How far latents (N, ...), flattened, sit from the N(0, I) prior that decoded samples are drawn
+    from: `prior_mmd` against as many prior draws, `prior_mean_norm` (the norm of their mean) and
+    `prior_cov_error` (the mean |cov - I| entry)."""
+    flat = latents.flatten(1).float()
+    prior = torch.randn(flat.shape, generator=generator).to(flat.device)
+    centred = flat - flat.mean(0)
+    covariance = centred.T @ centred / (len(flat) - 1)
+    identity = torch.eye(flat.shape[1], device=flat.device)
+    return {
+        "prior_mmd": mmd(flat, prior).item(),
+        "prior_mean_norm": flat.mean(0).norm().item(),
+        "prior_cov_error": (covariance - identity).abs().mean().item(),
+    }
+
+
+def code_frequencies(codes: torch.Tensor, size: int) -> torch.Tensor:
+    """The share of `codes` (any shape, indices into a codebook of `size`) that picked each code."""
+    return torch.bincount(codes.flatten(), minlength=size).float() / codes.numel()
+
+
+def perplexity(frequencies: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of code frequencies: the number of equally used codes they are worth."""
+    return torch.exp(-(frequencies * frequencies.clamp(min=1e-12).log()).sum())
+
+
+class KLRegulariser(nn.Module):
+    """beta-VAE: beta * KL(q(z|x) || N(0, I)) per image element; the decoder gets a posterior draw."""
+
+    def __init__(self, beta: float = 1e-4):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, vae: VAE, mean: torch.Tensor, logvar: torch.Tensor, image_elements: int):
+        kl = vae.kl(mean, logvar).mean()
+        return vae.sample(mean, logvar), self.beta * kl / image_elements, {"kl": kl}
+
+
+class MMDRegulariser(nn.Module):
+    """InfoVAE (Zhao et al. 2019): weight * MMD^2(q(z), N(0, I)) per image element, between the
+    batch's posterior draws (the aggregate posterior) and as many prior draws, plus kl_weight * the
+    per-sample KL. kl_weight 0 is the paper's MMD-VAE (its alpha = 1), weight 1000 its lambda."""
+
+    def __init__(self, weight: float = 1000.0, kl_weight: float = 0.0):
+        super().__init__()
+        self.weight = weight
+        self.kl_weight = kl_weight
+
+    def forward(self, vae: VAE, mean: torch.Tensor, logvar: torch.Tensor, image_elements: int):
+        latents = vae.sample(mean, logvar)
+        flat = latents.flatten(1).float()
+        distance = mmd(flat, torch.randn_like(flat))
+        kl = vae.kl(mean, logvar).mean()
+        return latents, (self.weight * distance + self.kl_weight * kl) / image_elements, {"mmd": distance, "kl": kl}
+
+
+class VectorQuantisation(nn.Module):
+    """VQ-VAE's bottleneck (van den Oord et al. 2017) for a VAE with a codebook. The decoder gets each
+    posterior mean's nearest code with a straight-through gradient; the encoder a commitment loss,
+    commitment * the mean of (mean - sg(code))^2. In training, each call moves the codebook to the
+    EMA of the latents assigned to each code (the paper's appendix; Razavi et al. 2019):
+        N_i <- decay N_i + (1 - decay) n_i,  m_i <- decay m_i + (1 - decay) sum_j z_ij,  e_i = m_i / N_i,
+    and a code no latent picked for `restart_after` calls restarts at a random latent of the batch."""
+
+    def __init__(self, quantizer: VectorQuantizer, commitment: float = 0.25, decay: float = 0.99, restart_after: int = 100):
+        super().__init__()
+        self.commitment = commitment
+        self.decay = decay
+        self.restart_after = restart_after
+        size = len(quantizer.codebook)
+        # as if each code had had itself assigned once: unused codes stay put until restarted
+        self.register_buffer("cluster_size", torch.ones(size))
+        self.register_buffer("code_sum", quantizer.codebook.clone())
+        self.register_buffer("unused_steps", torch.zeros(size, dtype=torch.long))
+
+    def forward(self, vae: VAE, mean: torch.Tensor, logvar: torch.Tensor, image_elements: int):
+        vectors = mean.movedim(1, -1).flatten(0, -2).float()  # (N * h * w, dim)
+        codes = vae.quantizer.nearest(vectors)
+        quantised = vae.quantizer.codebook[codes]
+        commitment = (vectors - quantised).square().mean()
+        if self.training:
+            self.update(vae.quantizer.codebook, vectors.detach(), codes)
+        quantised = quantised.view(*mean.shape[:1], *mean.shape[2:], -1).movedim(-1, 1)
+        used = perplexity(code_frequencies(codes, len(vae.quantizer.codebook)))
+        return mean + (quantised - mean).detach(), self.commitment * commitment, {"commitment": commitment, "perplexity": used}
+
+    @torch.no_grad()
+    def update(self, codebook: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor) -> None:
+        """The EMA step and the restarts, in place, without reading anything back to the host."""
+        counts = torch.bincount(codes, minlength=len(codebook)).float()
+        sums = torch.zeros_like(codebook).index_add_(0, codes, vectors)
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.code_sum.lerp_(sums, 1 - self.decay)
+        codebook.copy_(self.code_sum / self.cluster_size.clamp(min=1e-12)[:, None])
+        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+        dead = (self.unused_steps >= self.restart_after)[:, None]
+        restarts = vectors[torch.randint(len(vectors), (len(codebook),), device=vectors.device)]
+        codebook.copy_(torch.where(dead, restarts, codebook))
+        self.code_sum.copy_(torch.where(dead, restarts, self.code_sum))
+        self.cluster_size.masked_fill_(dead[:, 0], 1.0)
+        self.unused_steps.masked_fill_(dead[:, 0], 0)
+
+
+class VAETraining(nn.Module):
+    """forward(images in [-1, 1]) -> {"loss", "recon", the regulariser's terms[, "perceptual"][, "adv", "disc"]}.
+
+    loss = recon + the regulariser's penalty (KLRegulariser, MMDRegulariser or VectorQuantisation;
+           default beta-KL with beta 1e-4)
          [+ perceptual_weight * feature distance under the frozen `feature_fn`]
          [+ adv_weight * generator hinge + discriminator hinge, once adv_warmup_steps are done]
 
-    recon is the per-element L1 or L2 error and kl the per-image KL in nats (its mean over the
-    batch), so beta weighs the KL per image element whatever the image size.
+    recon is the per-element L1 or L2 error; the regulariser gives the decoder its latents and a
+    penalty on the same per-element scale (KL and MMD are divided by the elements per image).
     """
 
     def __init__(
         self,
         vae: VAE,
         *,
-        beta: float = 1e-4,
+        regulariser: nn.Module | None = None,
         reconstruction: str = "l1",
         discriminator: PatchDiscriminator | None = None,
         adv_weight: float = 0.1,
@@ -158,7 +320,7 @@ class VAETraining(nn.Module):
         if reconstruction not in ("l1", "l2"):
             raise ValueError(f"reconstruction must be 'l1' or 'l2', got {reconstruction!r}")
         self.vae = vae
-        self.beta = beta
+        self.regulariser = regulariser if regulariser is not None else KLRegulariser()
         self.reconstruction = reconstruction
         self.discriminator = discriminator
         self.adv_weight = adv_weight
@@ -196,12 +358,12 @@ class VAETraining(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         mean, logvar = self.vae.encode(images)
-        reconstructions = self.vae.decode(self.vae.sample(mean, logvar))
+        latents, penalty, outputs = self.regulariser(self.vae, mean, logvar, images[0].numel())
+        reconstructions = self.vae.decoder(latents)  # VQ: the regulariser has quantised them already
         error = reconstructions - images
         recon = error.abs().mean() if self.reconstruction == "l1" else error.square().mean()
-        kl = self.vae.kl(mean, logvar).mean()
-        loss = recon + self.beta * kl / images[0].numel()
-        outputs = {"recon": recon, "kl": kl}
+        loss = recon + penalty
+        outputs = {"recon": recon, **outputs}
         if self.feature_fn is not None:
             with torch.no_grad():
                 target_features = self.feature_fn(images)

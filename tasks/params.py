@@ -304,19 +304,45 @@ class AdversarialParams(Strict):
     layers: int = Field(2, ge=1, le=5, description="stride-2 stages: 2 suits 16x16 images, 3 suits 32x32")
 
 
+class MMDParams(Strict):
+    """InfoVAE (Zhao et al. 2019): MMD between the aggregate posterior and N(0, I), inverse multiquadric kernel."""
+
+    weight: float = Field(1000.0, ge=0, description="lambda: the MMD^2 weight per image element (paper: 1000, large so the aggregate posterior matches the prior)")
+    kl_weight: float = Field(0.0, ge=0, description="per-sample KL weight per image element; 0 is the paper's MMD-VAE (alpha = 1): no pull of each posterior to the prior")
+
+
+class VQParams(Strict):
+    """VQ-VAE (van den Oord et al. 2017) with an EMA codebook."""
+
+    codebook_size: int = Field(512, ge=2, le=65536, description="codes, each latent_channels wide (paper: 512)")
+    commitment: float = Field(0.25, ge=0, description="beta of the commitment loss (paper: 0.25)")
+    decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook (paper's appendix: 0.99)")
+    restart_after_steps: int = Field(100, ge=1, description="a code no latent picked for this many steps restarts at a random encoder output of the batch")
+
+
 class VaeParams(Strict):
     """Convolutional VAE: images -> a latent grid, and the training set's latents for diffusion."""
 
     downsample: Literal[1, 2, 4, 8] = Field(4, description="image size / latent grid size")
     latent_channels: int = Field(4, ge=1, le=64)
     width: int = Field(16, ge=4, le=512, description="channels at full resolution, doubling per stage up to 4x")
-    beta: float = Field(1e-4, ge=0, description="KL weight per image element")
+    regulariser: Literal["kl", "mmd", "vq"] = Field("kl", description="the bottleneck: kl (beta-VAE), mmd (InfoVAE), vq (VQ-VAE; diffusion models its pre-quantisation latents)")
+    beta: float = Field(1e-4, ge=0, description="KL weight per image element (regulariser kl)")
+    mmd: MMDParams = MMDParams()
+    vq: VQParams = VQParams()
     reconstruction: Literal["l1", "l2"] = "l1"
     perceptual_weight: float = Field(0.1, ge=0, description="feature distance under the frozen SSL encoder; 0 turns it off")
     adversarial: AdversarialParams = AdversarialParams()
     train: TrainParams = TrainParams(epochs=1, batch_size=64, lr=2e-3, log_every=20)
     grid_images: int = Field(40, ge=1, le=400, description="images in the reconstruction and prior-sample grids")
+    mismatch_samples: int = Field(2000, ge=10, description="test latents compared with as many N(0, I) draws (prior_mmd and moments)")
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _vq_runs_in_one_process(self) -> VaeParams:
+        if self.regulariser == "vq" and self.train.processes > 1:
+            raise ValueError("regulariser: vq needs train.processes: 1 (each process would move its own codebook)")
+        return self
 
 
 class UNetParams(Strict):

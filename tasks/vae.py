@@ -1,5 +1,6 @@
-"""The VAE stage's pieces: the training module built from params, export and rebuild from
-safetensors + JSON, the training set's latents with their per-channel scale, PSNR and SSIM."""
+"""The VAE stage's pieces: the training module built from params (its regulariser included),
+export and rebuild from safetensors + JSON, the training set's latents with their per-channel
+scale, PSNR and SSIM, codebook use, and the latents' mismatch to the prior."""
 
 from __future__ import annotations
 
@@ -12,7 +13,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
+from models.vae import (
+    VAE,
+    KLRegulariser,
+    MMDRegulariser,
+    PatchDiscriminator,
+    VAEConfig,
+    VAETraining,
+    VectorQuantisation,
+    code_frequencies,
+    perplexity,
+    prior_mismatch,
+)
 from tasks.artifacts import load_network, read_array, read_json, save_network, unreadable
 from tasks.data import ImageSplit
 from tasks.device import autocast
@@ -33,11 +45,12 @@ def build_vae_training(
     channels, height, width = image_shape
     if height % params.downsample or width % params.downsample:
         raise StageError(f"params/vae.yaml: downsample {params.downsample} does not divide the {height}x{width} images")
-    vae = VAE(VAEConfig(channels, params.latent_channels, params.downsample, params.width))
+    codebook_size = params.vq.codebook_size if params.regulariser == "vq" else 0
+    vae = VAE(VAEConfig(channels, params.latent_channels, params.downsample, params.width, codebook_size=codebook_size))
     adversarial = params.adversarial
     return VAETraining(
         vae,
-        beta=params.beta,
+        regulariser=build_regulariser(params, vae),
         reconstruction=params.reconstruction,
         discriminator=PatchDiscriminator(channels, adversarial.width, adversarial.layers) if adversarial.enabled else None,
         adv_weight=adversarial.weight,
@@ -45,6 +58,15 @@ def build_vae_training(
         feature_fn=feature_fn if params.perceptual_weight > 0 else None,
         perceptual_weight=params.perceptual_weight,
     )
+
+
+def build_regulariser(params: VaeParams, vae: VAE) -> nn.Module:
+    if params.regulariser == "mmd":
+        return MMDRegulariser(params.mmd.weight, params.mmd.kl_weight)
+    if params.regulariser == "vq":
+        vq = params.vq
+        return VectorQuantisation(vae.quantizer, vq.commitment, vq.decay, vq.restart_after_steps)
+    return KLRegulariser(params.beta)
 
 
 def export_vae(vae: VAE, folder: Path) -> None:
@@ -166,10 +188,21 @@ def image_quality(reconstructions: torch.Tensor, images: torch.Tensor) -> dict[s
 
 
 def reconstruction_report(vae: VAE, test: ImageSplit, mean_image: torch.Tensor) -> dict[str, float]:
-    """PSNR/SSIM of the test split's reconstructions, beside the mean training image as a baseline."""
+    """PSNR/SSIM of the test split's reconstructions, beside the mean training image as a baseline;
+    with a codebook, the share of codes the test split uses and their perplexity."""
     images = test.floats()
-    reconstructions = decode(vae, encode_means(vae, images))
-    report = image_quality(reconstructions, images)
+    means = encode_means(vae, images)
+    report = image_quality(decode(vae, means), images)
     baseline = image_quality(mean_image.expand_as(images), images)
     report.update({f"{name}_mean_image": value for name, value in baseline.items()})
+    if vae.quantizer is not None:
+        frequencies = code_frequencies(vae.quantizer.codes(means), len(vae.quantizer.codebook))
+        report.update(codebook_usage=(frequencies > 0).float().mean().item(), perplexity=perplexity(frequencies).item())
     return report
+
+
+def mismatch_report(vae: VAE, test: ImageSplit, latent_scale: LatentScale, samples: int, seed: int) -> dict[str, float]:
+    """The aggregate-posterior mismatch: up to `samples` test latents, scaled as the diffusion stage
+    sees them, against N(0, I) (MMD under the InfoVAE kernel, mean norm, mean |cov - I|)."""
+    scaled = latent_scale.normalize(encode_means(vae, test.floats(slice(0, samples))))
+    return prior_mismatch(scaled, torch.Generator().manual_seed(seed))

@@ -23,7 +23,7 @@ from models.distill import ProgressiveDistillation, ReflowTraining, make_reflow_
 from models.fid import FeatureExtractor, feature_statistics, frechet_distance
 from models.samplers import ddim, ddpm_ancestral, euler, guided, heun
 from models.unet import UNet, UNetConfig, timestep_embedding
-from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
+from models.vae import VAE, KLRegulariser, PatchDiscriminator, VAEConfig, VAETraining
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -328,7 +328,7 @@ def digits_16x16() -> torch.Tensor:
 def test_vae_reconstruction_loss_falls_on_digits():
     torch.manual_seed(0)
     images = digits_16x16()
-    training = VAETraining(VAE(VAEConfig(downsample=4, width=8)), beta=1e-4)
+    training = VAETraining(VAE(VAEConfig(downsample=4, width=8)), regulariser=KLRegulariser(1e-4))
     optimizer = torch.optim.Adam(training.parameters(), lr=3e-3)
     recon = []
     for step in range(150):
