@@ -18,8 +18,9 @@ def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
 
 
-def _cell(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:.6g}"
+def _cell(value: float | str) -> str:
+    """Numbers to 6 significant digits (integers whole); text (a row's name) as it is."""
+    return value if isinstance(value, str) else str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
 class StepCurves:
