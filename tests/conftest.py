@@ -21,6 +21,18 @@ for leaking in ("MLFLOW_TRACKING_URI", "LATENTLAB_PARENT_RUN_ID"):  # tests use 
     os.environ.pop(leaking, None)
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_kept():
+    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in this process's environment: a test
+    that tracks in-process would send every later test's stage processes to its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models: on shared cores a second thread mostly waits on the first at
