@@ -201,7 +201,8 @@ def test_generative_results_reach_dvc_metrics_plots_and_mlflow(pipeline):
 
 
 CURVES = [
-    "fid_vs_nfe", "sampling_speed", "ssl_loss", "ssl_knn", "vae_loss", "diffusion_loss", "gan_wasserstein", "distill_loss",
+    "fid_vs_nfe", "sampling_speed", "ssl_loss", "ssl_knn", "vae_loss", "diffusion_loss", "kd_cross_entropy", "gan_wasserstein",
+    "distill_loss",
 ]
 IMAGES = [
     "plots/prepare/samples.png", "plots/encoder/embedding_2d.png", "plots/probe/confusion.png",
