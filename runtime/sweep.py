@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from runtime.profiles import set_overrides
-from tasks.params import PATCH_TOKEN_OBJECTIVES, STAGE_PARAMS, ParamsError, load_params
+from tasks.params import PATCH_TOKEN_OBJECTIVES, STAGE_PARAMS, ParamsError, flatten, load_params
 
 TARGET = "probe"  # what a sweep point reruns: ssl, encoder, probe (the stages the ranking reads)
 OBJECTIVES = "ssl.objective"
@@ -128,19 +128,9 @@ def experiments() -> list[dict]:
 def _flat(data: dict) -> dict:
     """{"params": {"params/ssl.yaml:objective": …}, "metrics": {"metrics/probe.json": {…}}}."""
     params = {f"{path}:{key}": value for path, found in data["params"].items()
-              for key, value in _dotted(found.get("data") or {}).items()}
+              for key, value in flatten(found.get("data") or {}).items()}
     metrics = {path: found.get("data") or {} for path, found in data["metrics"].items()}
     return {"params": params, "metrics": metrics}
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def ranking(found: list[dict], by: str = "probe_top1") -> pd.DataFrame:
