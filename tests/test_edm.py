@@ -1,9 +1,14 @@
 """EDM (Karras et al. 2022): the preconditioning and loss against NVlabs/edm's formulas on identical
-inputs, the ρ-schedule, the Heun sampler's cost and exactness, and the reverse-time SDE sampler."""
+inputs, the ρ-schedule, the Heun sampler's cost and exactness, the reverse-time SDE sampler, and an
+EDM teacher with its consistency students through `dvc repro`."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from models.diffusion import EDM, EDMPrecond
 from models.samplers import KarrasSchedule, edm_heun, reverse_sde
 from tasks.diffusion import Denoiser, build_denoiser_training
 from tasks.params import DiffusionParams, ParamsError, validate
+from tests.conftest import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,3 +206,22 @@ def test_edm_params_build_the_objective_and_the_sampler():
     assert DiffusionParams().edm.sigma_data == 1.0 and math.isclose(DiffusionParams().edm.p_mean, -1.2)
     with pytest.raises(ParamsError, match="sigma_min must be below sigma_max"):
         validate("diffusion", {"edm": {"sigma_min": 90.0}})
+
+
+@pytest.mark.slow
+def test_dvc_repro_of_an_edm_teacher_scores_heun_the_reverse_sde_and_consistency_students(repo_copy: Path):
+    """Off by default, on by params: `diffusion.formulation=edm`, `distill.method=consistency` and
+    `fid.samplers=[heun,sde]`, then `dvc repro fid`. The FID table and chart have the Heun teacher,
+    the reverse-SDE teacher and the consistency students."""
+    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "diffusion.formulation=edm",
+         "--set", "distill.method=consistency", "--set", "fid.samplers=[heun,sde]"], repo_copy)
+    run(["dvc", "repro", "fid"], repo_copy)
+    students = json.loads((repo_copy / "artifacts" / "distill" / "students.json").read_text())
+    assert students["method"] == "consistency", students
+    fid = json.loads((repo_copy / "metrics" / "fid.json").read_text())
+    for prefix in ("teacher", "teacher_sde", "student"):
+        assert any(key.startswith(f"fid.{prefix}.steps_") for key in fid), (prefix, sorted(fid))
+    with open(repo_copy / "plots" / "fid" / "fid_vs_nfe.csv") as handle:
+        lines = {point["generator"] for point in csv.DictReader(handle)}
+    assert {"teacher (heun)", "teacher (sde)", "student"} <= lines, lines
+    assert run(["dvc", "status", "fid"], repo_copy).stdout.strip().endswith("up to date.")
