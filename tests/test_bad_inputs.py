@@ -25,6 +25,7 @@ from tasks.encoder import backbone_from_ssl, export_encoder, load_embeddings, lo
 from tasks.params import ParamsError, load_params
 from tasks.students import load_students
 from tasks.vae import Latents, LatentScale, load_latents
+from tests.conftest import run
 
 
 def params_file(text: str | bytes, stage: str = "ssl") -> None:
@@ -306,3 +307,40 @@ def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
     (folder / "students.json").write_text('{"method": "reflow"')
     with pytest.raises(ArtifactError, match="artifacts/distill/students.json: not readable JSON"):
         load_students(folder)
+
+
+# --- through the door: a spoilt file between two stages of a smoke run ---------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spoilt, change, stage, message",
+    [
+        ("artifacts/prepare/train_labels.npy", with_value(0, 11), "vae",
+         "artifacts/prepare/train_labels.npy: 1 label(s) outside [0, 10), e.g. 11; manifest.json says 10 classes"),
+        ("artifacts/encoder/test_embeddings.npy", with_value((3, 1), np.nan), "probe",
+         "artifacts/encoder/test_embeddings.npy: 1 of its"),
+        ("artifacts/vae/train_labels.npy", lambda a: np.full_like(a, 10), "diffusion",
+         "label(s) outside [0, 10), e.g. 10; latents.json says 10 classes"),
+        ("artifacts/vae/train_latents.npy", with_value((0, 0, 0, 0), np.nan), "diffusion",
+         "artifacts/vae/train_latents.npy: 1 of its"),
+        ("artifacts/vae/train_latents.npy", lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)), "gan",
+         "artifacts/vae/train_latents.npy: its per-channel mean and std are not the shift and scale in latents.json"),
+    ],
+    ids=["label-11-to-vae", "nan-embeddings-to-probe", "null-class-labels-to-diffusion", "nan-latents-to-diffusion",
+         "channels-last-latents-to-gan"],
+)
+def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_writer(pipeline, spoilt, change, stage, message):
+    """`dvc repro --single-item <stage>` after another stage's output was spoilt: the stage exits 2
+    with one message naming the file and the stage that writes it, and no traceback."""
+    repo, _ = pipeline
+    good = (repo / spoilt).read_bytes()
+    try:
+        spoil_array(repo / spoilt, change)
+        done = run(["dvc", "repro", "--single-item", stage], repo, check=False)
+    finally:
+        (repo / spoilt).write_bytes(good)
+    writer = spoilt.split("/")[1]
+    assert done.returncode != 0 and "exited with 2" in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]
+    assert f"`dvc repro {writer}`" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
