@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from tasks.params import ParamsError, load_params
 from tasks.students import load_students
 from tasks.vae import Latents, LatentScale, load_latents
 from tests.conftest import run
+from tests.test_pipeline import snapshot
 
 
 def params_file(text: str | bytes, stage: str = "ssl") -> None:
@@ -332,15 +334,34 @@ def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
 )
 def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_writer(pipeline, spoilt, change, stage, message):
     """`dvc repro --single-item <stage>` after another stage's output was spoilt: the stage exits 2
-    with one message naming the file and the stage that writes it, and no traceback."""
+    with one message naming the file and the stage that writes it, no traceback, and its last
+    good outputs in place."""
     repo, _ = pipeline
-    good = (repo / spoilt).read_bytes()
+    outputs = (f"metrics/{stage}.json", f"plots/{stage}", f"artifacts/{stage}")
+    good, before = (repo / spoilt).read_bytes(), snapshot(repo, *outputs)
     try:
         spoil_array(repo / spoilt, change)
         done = run(["dvc", "repro", "--single-item", stage], repo, check=False)
+        after = snapshot(repo, *outputs)
     finally:
         (repo / spoilt).write_bytes(good)
+        restore(repo, before, outputs)  # the session's other tests share this run
     writer = spoilt.split("/")[1]
     assert done.returncode != 0 and "exited with 2" in done.stderr, done.stderr[-3000:]
     assert done.stderr.count(message) == 1, done.stderr[-3000:]
     assert f"`dvc repro {writer}`" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert after == before
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
+
+def restore(repo: Path, files: dict[str, bytes], outputs: tuple[str, ...]) -> None:
+    """Put `outputs` back as `files` (a `snapshot` of them) were."""
+    for output in outputs:
+        path = repo / output
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for name, data in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(data)
