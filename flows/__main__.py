@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import get_args
 
@@ -42,21 +42,11 @@ def _pipeline_parameters(args: argparse.Namespace) -> dict:
     return {key: value for key, value in chosen.items() if value is not None}
 
 
-def _prefect_api():
-    """The configured Prefect API, else a `prefect server start` for as long as the command runs."""
-    from prefect.settings import get_current_settings
-
-    from runtime.server import prefect_server
-
-    return nullcontext(get_current_settings().api.url) if get_current_settings().api.url else prefect_server()
-
-
 def run(args: argparse.Namespace) -> None:
     from flows.pipeline import pipeline
-    from runtime.server import use_api
+    from runtime.server import own_api
 
-    with _prefect_api() as api_url:
-        use_api(api_url)
+    with own_api():  # the configured Prefect API, else a `prefect server start` for as long as the command runs
         state = pipeline(**_pipeline_parameters(args), return_state=True)
     if state.is_failed():
         print(f"pipeline failed: {state.message}", file=sys.stderr)
@@ -139,7 +129,7 @@ def rank(args: argparse.Namespace) -> None:
 
 def team(args: argparse.Namespace) -> None:
     if args.action == "up":
-        team_setup.up(args.state, args.prefect_port, args.mlflow_port)
+        team_setup.up(args.state, args.prefect_port, args.mlflow_port, args.mlflow_host)
     elif args.action == "down":
         team_setup.down(args.state)
     elif args.action == "deploy":
@@ -225,6 +215,8 @@ def parser() -> argparse.ArgumentParser:
     t = team_actions.add_parser("up", help="start a Prefect server, an MLflow server and a worker here, for a try-out")
     t.add_argument("--prefect-port", type=int, default=4200)
     t.add_argument("--mlflow-port", type=int, default=5000)
+    t.add_argument("--mlflow-host", default=team_setup.HOST,
+                   help="address the MLflow server listens on (default: %(default)s, this machine only: it has no authentication)")
     t = team_actions.add_parser("down", help="stop what `team up` started (the stores stay)")
     for t in team_actions.choices.values():
         t.add_argument("--state", type=Path, default=team_setup.default_state_dir(), help="pids, logs and stores (default: %(default)s)")

@@ -15,8 +15,8 @@ from tasks.training import TrainingContext
 @flow(name="kd", log_prints=True)
 def kd(params: KdParams) -> None:
     with StageRun("kd", params) as run:
-        teacher, teacher_logits = load_teacher(run.device)
         train = load_split("train", run.device)
+        teacher, teacher_logits = load_teacher(len(train), run.device)
         train_task = stage_task(train_student, name="train")
         alphas = {"with_kd": params.alpha, "without_kd": 0.0}  # the second: the labels alone
         results = {

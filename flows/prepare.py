@@ -21,7 +21,8 @@ def prepare(params: PrepareParams) -> None:
     root = Path(params.root or f"data/raw/{params.source}")
     fetch_raw(params.source, root, params.download)  # before the run records its deps (data/raw)
     with StageRun("prepare", params) as run:
-        raw = read_raw(params.source, root, download=params.download, channels=params.channels)
+        raw = read_raw(params.source, root, download=params.download, channels=params.channels,
+                       size=params.image_size, fit=params.fit)
         splits = split(raw, params)
         folder = run.outputs.artifacts
         write_splits(splits, folder)

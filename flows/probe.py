@@ -7,19 +7,18 @@ from prefect import flow
 
 from models.backbones import build_backbone
 from runtime.stage import StageRun, main, stage_task
-from tasks.artifacts import artifacts_dir, freeze, read_array, read_json, write_json
+from tasks.artifacts import artifacts_dir, freeze, read_json, write_json
 from tasks.data import SPLITS, load_manifest, load_split
-from tasks.encoder import embed
+from tasks.encoder import embed, load_embeddings
 from tasks.params import ProbeParams
 from tasks.plots import confusion, lines
 from tasks.probe import Features, Labels, evaluate_features, export_probe
 
 
-def feature_sets(params: ProbeParams, device) -> dict[str, Features]:
+def feature_sets(params: ProbeParams, labels: Labels, device) -> dict[str, Features]:
     """SSL embeddings, and (with baselines) raw pixels and a random encoder's features."""
     encoder_dir = artifacts_dir("encoder")
-    embeddings = (torch.from_numpy(read_array(encoder_dir / f"{name}_embeddings.npy", ndim=2, kinds="f")).to(device) for name in SPLITS)
-    sets = {"ssl": Features(*embeddings)}
+    sets = {"ssl": Features(*(load_embeddings(encoder_dir, name, len(getattr(labels, name)), device) for name in SPLITS))}
     if params.baselines:
         splits = [load_split(name, device) for name in SPLITS]
         sets["raw_pixels"] = Features(*(s.floats().flatten(1) for s in splits))
@@ -37,7 +36,7 @@ def probe(params: ProbeParams) -> None:
         labels = Labels(*(load_split(name, run.device).labels for name in SPLITS))
         evaluate = stage_task(evaluate_features, name="evaluate")
         report = {}
-        for name, features in feature_sets(params, run.device).items():
+        for name, features in feature_sets(params, labels, run.device).items():
             result = evaluate(
                 features, labels, len(class_names), list(params.weight_decays), list(params.label_fractions),
                 params.knn_k, params.seed,

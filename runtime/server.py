@@ -6,7 +6,9 @@ here, per stage). Stages that run under `dvc` share one instead: the first start
 `dvc` process ends. It keeps its records in PREFECT_HOME's database, as the temporary servers
 do, so a later `prefect server start` shows every run in the UI. A stage on its own starts a server
 of its own instead of Prefect's temporary one, which would outlive a `kill -9` of the stage; every
-server started here is killed with the process that started it (`runtime.lifetime`).
+server started here is killed with the process that started it (`runtime.lifetime`), and answers
+only clients that send the random auth string it was started with (Prefect's server API auth
+setting; its health check stays open).
 
 `python -m runtime.server PID STARTED` is that background process (`runtime.background`).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -23,6 +26,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.background import (
@@ -38,6 +42,15 @@ from runtime.lifetime import child_dies_with_us
 
 STARTUP_SECONDS = 60
 LOCAL_API = re.compile(r"http://127\.0\.0\.1:\d{1,5}/api")  # what `prefect_server` serves
+AUTH_ENV = "PREFECT_API_AUTH_STRING"  # what clients send (Basic auth); the server's: PREFECT_SERVER_API_AUTH_STRING
+
+
+@dataclass(frozen=True)
+class Api:
+    """A Prefect API: its URL, and the auth string its clients must send (None: it asks for none)."""
+
+    url: str
+    auth: str | None = None
 
 
 def answers(url: str, timeout: float = 2) -> bool:
@@ -57,24 +70,34 @@ def healthy(api_url: str, timeout: float = 2) -> bool:
 def stage_api() -> Iterator[None]:
     """Point this stage process at a Prefect API for the duration: the configured one, else the
     shared server of the `dvc` it runs under (started if need be), else a server of its own."""
+    if (api := _shared_api()) is not None:
+        use_api(api)
+        yield
+        return
+    with own_api():
+        yield
+
+
+@contextmanager
+def own_api() -> Iterator[None]:
+    """This process (and what it starts) on the configured Prefect API, else on a server of its own
+    for the duration."""
     from prefect.settings import get_current_settings
 
     if get_current_settings().api.url:
         yield
         return
-    if (api_url := _shared_api()) is not None:
-        use_api(api_url)
-        yield
-        return
-    with prefect_server() as api_url:
-        use_api(api_url)
+    with prefect_server() as api:
+        use_api(api)
         yield
 
 
-def _shared_api() -> str | None:
-    """The address of the shared server of this stage's `dvc` process; None without one."""
+def _shared_api() -> Api | None:
+    """The shared server of this stage's `dvc` process; None without one, or with an API configured."""
+    from prefect.settings import get_current_settings
+
     invocation = current_invocation()
-    if invocation is None:
+    if invocation is None or get_current_settings().api.url:
         return None
     try:
         start_once("prefect", "runtime.server", invocation)
@@ -82,14 +105,15 @@ def _shared_api() -> str | None:
     except UnsafeHelpersDir as err:
         print(f"warning: not using the shared Prefect server: {err}", file=sys.stderr)
         return None
-    return read_api_url(address) if wait_for(address, STARTUP_SECONDS) else None
+    return read_api(address) if wait_for(address, STARTUP_SECONDS) else None
 
 
-def read_api_url(address: Path) -> str | None:
-    """The API URL in `address` if it is a local server's (`LOCAL_API`) and that server answers."""
-    api_url = address.read_text().strip()
+def read_api(address: Path) -> Api | None:
+    """The API in `address` (its URL, then its auth string) if it is a local server's (`LOCAL_API`)
+    and that server answers."""
+    api_url, _, auth = address.read_text().strip().partition("\n")
     if LOCAL_API.fullmatch(api_url) and healthy(api_url):
-        return api_url
+        return Api(api_url, auth or None)
     print(f"warning: {address} holds {api_url[:100]!r}, not the address of a healthy local Prefect server; ignored",
           file=sys.stderr)
     return None
@@ -106,22 +130,24 @@ def server_command(port: int) -> list[str]:
 
 
 @contextmanager
-def prefect_server() -> Iterator[str]:
-    """`prefect server start` on a free local port for the duration; yields its API URL."""
-    api_url = f"http://127.0.0.1:{(port := free_port())}/api"
+def prefect_server() -> Iterator[Api]:
+    """`prefect server start` on a free local port for the duration, answering only clients that
+    send a random auth string made for it; yields its API."""
+    api = Api(f"http://127.0.0.1:{(port := free_port())}/api", secrets.token_urlsafe(32))
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             server_command(port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **child_dies_with_us(),
-            env={**os.environ, "PREFECT_UI_API_URL": api_url},  # else its UI calls port 4200
+            env={**os.environ, "PREFECT_UI_API_URL": api.url,  # else its UI calls port 4200
+                 "PREFECT_SERVER_API_AUTH_STRING": api.auth},
         )
         try:
             deadline = time.time() + STARTUP_SECONDS
-            while not healthy(api_url, timeout=1):
+            while not healthy(api.url, timeout=1):
                 if server.poll() is not None or time.time() > deadline:
                     log.seek(0)
                     raise RuntimeError(f"prefect server start did not come up:\n{log.read().decode()[-2000:]}")
                 time.sleep(0.2)
-            yield api_url
+            yield api
         finally:
             drain_clients()
             server.terminate()
@@ -140,11 +166,15 @@ def drain_clients() -> None:
     EventsWorker.drain_all(timeout=5)
 
 
-def use_api(api_url: str) -> None:
-    """Point this process (and what it starts) at `api_url`."""
+def use_api(api: Api) -> None:
+    """Point this process (and what it starts) at `api`, sending its auth string (none if it asks none)."""
     from prefect.context import refresh_global_settings_context
 
-    os.environ["PREFECT_API_URL"] = api_url
+    os.environ["PREFECT_API_URL"] = api.url
+    if api.auth:
+        os.environ[AUTH_ENV] = api.auth
+    else:
+        os.environ.pop(AUTH_ENV, None)
     refresh_global_settings_context()
 
 
@@ -157,9 +187,9 @@ def serve_while(invocation: Invocation) -> None:
     try:
         if get_current_settings().api.url:
             return
-        with prefect_server() as api_url:
+        with prefect_server() as api:
             partial = address.with_suffix(".part")
-            partial.write_text(api_url)
+            partial.write_text(f"{api.url}\n{api.auth}\n")
             partial.rename(address)
             while invocation.alive():
                 time.sleep(1)

@@ -65,12 +65,12 @@ class Services:
         return {name: entry for name, entry in json.loads(self.record.read_text()).items() if _alive(entry)}
 
 
-def mlflow_server_command(store: Path, port: int) -> list[str]:
-    """An MLflow tracking server with its own SQLite store (runs and the model registry) and its
-    own artifact root, artifacts proxied through it (`mlflow-artifacts:/`), so clients need no
-    access to the artifact store."""
+def mlflow_server_command(store: Path, port: int, host: str = HOST) -> list[str]:
+    """An MLflow tracking server on `host` (this machine only by default: it has no authentication)
+    with its own SQLite store (runs and the model registry) and its own artifact root, artifacts
+    proxied through it (`mlflow-artifacts:/`), so clients need no access to the artifact store."""
     return [
-        sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1",
+        sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
         "--serve-artifacts", "--artifacts-destination", str(store / "artifacts"),
     ]
@@ -165,10 +165,18 @@ def push(remote: str | None = None) -> None:
 
 # --- the try-out: all services on this machine ------------------------------------------------------
 
-def up(state: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
-    """Start a Prefect server, an MLflow server and a worker of this checkout, create the work pool
-    and the deployment, and point this checkout's DVC at a remote directory; print the exports."""
-    from runtime.server import use_api
+def add_remote(root: Path, url: str) -> None:
+    """Make `url` the default DVC remote of the checkout at `root` (in .dvc/config.local), with
+    `verify true`: DVC hashes what it pulls, so an object changed on the remote is refused."""
+    for args in (["add", "--local", "--default", "--force", REMOTE, url], ["modify", "--local", REMOTE, "verify", "true"]):
+        subprocess.run([sys.executable, "-m", "dvc", "remote", *args], cwd=root, check=True, capture_output=True)
+
+
+def up(state: Path, prefect_port: int = 4200, mlflow_port: int = 5000, mlflow_host: str = HOST) -> None:
+    """Start a Prefect server, an MLflow server (on `mlflow_host`) and a worker of this checkout,
+    create the work pool and the deployment, and point this checkout's DVC at a remote directory
+    (`add_remote`); print the exports."""
+    from runtime.server import Api, use_api
 
     services = Services(state)
     root = checkout_root()
@@ -192,9 +200,9 @@ def up(state: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
     try:
         start("prefect", server_command(prefect_port),
               {**plain, "PREFECT_HOME": str(state / "prefect"), "PREFECT_UI_API_URL": prefect_url}, prefect_url)
-        start("mlflow", mlflow_server_command(state / "mlflow", mlflow_port), {**plain, **MLFLOW_SERVER_ENV},
+        start("mlflow", mlflow_server_command(state / "mlflow", mlflow_port, mlflow_host), {**plain, **MLFLOW_SERVER_ENV},
               mlflow_url)
-        use_api(prefect_url)
+        use_api(Api(prefect_url))
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_url
         deploy()
         record["worker"] = _start(worker_command(), worker_env(root), services.log("worker"), cwd=root)
@@ -204,14 +212,13 @@ def up(state: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> None:
         down(state, quiet=True)
         raise
     services.remote.mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "--local", "--default", "--force", REMOTE,
-                    str(services.remote)], cwd=root, check=True, capture_output=True)
+    add_remote(root, str(services.remote))
     services.env_file.write_text(f"export PREFECT_API_URL={prefect_url}\nexport MLFLOW_TRACKING_URI={mlflow_url}\n")
     print(f"""team services are up (pids, logs and stores in {state}):
   Prefect   {prefect_url.removesuffix('/api')}   server; work pool '{POOL}' (limit {POOL_CONCURRENCY}), deployment pipeline/team
-  MLflow    {mlflow_url}   tracking server, model registry, artifacts proxied
+  MLflow    {mlflow_url}   tracking server, model registry, artifacts proxied; listening on {mlflow_host}, no authentication
   worker    pid {record['worker']['pid']}, runs pipeline/team's flow runs in {root}
-  DVC       remote '{REMOTE}' = {services.remote} (default, in .dvc/config.local)
+  DVC       remote '{REMOTE}' = {services.remote} (default, verify true, in .dvc/config.local)
 
 In every shell that should use them:
   export PREFECT_API_URL={prefect_url}

@@ -15,11 +15,14 @@ import pickle
 import struct
 import tarfile
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from tasks.artifacts import file_digest
 from tasks.errors import StageError
@@ -276,51 +279,78 @@ def read_digits() -> RawDataset:
     return RawDataset(images, digits.target.astype(np.int64), CLASS_NAMES["digits"])
 
 
-def read_folder(root: Path, channels: int) -> RawDataset:
-    """One sub-folder per class, PNG/JPEG inside; images of any size (resized later)."""
-    from PIL import Image, UnidentifiedImageError
-
+def read_folder(root: Path, channels: int, size: int, fit: str) -> RawDataset:
+    """One sub-folder per class, PNG/JPEG inside; images of any size, each brought to size x size
+    (`fit_images`) as it is read, so memory grows with the output, not with the largest input."""
     if not root.is_dir():
         raise DataError(f"{root}: folder not found; make one sub-folder per class with PNG/JPEG images inside")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: no class sub-folders found")
-    mode = "L" if channels == 1 else "RGB"
-    images, labels, sizes = [], [], set()
+    images, labels = [], []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{class_dir}: empty class folder (no .png/.jpg/.jpeg files)")
         for file in files:
             try:
-                with Image.open(file) as image:
-                    array = np.asarray(image.convert(mode))
-            except (OSError, UnidentifiedImageError) as err:
-                raise DataError(f"{file}: unreadable image ({err})") from None
-            array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-            images.append(array)
+                images.append(fit_images(read_image(file, channels)[None], size, fit, channels)[0])
+            except DataError as err:
+                raise DataError(f"{file}: {err}") from None
             labels.append(label)
-            sizes.add(array.shape[1:])
-    if len(sizes) > 1:
-        images = [_resize_to(image, max(sizes)) for image in images]
     return RawDataset(np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs])
 
 
-def _resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
+def read_image(file: Path, channels: int) -> np.ndarray:
+    """uint8 (C, H, W) of one PNG/JPEG; one whose header claims more pixels than PIL's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is refused before it is decoded."""
+    from PIL import Image, UnidentifiedImageError
 
-    if image.shape[1:] == size:
-        return image
-    planes = [np.asarray(Image.fromarray(p).resize((size[1], size[0]), Image.BILINEAR)) for p in image]
-    return np.stack(planes)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                array = np.array(image.convert("L" if channels == 1 else "RGB"))  # writable, for torch
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise DataError(f"{file}: refused as a possible decompression bomb: {err} "
+                        f"(PIL's limit, Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels)") from None
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"{file}: unreadable image ({err})") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def load_source(source: str, root: Path, *, download: bool, channels: int | None) -> RawDataset:
-    """Read a source into memory (files fetched first when missing and allowed)."""
+def fit_images(images: np.ndarray, size: int, fit: str, channels: int | None) -> np.ndarray:
+    """uint8 (N, C, H, W) -> uint8 (N, C', size, size), resized (antialiased) or zero-padded."""
+    if channels == 3 and images.shape[1] == 1:
+        images = images.repeat(3, axis=1)
+    elif channels == 1 and images.shape[1] == 3:
+        luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)[None, :, None, None]
+        images = np.round((images.astype(np.float32) * luma).sum(1, keepdims=True)).astype(np.uint8)
+    height, width = images.shape[2:]
+    if (height, width) == (size, size):
+        return np.ascontiguousarray(images)
+    if fit == "pad":
+        if height > size or width > size:
+            raise DataError(f"images are {height}x{width}, larger than image_size {size}; use fit: resize")
+        top, left = (size - height) // 2, (size - width) // 2
+        out = np.zeros((len(images), images.shape[1], size, size), np.uint8)
+        out[:, :, top : top + height, left : left + width] = images
+        return out
+    chunks = []
+    for start in range(0, len(images), 8192):  # bounded memory for large sets
+        chunk = torch.from_numpy(images[start : start + 8192]).float()
+        chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        chunks.append(chunk.round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(chunks)
+
+
+def load_source(source: str, root: Path, *, download: bool, channels: int | None, size: int, fit: str) -> RawDataset:
+    """Read a source into memory (files fetched first when missing and allowed); a folder's images
+    at size x size (the others are fitted by `tasks.prepare`)."""
     if source == "digits":
         return read_digits()
     if source == "folder":
-        return read_folder(root, channels or 3)
+        return read_folder(root, channels or 3, size, fit)
     ensure_files(source, root, download)
     if source == "cifar10":
         return read_cifar10(root)

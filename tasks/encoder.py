@@ -11,7 +11,7 @@ from torch import nn
 
 from models.backbones import build_backbone
 from tasks.artifacts import freeze, load_network, read_json, save_network, unreadable
-from tasks.data import ImageSplit
+from tasks.data import ImageSplit, read_values
 from tasks.device import autocast
 from tasks.errors import StageError
 
@@ -33,6 +33,12 @@ def load_encoder(folder: Path | str, device: torch.device | str = "cpu") -> nn.M
 
 
 @torch.no_grad()
+def load_embeddings(folder: Path | str, split: str, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The encoder stage's embeddings of a split: one finite row per image of it."""
+    path = Path(folder) / f"{split}_embeddings.npy"
+    return torch.from_numpy(read_values(path, (rows, None), f"one row per image of the prepared {split} split")).to(device)
+
+
 def embed(encoder: nn.Module, split: ImageSplit, batch_size: int = 1024) -> torch.Tensor:
     """Features of every image of a split, batched (bf16 autocast on CUDA), in float32."""
     with autocast(split.images.device):

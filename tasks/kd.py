@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from models.kd import KnowledgeDistillation, StudentCNN
-from tasks.artifacts import artifacts_dir, load_network, read_array, save_network, unreadable
+from tasks.artifacts import artifacts_dir, load_network, save_network
 from tasks.data import ImageSplit
 from tasks.device import autocast
-from tasks.encoder import load_encoder
+from tasks.encoder import load_embeddings, load_encoder
 from tasks.params import KdParams
 from tasks.probe import load_probe
 from tasks.training import TrainingContext, TrainResult
@@ -23,13 +23,13 @@ from tasks.training import TrainingContext, TrainResult
 NAME = "student"  # student.safetensors + student.json
 
 
-def load_teacher(device: torch.device | str) -> tuple[nn.Module, torch.Tensor]:
-    """The teacher, images -> logits (encoder, then probe; frozen), and its logits of the training
-    images: the probe on the encoder stage's training embeddings, the same features it was fitted on."""
+def load_teacher(train_size: int, device: torch.device | str) -> tuple[nn.Module, torch.Tensor]:
+    """The teacher, images -> logits (encoder, then probe; frozen), and its logits of the
+    `train_size` training images: the probe on the encoder stage's training embeddings, the same
+    features it was fitted on."""
     encoder, probe = load_encoder(artifacts_dir("encoder"), device), load_probe(artifacts_dir("probe"), device)
-    path = artifacts_dir("encoder") / "train_embeddings.npy"
     with torch.no_grad():
-        train_logits = probe(torch.from_numpy(read_array(path, ndim=2, kinds="f")).to(device))
+        train_logits = probe(load_embeddings(artifacts_dir("encoder"), "train", train_size, device))
     return nn.Sequential(encoder, probe).eval(), train_logits
 
 
@@ -43,9 +43,6 @@ def train_student(
     """A student trained on the training images with the distillation loss at `alpha` (0: the
     labels alone), from the seed's initial weights; its step metrics are logged as `<name>/<metric>`
     (plots/kd/<name>.csv), its checkpoint is checkpoints/kd/<name>.pt."""
-    if len(teacher_logits) != len(train):
-        raise unreadable(artifacts_dir("encoder") / "train_embeddings.npy",
-                         f"{len(teacher_logits)} rows for {len(train)} training images; it comes from other prepared data")
     torch.manual_seed(params.seed)
     student = StudentCNN(train.images.shape[1], train.images.shape[-1], teacher_logits.shape[1], params.student_widths)
     log = context.log

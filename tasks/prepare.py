@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from tasks.artifacts import file_digest
 from tasks.data import SPLITS
-from tasks.datasets import DataError, RawDataset
+from tasks.datasets import DataError, RawDataset, fit_images
 from tasks.params import PrepareParams
 
 
@@ -46,31 +44,6 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
             raise DataError(f"class '{class_names[label]}' has no images left for train after the split")
         parts["train"].append(members[start:])
     return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
-
-
-def fit_images(images: np.ndarray, size: int, fit: str, channels: int | None) -> np.ndarray:
-    """uint8 (N, C, H, W) -> uint8 (N, C', size, size), resized (antialiased) or zero-padded."""
-    if channels == 3 and images.shape[1] == 1:
-        images = images.repeat(3, axis=1)
-    elif channels == 1 and images.shape[1] == 3:
-        luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)[None, :, None, None]
-        images = np.round((images.astype(np.float32) * luma).sum(1, keepdims=True)).astype(np.uint8)
-    height, width = images.shape[2:]
-    if (height, width) == (size, size):
-        return np.ascontiguousarray(images)
-    if fit == "pad":
-        if height > size or width > size:
-            raise DataError(f"images are {height}x{width}, larger than image_size {size}; use fit: resize")
-        top, left = (size - height) // 2, (size - width) // 2
-        out = np.zeros((len(images), images.shape[1], size, size), np.uint8)
-        out[:, :, top : top + height, left : left + width] = images
-        return out
-    chunks = []
-    for start in range(0, len(images), 8192):  # bounded memory for large sets
-        chunk = torch.from_numpy(images[start : start + 8192]).float()
-        chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        chunks.append(chunk.round().clamp(0, 255).to(torch.uint8).numpy())
-    return np.concatenate(chunks)
 
 
 def make_splits(raw: RawDataset, params: PrepareParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:

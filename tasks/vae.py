@@ -25,8 +25,8 @@ from models.vae import (
     perplexity,
     prior_mismatch,
 )
-from tasks.artifacts import load_network, read_array, read_json, save_network, unreadable
-from tasks.data import ImageSplit
+from tasks.artifacts import load_network, read_json, save_network, unreadable
+from tasks.data import ImageSplit, read_labels, read_values
 from tasks.device import autocast
 from tasks.errors import StageError
 from tasks.params import VaeParams
@@ -143,11 +143,25 @@ def load_latent_info(folder: Path | str, device: torch.device | str = "cpu") -> 
     """The LatentScale and latents.json (num_classes, latent_shape)."""
     path = Path(folder) / LATENTS_INFO
     info = read_json(path, keys=("shift", "scale", "num_classes", "latent_shape"))
-    channels = info["latent_shape"][0] if isinstance(info["latent_shape"], list) and info["latent_shape"] else None
-    if not all(isinstance(info[key], list) and len(info[key]) == channels for key in ("shift", "scale")):
+    shape, classes = info["latent_shape"], info["num_classes"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise unreadable(path, f"latent_shape must be [channels, height, width], found {shape!r}")
+    if not (isinstance(classes, int) and classes > 0):
+        raise unreadable(path, f"num_classes must be a positive integer, found {classes!r}")
+    if not all(isinstance(info[key], list) and len(info[key]) == shape[0] for key in ("shift", "scale")):
         raise unreadable(path, "shift and scale must hold one number per channel of latent_shape")
     scale = LatentScale(*(torch.tensor(info[key], device=device) for key in ("shift", "scale")))
     return scale, info
+
+
+def check_fits_scale(path: Path, latents: torch.Tensor, recorded: LatentScale) -> None:
+    """The latents' per-channel mean and std are the shift and 1 / scale the vae stage fitted to them:
+    latents in another layout (channels last, even with as many channels as rows and columns) are not."""
+    fitted, std = LatentScale.fit(latents), 1 / recorded.scale.cpu()
+    tolerance = 1e-3 * std + 1e-5
+    if not (((fitted.shift - recorded.shift.cpu()).abs() <= tolerance).all() and ((1 / fitted.scale - std).abs() <= tolerance).all()):
+        raise unreadable(path, f"its per-channel mean and std are not the shift and scale in {LATENTS_INFO}: "
+                               "latents in another layout (channels last?) or from another run")
 
 
 @dataclass
@@ -166,13 +180,16 @@ def load_decoder(folder: Path | str, device: torch.device | str = "cpu") -> Late
 
 
 def load_latents(folder: Path | str, device: torch.device | str = "cpu") -> Latents:
+    """The training split's latents (channels first, finite, fitting their scale) and labels (within
+    num_classes), as latents.json describes them."""
     folder = Path(folder)
     scale, info = load_latent_info(folder, device)
-    latents = read_array(folder / LATENTS, ndim=4, kinds="f")
-    labels = read_array(folder / LABELS, ndim=1, kinds="iu")
-    if len(labels) != len(latents) or list(latents.shape[1:]) != info["latent_shape"]:
-        raise unreadable(folder / LATENTS, f"{latents.shape} latents do not match {len(labels)} labels and {LATENTS_INFO}")
-    return Latents(torch.from_numpy(latents).to(device), torch.from_numpy(labels).to(device), scale, info["num_classes"])
+    latents = torch.from_numpy(read_values(folder / LATENTS, (None, *info["latent_shape"]), f"{LATENTS_INFO}'s latent_shape (C, h, w)"))
+    labels = read_labels(folder / LABELS, info["num_classes"], LATENTS_INFO)
+    if len(labels) != len(latents):
+        raise unreadable(folder / LATENTS, f"{tuple(latents.shape)} latents do not match {len(labels)} labels")
+    check_fits_scale(folder / LATENTS, latents, scale)
+    return Latents(latents.to(device), torch.from_numpy(labels).to(device), scale, info["num_classes"])
 
 
 def image_quality(reconstructions: torch.Tensor, images: torch.Tensor) -> dict[str, float]:

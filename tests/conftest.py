@@ -47,14 +47,15 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
-    """A `prefect server start` on a free port for the whole session (~4 s), stopped at the end."""
+    """A `prefect server start` on a free port for the whole session (~4 s), stopped at the end;
+    this process and what it starts send its auth string."""
     from runtime.server import prefect_server, use_api
 
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     os.environ.pop("PREFECT_API_URL", None)
-    with prefect_server() as url:
-        use_api(url)
-        yield url
+    with prefect_server() as api:
+        use_api(api)
+        yield api.url
 
 
 def copy_repo(dest: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ from runtime.profiles import profile_params, set_overrides
 from tasks.artifacts import ArtifactError
 from tasks.data import load_manifest, load_split
 from tasks.diffusion import Denoiser, export_denoiser, load_denoiser
-from tasks.encoder import backbone_from_ssl, export_encoder, load_encoder
+from tasks.encoder import backbone_from_ssl, export_encoder, load_embeddings, load_encoder
 from tasks.params import ParamsError, load_params
 from tasks.students import load_students
-from tasks.vae import load_latents
+from tasks.vae import Latents, LatentScale, load_latents
+from tests.conftest import run
+from tests.test_pipeline import snapshot
 
 
 def params_file(text: str | bytes, stage: str = "ssl") -> None:
@@ -128,11 +131,18 @@ class RunsACommand:
          "artifacts/prepare/train_images.npy: expected a 4-D array of kind 'u', found 2-D uint8"),
         (lambda f: np.save(f / "train_labels.npy", np.zeros(6, np.float32)),
          "artifacts/prepare/train_labels.npy: expected a 1-D array of kind 'iu', found 1-D float32"),
-        (lambda f: np.save(f / "train_labels.npy", np.arange(5)), "artifacts/prepare/train_labels.npy: 5 labels for 6 images"),
+        (lambda f: np.save(f / "train_labels.npy", np.arange(5) % 3), "artifacts/prepare/train_labels.npy: 5 labels for 6 images"),
+        (lambda f: np.save(f / "train_labels.npy", np.array([0, 1, 2, 0, 1, 11])),
+         "artifacts/prepare/train_labels.npy: 1 label(s) outside [0, 3), e.g. 11; manifest.json says 3 classes"),
+        (lambda f: np.save(f / "train_labels.npy", np.array([0, 1, 2, 0, -1, 3])),
+         "artifacts/prepare/train_labels.npy: 2 label(s) outside [0, 3), e.g. -1"),
+        (lambda f: np.save(f / "train_images.npy", np.zeros((6, 8, 8, 1), np.uint8)),
+         "artifacts/prepare/train_images.npy: images of shape [8, 8, 1], but manifest.json says [1, 8, 8] (C, H, W)"),
         (lambda f: np.save(f / "train_labels.npy", np.array([RunsACommand(f / "ran")] * 6, dtype=object), allow_pickle=True),
          "artifacts/prepare/train_labels.npy: not a readable .npy array (Object arrays cannot be loaded when allow_pickle=False)"),
     ],
-    ids=["truncated", "missing", "not-npy", "wrong-dims", "float-labels", "count-mismatch", "pickled-objects"],
+    ids=["truncated", "missing", "not-npy", "wrong-dims", "float-labels", "count-mismatch", "label-11", "negative-label",
+         "channels-last", "pickled-objects"],
 )
 def test_a_spoilt_prepared_split_is_refused_by_name(prepared, spoil, message):
     spoil(prepared)
@@ -201,30 +211,57 @@ def test_a_truncated_encoder_is_refused_by_name(ssl_state):
 
 @pytest.fixture
 def latents(in_tmp) -> Path:
+    """artifacts/vae as the vae stage writes it: 6 latents (4 channels of 4x4, each channel its own
+    mean), labels of 3 classes, and latents.json with their fitted scale."""
     folder = Path("artifacts/vae")
     folder.mkdir(parents=True)
-    np.save(folder / "train_latents.npy", np.zeros((6, 2, 4, 4), np.float32))
-    np.save(folder / "train_labels.npy", np.arange(6) % 3)
-    info = {"shift": [0.0, 0.0], "scale": [1.0, 1.0], "num_classes": 3, "latent_shape": [2, 4, 4]}
-    (folder / "latents.json").write_text(json.dumps(info))
+    means = torch.randn(6, 4, 4, 4, generator=torch.Generator().manual_seed(0)) + torch.tensor([0.0, 3.0, -3.0, 6.0])[:, None, None]
+    Latents(means, torch.arange(6) % 3, LatentScale.fit(means), num_classes=3).save(folder)
     return folder
+
+
+def spoil_array(path: Path, change) -> None:
+    np.save(path, change(np.load(path)))
+
+
+def with_value(index: tuple, value: float):
+    def change(array: np.ndarray) -> np.ndarray:
+        array[index] = value
+        return array
+    return change
 
 
 @pytest.mark.parametrize(
     "spoil, message",
     [
-        (lambda f: np.save(f / "train_latents.npy", np.zeros((6, 2, 4, 4), np.float32)[:, :1]),
-         "artifacts/vae/train_latents.npy: (6, 1, 4, 4) latents do not match 6 labels and latents.json"),
-        (lambda f: np.save(f / "train_labels.npy", np.arange(4)),
-         "artifacts/vae/train_latents.npy: (6, 2, 4, 4) latents do not match 4 labels"),
+        (lambda f: spoil_array(f / "train_latents.npy", lambda a: a[:, :1]),
+         "artifacts/vae/train_latents.npy: shape (6, 1, 4, 4), expected (*, 4, 4, 4) (latents.json's latent_shape (C, h, w))"),
+        (lambda f: spoil_array(f / "train_latents.npy", lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))),
+         "artifacts/vae/train_latents.npy: its per-channel mean and std are not the shift and scale in latents.json: "
+         "latents in another layout (channels last?)"),
+        (lambda f: spoil_array(f / "train_latents.npy", with_value((2, 1, 0, 3), np.nan)),
+         "artifacts/vae/train_latents.npy: 1 of its 384 values are NaN or infinite"),
+        (lambda f: spoil_array(f / "train_latents.npy", with_value((0, 0, 0, slice(None)), -np.inf)),
+         "artifacts/vae/train_latents.npy: 4 of its 384 values are NaN or infinite"),
+        (lambda f: spoil_array(f / "train_labels.npy", lambda a: a[:4]),
+         "artifacts/vae/train_latents.npy: (6, 4, 4, 4) latents do not match 4 labels"),
+        (lambda f: spoil_array(f / "train_labels.npy", with_value(5, 3)),
+         "artifacts/vae/train_labels.npy: 1 label(s) outside [0, 3), e.g. 3; latents.json says 3 classes"),
+        (lambda f: spoil_array(f / "train_labels.npy", lambda a: a + 11),
+         "artifacts/vae/train_labels.npy: 6 label(s) outside [0, 3), e.g. 11"),
         (lambda f: (f / "train_latents.npy").write_bytes((f / "train_latents.npy").read_bytes()[:150]),
          "artifacts/vae/train_latents.npy: not a readable .npy array"),
         (lambda f: (f / "latents.json").write_text('{"shift": [0, 0]}'),
          "artifacts/vae/latents.json: missing key(s) scale, num_classes, latent_shape"),
-        (lambda f: (f / "latents.json").write_text('{"shift": [0], "scale": [1], "num_classes": 3, "latent_shape": [2, 4, 4]}'),
+        (lambda f: (f / "latents.json").write_text('{"shift": [0], "scale": [1], "num_classes": 3, "latent_shape": [4, 4, 4]}'),
          "artifacts/vae/latents.json: shift and scale must hold one number per channel of latent_shape"),
+        (lambda f: (f / "latents.json").write_text('{"shift": [0], "scale": [1], "num_classes": 0, "latent_shape": [1, 4, 4]}'),
+         "artifacts/vae/latents.json: num_classes must be a positive integer, found 0"),
+        (lambda f: (f / "latents.json").write_text('{"shift": [0], "scale": [1], "num_classes": 3, "latent_shape": [1, 16]}'),
+         "artifacts/vae/latents.json: latent_shape must be [channels, height, width], found [1, 16]"),
     ],
-    ids=["latent-shape", "label-count", "truncated", "info-keys", "info-channels"],
+    ids=["latent-shape", "channels-last", "nan", "inf", "label-count", "null-class-label", "label-11", "truncated",
+         "info-keys", "info-channels", "info-classes", "info-shape"],
 )
 def test_spoilt_latents_are_refused_by_name(latents, spoil, message):
     assert len(load_latents(latents).labels) == 6
@@ -233,6 +270,26 @@ def test_spoilt_latents_are_refused_by_name(latents, spoil, message):
         load_latents(latents)
     assert message in str(caught.value)
     assert "`dvc repro vae`" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (with_value((1, 0), np.nan), "artifacts/encoder/val_embeddings.npy: 1 of its 15 values are NaN or infinite"),
+        (lambda a: a[:2], "artifacts/encoder/val_embeddings.npy: shape (2, 5), expected (3, *) (one row per image of the prepared val split)"),
+        (lambda a: a[0], "artifacts/encoder/val_embeddings.npy: expected a 2-D array of kind 'f', found 1-D float32"),
+    ],
+    ids=["nan", "rows", "dims"],
+)
+def test_spoilt_embeddings_are_refused_by_name(in_tmp, spoil, message):
+    folder = Path("artifacts/encoder")
+    folder.mkdir(parents=True)
+    np.save(folder / "val_embeddings.npy", np.ones((3, 5), np.float32))
+    assert load_embeddings(folder, "val", 3).shape == (3, 5)
+    spoil_array(folder / "val_embeddings.npy", spoil)
+    with pytest.raises(ArtifactError) as caught:
+        load_embeddings(folder, "val", 3)
+    assert message in str(caught.value) and "`dvc repro encoder`" in str(caught.value)
 
 
 def test_a_denoiser_config_without_its_sampling_keys_is_refused_by_name(in_tmp):
@@ -252,3 +309,59 @@ def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
     (folder / "students.json").write_text('{"method": "reflow"')
     with pytest.raises(ArtifactError, match="artifacts/distill/students.json: not readable JSON"):
         load_students(folder)
+
+
+# --- through the door: a spoilt file between two stages of a smoke run ---------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spoilt, change, stage, message",
+    [
+        ("artifacts/prepare/train_labels.npy", with_value(0, 11), "vae",
+         "artifacts/prepare/train_labels.npy: 1 label(s) outside [0, 10), e.g. 11; manifest.json says 10 classes"),
+        ("artifacts/encoder/test_embeddings.npy", with_value((3, 1), np.nan), "probe",
+         "artifacts/encoder/test_embeddings.npy: 1 of its"),
+        ("artifacts/vae/train_labels.npy", lambda a: np.full_like(a, 10), "diffusion",
+         "label(s) outside [0, 10), e.g. 10; latents.json says 10 classes"),
+        ("artifacts/vae/train_latents.npy", with_value((0, 0, 0, 0), np.nan), "diffusion",
+         "artifacts/vae/train_latents.npy: 1 of its"),
+        ("artifacts/vae/train_latents.npy", lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)), "gan",
+         "artifacts/vae/train_latents.npy: its per-channel mean and std are not the shift and scale in latents.json"),
+    ],
+    ids=["label-11-to-vae", "nan-embeddings-to-probe", "null-class-labels-to-diffusion", "nan-latents-to-diffusion",
+         "channels-last-latents-to-gan"],
+)
+def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_writer(pipeline, spoilt, change, stage, message):
+    """`dvc repro --single-item <stage>` after another stage's output was spoilt: the stage exits 2
+    with one message naming the file and the stage that writes it, no traceback, and its last
+    good outputs in place."""
+    repo, _ = pipeline
+    outputs = (f"metrics/{stage}.json", f"plots/{stage}", f"artifacts/{stage}")
+    good, before = (repo / spoilt).read_bytes(), snapshot(repo, *outputs)
+    try:
+        spoil_array(repo / spoilt, change)
+        done = run(["dvc", "repro", "--single-item", stage], repo, check=False)
+        after = snapshot(repo, *outputs)
+    finally:
+        (repo / spoilt).write_bytes(good)
+        restore(repo, before, outputs)  # the session's other tests share this run
+    writer = spoilt.split("/")[1]
+    assert done.returncode != 0 and "exited with 2" in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]
+    assert f"`dvc repro {writer}`" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert after == before
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
+
+def restore(repo: Path, files: dict[str, bytes], outputs: tuple[str, ...]) -> None:
+    """Put `outputs` back as `files` (a `snapshot` of them) were."""
+    for output in outputs:
+        path = repo / output
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for name, data in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(data)

@@ -176,15 +176,15 @@ def test_helpers_meet_in_a_private_directory(own_tmp):
 
 
 def test_a_published_server_address_is_checked_before_use(tmp_path, prefect_api):
-    from runtime.server import read_api_url
+    from runtime.server import AUTH_ENV, Api, read_api
 
     address = tmp_path / "prefect.url"
-    address.write_text(prefect_api)
-    assert read_api_url(address) == prefect_api
+    address.write_text(f"{prefect_api}\n{os.environ[AUTH_ENV]}\n")
+    assert read_api(address) == Api(prefect_api, os.environ[AUTH_ENV])
     closed = free_port()  # nothing listens there
     for planted in ("http://attacker.example:4200/api", f"http://127.0.0.1:{closed}/api", "file:///etc/passwd"):
         address.write_text(planted)
-        assert read_api_url(address) is None, planted
+        assert read_api(address) is None, planted
 
 
 def _send(path: Path, payload: bytes, fds: list[int] | None) -> bytes:

@@ -101,8 +101,8 @@ def test_a_plain_dvc_repro_shares_one_prefect_server_and_stops_it(repo_copy, tmp
         return {path for path in helpers_dir().iterdir() if not psutil.pid_exists(int(path.name.split("-")[1]))}
 
     before = published()
-    env = {"PREFECT_API_URL": None, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    done = run(["dvc", "repro", "prepare", "ssl"], repo_copy, **env)
+    env = {"PREFECT_API_URL": None, "PREFECT_API_AUTH_STRING": None, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    done = run(["dvc", "repro", "prepare", "ssl"], repo_copy, **env)  # the stages find its address and auth string
     assert "Starting temporary server" not in done.stdout + done.stderr
     servers = set(re.findall(r"View at (http://127\.0\.0\.1:\d+)/", done.stdout + done.stderr))
     assert len(servers) == 1, servers  # both stages' flow runs went to the same server
@@ -110,3 +110,29 @@ def test_a_plain_dvc_repro_shares_one_prefect_server_and_stops_it(repo_copy, tmp
     while published() - before and time.time() < deadline:
         time.sleep(0.5)
     assert not published() - before  # the server and the stage host went with dvc
+
+
+def test_the_per_invocation_prefect_server_refuses_a_client_without_its_auth_string(prefect_api):
+    """Any local user can reach 127.0.0.1: the API answers only the auth string it was started
+    with (a random one per server); its health check stays open."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from runtime.server import AUTH_ENV, healthy
+
+    def status(auth: str | None) -> int:
+        request = urllib.request.Request(f"{prefect_api}/flows/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        if auth is not None:
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    auth = os.environ[AUTH_ENV]
+    assert len(auth) >= 32 and healthy(prefect_api)
+    assert status(None) == 401 and status("guess:guess") == 401 and status(auth[:-1]) == 401
+    assert status(auth) == 200

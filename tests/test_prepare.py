@@ -10,6 +10,7 @@ import struct
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def prepare_params(**values):
 
 def test_digits_split_is_stratified_complete_and_seeded():
     params = prepare_params(image_size=16)
-    raw = load_source("digits", Path("unused"), download=False, channels=None)
+    raw = load_source("digits", Path("unused"), download=False, channels=None, size=28, fit="resize")
     splits = make_splits(raw, params)
     counts = {name: len(labels) for name, (_, labels) in splits.items()}
     assert sum(counts.values()) == 1797
@@ -51,7 +52,7 @@ def test_mnist_subset_from_shared_uses_the_official_test_split(tmp_path):
     root = tmp_path / "mnist"
     shutil.copytree(MNIST, root)
     params = prepare_params(source="mnist", image_size=32, fit="pad", limit_per_class=30, download=False)
-    raw = load_source("mnist", root, download=False, channels=None)
+    raw = load_source("mnist", root, download=False, channels=None, size=28, fit="resize")
     assert raw.images.shape == (60000, 1, 28, 28) and raw.test_images.shape == (10000, 1, 28, 28)
     splits = make_splits(raw, params)
     assert {name: len(labels) for name, (_, labels) in splits.items()} == {"train": 270, "val": 30, "test": 300}
@@ -64,7 +65,7 @@ def test_mnist_subset_from_shared_uses_the_official_test_split(tmp_path):
 @needs_mnist
 def test_full_mnist_prepares_and_loads_back(tmp_path):
     started = time.perf_counter()
-    raw = load_source("mnist", MNIST, download=False, channels=None)
+    raw = load_source("mnist", MNIST, download=False, channels=None, size=28, fit="resize")
     splits = make_splits(raw, prepare_params(source="mnist", image_size=32, fit="pad"))
     write_splits(splits, tmp_path)
     prepare_seconds = time.perf_counter() - started
@@ -86,11 +87,57 @@ def write_pngs(root: Path, classes: dict[str, int], size=(12, 10)) -> None:
 
 def test_folder_source_reads_classes_resizes_and_converts(tmp_path):
     write_pngs(tmp_path / "shapes", {"circle": 12, "square": 9})
-    raw = load_source("folder", tmp_path / "shapes", download=False, channels=None)
-    assert raw.class_names == ["circle", "square"] and raw.images.shape == (21, 3, 12, 10)
+    raw = load_source("folder", tmp_path / "shapes", download=False, channels=1, size=16, fit="resize")
+    assert raw.class_names == ["circle", "square"] and raw.images.shape == (21, 1, 16, 16)
     splits = make_splits(raw, prepare_params(source="folder", image_size=16, channels=1))
     assert splits["train"][0].shape[1:] == (1, 16, 16)
     assert sum(len(labels) for _, labels in splits.values()) == 21
+    padded = load_source("folder", tmp_path / "shapes", download=False, channels=3, size=14, fit="pad")
+    assert padded.images.shape == (21, 3, 14, 14) and not padded.images[:, :, :, :2].any()  # 10 wide, centred
+    with pytest.raises(DataError, match=r"circle/0.png: images are 12x10, larger than image_size 8; use fit: resize"):
+        load_source("folder", tmp_path / "shapes", download=False, channels=3, size=8, fit="pad")
+
+
+PEAK_MEMORY = """
+import resource, sys
+from pathlib import Path
+from tasks.datasets import load_source
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+raw = load_source("folder", Path(sys.argv[1]), download=False, channels=3, size=32, fit="resize")
+print(raw.images.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_large_image_in_a_folder_costs_memory_for_its_own_decoding_only(tmp_path):
+    """Each image is brought to image_size as it is read: one 4000x4000 PNG among 60 small ones
+    costs about one decoded copy of it (48 MB, 192 MB as floats while resized), not 61."""
+    write_pngs(tmp_path / "f", {"a": 30, "b": 30}, size=(40, 30))
+    Image.new("RGB", (4000, 4000), (200, 30, 90)).save(tmp_path / "f" / "a" / "large.png")
+    done = run([sys.executable, "-c", PEAK_MEMORY, str(tmp_path / "f")], Path(__file__).resolve().parents[1])
+    shape, peak_mib = done.stdout.rsplit(" ", 1)
+    assert shape == "(61, 3, 32, 32)"
+    assert int(peak_mib) < 400, f"peak memory grew by {peak_mib} MiB while reading the folder"
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels (8-bit RGB) and holds no image data."""
+    body = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", body) + png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20000, 10000])  # over twice PIL's limit (an error there), and over it (a warning)
+def test_a_decompression_bomb_in_a_folder_is_refused_naming_file_and_limit(tmp_path, side):
+    write_pngs(tmp_path / "f", {"a": 3, "b": 3})
+    (tmp_path / "f" / "b" / "bomb.png").write_bytes(png_header(side, side))
+    with pytest.raises(DataError) as caught:
+        load_source("folder", tmp_path / "f", download=False, channels=3, size=16, fit="resize")
+    message = str(caught.value)
+    assert f"f/b/bomb.png: refused as a possible decompression bomb: Image size ({side * side} pixels) exceeds limit" in message
+    assert f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels" in message
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> None:
@@ -116,11 +163,11 @@ SHIPPED_MNIST = Path(__file__).resolve().parents[1] / "data" / "raw" / "mnist"
 def test_shipped_mnist_verifies_and_a_replaced_file_is_named(tmp_path):
     root = tmp_path / "mnist"
     shutil.copytree(SHIPPED_MNIST, root)
-    raw = load_source("mnist", root, download=False, channels=None)  # the default dataset, offline
+    raw = load_source("mnist", root, download=False, channels=None, size=28, fit="resize")  # the default dataset, offline
     assert raw.images.shape == (60000, 1, 28, 28) and raw.test_images.shape == (10000, 1, 28, 28)
     write_idx(root / "t10k-labels-idx1-ubyte.gz", np.arange(10000) % 10)  # well-formed, but not MNIST's
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: MD5 [0-9a-f]{32} is not the published mnist t10k-labels-idx1-ubyte.gz"):
-        load_source("mnist", root, download=False, channels=None)
+        load_source("mnist", root, download=False, channels=None, size=28, fit="resize")
 
 
 def test_truncated_gz_is_refused(tmp_path):
@@ -156,26 +203,26 @@ def test_unreadable_image_is_named(tmp_path):
     write_pngs(tmp_path / "f", {"a": 5, "b": 5})
     (tmp_path / "f" / "b" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"b/broken.png: unreadable image"):
-        load_source("folder", tmp_path / "f", download=False, channels=3)
+        load_source("folder", tmp_path / "f", download=False, channels=3, size=16, fit="resize")
 
 
 def test_empty_class_folder_is_refused(tmp_path):
     write_pngs(tmp_path / "f", {"a": 5})
     (tmp_path / "f" / "empty").mkdir()
     with pytest.raises(DataError, match="empty: empty class folder"):
-        load_source("folder", tmp_path / "f", download=False, channels=3)
+        load_source("folder", tmp_path / "f", download=False, channels=3, size=16, fit="resize")
 
 
 def test_too_few_images_for_the_split_is_refused(tmp_path):
     write_pngs(tmp_path / "f", {"a": 5, "rare": 2})
-    raw = load_source("folder", tmp_path / "f", download=False, channels=3)
+    raw = load_source("folder", tmp_path / "f", download=False, channels=3, size=16, fit="resize")
     with pytest.raises(DataError, match="class 'rare' has 2 image"):
         make_splits(raw, prepare_params(source="folder"))
 
 
 def test_missing_files_offline_name_the_folder_to_fill(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: missing train-images-idx3-ubyte.gz"):
-        load_source("fashion_mnist", tmp_path / "empty", download=False, channels=None)
+        load_source("fashion_mnist", tmp_path / "empty", download=False, channels=None, size=28, fit="resize")
 
 
 def test_download_keeps_only_files_whose_checksum_matches(tmp_path):
@@ -228,7 +275,7 @@ def test_stage_on_bad_data_fails_clearly_and_leaves_nothing(tmp_path, prefect_ap
 def test_files_already_on_disk_must_match_their_published_md5(tmp_path):
     root = fake_mnist(tmp_path / "m")
     with pytest.raises(DataError) as caught:
-        load_source("mnist", root, download=False, channels=None)
+        load_source("mnist", root, download=False, channels=None, size=28, fit="resize")
     message = str(caught.value)
     assert message.startswith(f"{root / 'train-images-idx3-ubyte.gz'}: MD5 ")
     assert "f68b3c2dcbeaaa9fbdd348bbdeb94873, or 6bbc9ace898e44ae57da46a324031adb uncompressed" in message
@@ -242,10 +289,10 @@ def test_a_recompressed_original_passes_and_a_changed_byte_does_not(tmp_path):
     labels = root / "t10k-labels-idx1-ubyte.gz"
     content = gzip.decompress(labels.read_bytes())
     labels.write_bytes(gzip.compress(content, compresslevel=1))  # other bytes, same content
-    assert load_source("mnist", root, download=False, channels=None).test_labels.shape == (10000,)
+    assert load_source("mnist", root, download=False, channels=None, size=28, fit="resize").test_labels.shape == (10000,)
     labels.write_bytes(gzip.compress(content[:-1] + bytes([(content[-1] + 1) % 10])))
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: MD5 .* is not the published mnist"):
-        load_source("mnist", root, download=False, channels=None)
+        load_source("mnist", root, download=False, channels=None, size=28, fit="resize")
 
 
 def cifar_batch(rows: int, seed: int) -> dict:
@@ -295,7 +342,7 @@ def test_a_crafted_cifar10_tarball_is_refused_and_its_payload_never_runs(tmp_pat
     assert str(caught.value).startswith(f"{path}: cifar-10-batches-py/data_batch_3 is not a CIFAR-10 batch")
     assert "posix.system" in str(caught.value) and "nothing in it was run" in str(caught.value)
     with pytest.raises(DataError, match=f"{path}: MD5 .* is not the published cifar10 cifar-10-python.tar.gz"):
-        load_source("cifar10", path.parent, download=False, channels=None)  # the checksum refuses it first
+        load_source("cifar10", path.parent, download=False, channels=None, size=28, fit="resize")  # the checksum refuses it first
     assert not marker.exists()
 
 

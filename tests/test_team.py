@@ -19,7 +19,7 @@ import yaml
 
 from runtime.dag import stages
 from runtime.server import answers, free_port
-from runtime.team import POOL, Services, stop_session
+from runtime.team import POOL, REMOTE, Services, add_remote, stop_session
 from tests.conftest import copy_repo, run
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
@@ -59,6 +59,37 @@ def test_team_commands_say_what_they_need_and_start_nothing_without_it(tmp_path)
     assert not (tmp_path / "state" / "services.json").exists()
 
 
+def test_an_object_tampered_with_on_the_team_remote_is_refused_by_a_pull(tmp_path):
+    """`team up`'s remote has `verify true`: a fresh clone pulling an output whose object was changed
+    on the remote fails naming it; without verify DVC would check the changed file out."""
+    first, remote = tmp_path / "first", tmp_path / "remote"
+    subprocess.run(["git", "init", "-q", str(first)], check=True)
+    run(["dvc", "init", "-q"], first)
+    (first / "artifacts" / "vae").mkdir(parents=True)
+    (first / "artifacts" / "vae" / "latents.json").write_text('{"num_classes": 10}')
+    (first / "artifacts" / "vae" / "vae.json").write_text('{"width": 16}')
+    run(["dvc", "add", "artifacts/vae"], first)
+    add_remote(first, str(remote))
+    run(["dvc", "push"], first)
+    subprocess.run([*GIT, "add", "-A"], cwd=first, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "outputs"], cwd=first, check=True)
+    (tampered,) = [f for f in remote.rglob("*") if f.is_file() and f.read_bytes() == b'{"num_classes": 10}']
+    tampered.chmod(0o644)
+    tampered.write_text('{"num_classes": 11}')
+
+    verified = clone(first, tmp_path / "verified")
+    add_remote(verified, str(remote))
+    assert run(["dvc", "config", "--local", f"remote.{REMOTE}.verify"], verified).stdout.strip() == "true"
+    done = run(["dvc", "pull"], verified, check=False)
+    assert done.returncode != 0 and "Checkout failed for following targets:\nartifacts/vae" in done.stderr, done.stderr
+    assert not (verified / "artifacts" / "vae" / "latents.json").exists()
+
+    unverified = clone(first, tmp_path / "unverified")  # what a plain `dvc remote add` gets
+    run(["dvc", "remote", "add", "--local", "--default", REMOTE, str(remote)], unverified)
+    run(["dvc", "pull"], unverified)
+    assert (unverified / "artifacts" / "vae" / "latents.json").read_text() == '{"num_classes": 11}'
+
+
 @pytest.mark.slow
 def test_team_up_tracks_two_clones_in_one_mlflow_server_and_down_stops_everything(repo_copy, tmp_path):
     from mlflow import MlflowClient
@@ -72,10 +103,15 @@ def test_team_up_tracks_two_clones_in_one_mlflow_server_and_down_stops_everythin
     run([*team, "up", "--state", str(state), "--prefect-port", str(free_port()), "--mlflow-port", str(free_port())], first)
     try:
         assert state.stat().st_mode & 0o777 == 0o700  # pids, logs and stores are the user's own
+        assert run(["dvc", "config", "--local", f"remote.{REMOTE}.verify"], first).stdout.strip() == "true"
         env = exports(state / "env.sh")
         tracking = env["MLFLOW_TRACKING_URI"]
         running = Services(state).running()
         assert set(running) == {"prefect", "mlflow", "worker"}
+        mlflow_server = psutil.Process(running["mlflow"]["pid"])
+        listening = {c.laddr.ip for process in [mlflow_server, *mlflow_server.children(recursive=True)]
+                     for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}  # no authentication: this machine only, unless --mlflow-host
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
             pool = client.read_work_pool(POOL)
             assert pool.type == "process" and pool.concurrency_limit == 1
