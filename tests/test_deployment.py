@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import BIN, copy_repo, run
 from tests.test_pipeline import STAGES, pipeline_runs
+from tests.test_pipeline import task_runs as listed_task_runs
 
 DEPLOYMENT = "pipeline/served-test"
 CHOICES = ["profile", "source", "ssl_objective", "diffusion_formulation"]
@@ -172,7 +173,7 @@ def test_a_smoke_run_completes_leaves_dvc_clean_and_has_its_mlflow_parent_run(sm
 
 
 @pytest.mark.slow
-def test_each_stage_flow_run_is_a_subflow_of_its_task_run_named_and_tagged(smoke_run):
+def test_each_stage_flow_run_is_a_subflow_after_its_task_run_named_and_tagged(smoke_run):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     _, flow_run = smoke_run
@@ -184,9 +185,11 @@ def test_each_stage_flow_run_is_a_subflow_of_its_task_run_named_and_tagged(smoke
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), limit=100,
         )
     by_id = {task_run.id: task_run for task_run in task_runs}
-    for stage in stages:  # hung under the pipeline's task run of the same stage
-        assert by_id[stage.parent_task_run_id].name == stage.name
+    for stage in stages:  # under a task run of its own that follows the pipeline's task run of the stage
+        (stage_task_run,) = by_id[stage.parent_task_run_id].task_inputs["stage"]
+        assert by_id[stage_task_run.id].name == stage.name
         assert stage.parameters["params"]  # the stage's params, shown in the UI
+    assert [task_run.name for task_run in listed_task_runs(flow_run.id)] == STAGES  # the Task Runs tab
 
 
 @pytest.mark.slow
