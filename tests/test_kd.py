@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.kd import KnowledgeDistillation, StudentCNN, distillation_loss
-from tasks.kd import export_student, load_student
+from tasks.kd import export_student, load_student, top1_gain
 from tests.conftest import run
 
 
@@ -80,6 +80,14 @@ def test_the_student_trains_toward_the_teacher_and_exports_and_loads_back(tmp_pa
     loaded = load_student(tmp_path)
     assert not loaded.training and loaded.config == {"in_channels": 1, "image_size": 8, "num_classes": 3, "widths": (4, 8)}
     torch.testing.assert_close(loaded(images), student.eval()(images))
+
+
+def test_accuracies_and_their_gain_are_as_precise_as_the_test_split_without_float_noise():
+    from models.knn import share
+
+    assert share(13, 15) == 0.867 and share(9747, 10_000) == 0.9747
+    assert top1_gain(0.9747, 0.9811, 10_000) == -0.0064  # not -0.006399999999999961
+    assert top1_gain(share(9, 12), share(10, 12), 12) == -0.083
 
 
 def test_a_student_too_deep_for_the_image_is_refused():

@@ -144,3 +144,16 @@ def test_a_plain_dvc_repro_shares_one_prefect_server_and_stops_it(repo_copy, tmp
     while published() - before and time.time() < deadline:
         time.sleep(0.5)
     assert not published() - before  # the server and the stage host went with dvc
+
+
+@pytest.mark.slow
+def test_a_stage_run_by_dvc_exp_run_is_named_after_the_stage_and_the_experiment(repo_copy):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    run(["dvc", "exp", "run", "--name", "named-exp", "prepare"], repo_copy)
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["prepare@named-exp"])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
+    assert flow_run.state.is_completed()
+    assert sorted(task_run.name for task_run in task_runs) == ["fetch-raw", "read-raw", "split"]  # no random suffixes
