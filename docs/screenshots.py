@@ -80,7 +80,7 @@ def shoot(page, url: str, ready: str, name: str, then=None) -> None:
 
 
 def prefect_pages(page, ui: str, flow_run_id: str, deployment_id: str) -> None:
-    def subflow_runs(page):  # the stages' own flow runs (the Task Runs tab lists none of these task runs)
+    def subflow_runs(page):  # the stages' own flow runs (the Task Runs tab lists the stages' task runs)
         page.get_by_text("Subflow Runs", exact=True).click()
         page.locator("a[href^='/runs/flow-run/']", has_text="prepare").wait_for(timeout=60_000)
 
