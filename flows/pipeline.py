@@ -4,9 +4,9 @@ A stage DVC considers up to date ends as a `Skipped` (completed) task run; a sta
 `dvc repro --single-item <stage>`, so DVC still decides, caches and locks everything (`dvc status`
 is clean afterwards). The stage's own flow run is a subflow run of this one that follows its task
 run, named after the stage and tagged with the pipeline run (`runtime.stage.run_flow`); the task
-run keeps its own state and duration in the UI's Task Runs tab. The flow run holds the stage's logs, while
-the task run holds what the stage process prints besides (progress bars at every quarter, dvc's
-own lines). One MLflow parent run covers the flow run; a run that changed anything is saved as a
+run keeps its own state and duration in the UI's Task Runs tab. The stage's flow run holds its
+logs, while the task run holds what the stage process prints besides (progress bars at every
+quarter, dvc's own lines). A failed run says why once, as its state message, without a traceback. One MLflow parent run covers the flow run; a run that changed anything is saved as a
 DVC experiment of the same name.
 
 No `from __future__ import annotations` here: a served deployment's runs get this flow pickled by
