@@ -7,7 +7,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install repro test lint gpu bench
+.PHONY: install repro test lint gpu bench vega
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,3 +34,7 @@ gpu:
 
 bench:
 	python3 -m flows bench
+
+# Vega, Vega-Lite and vega-embed inlined into the `dvc plots` page, from npm (.dvc/plots/vendor_vega.py)
+vega:
+	python .dvc/plots/vendor_vega.py

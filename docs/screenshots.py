@@ -6,9 +6,8 @@
 In a throw-away clone of this repo (its last commit) on the smoke profile, it starts
 `prefect server start` on a free port, serves the pipeline (`python -m flows serve`), runs the
 deployment once and waits for it; then `mlflow ui` on the clone's store and `dvc plots show`; and
-photographs each page with headless Chromium. `dvc plots show`'s page loads Vega from a CDN: offline,
-`--vega DIR` serves it from DIR/vega-5.20.2, DIR/vega-lite-5.2.0 and DIR/vega-embed-6.18.2 (unpacked
-`npm pack` tarballs). Every server it starts is stopped when it ends.
+photographs each page with headless Chromium (`dvc plots show`'s page carries Vega itself: no
+network needed). Every server it starts is stopped when it ends.
 """
 
 from __future__ import annotations
@@ -30,10 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "img"
 VIEWPORT = {"width": 1400, "height": 900}
 STARTUP_SECONDS = 600  # a fresh Prefect database's migrations take minutes on a busy machine
-CDN = "https://cdn.jsdelivr.net/npm/"
-VEGA = {"vega@5.20.2": "vega-5.20.2/package/build/vega.min.js",
-        "vega-lite@5.2.0": "vega-lite-5.2.0/package/build/vega-lite.min.js",
-        "vega-embed@6.18.2": "vega-embed-6.18.2/package/build/vega-embed.min.js"}
 
 
 @contextmanager
@@ -85,7 +80,7 @@ def shoot(page, url: str, ready: str, name: str, then=None) -> None:
 
 
 def prefect_pages(page, ui: str, flow_run_id: str, deployment_id: str) -> None:
-    def subflow_runs(page):  # the stages' own flow runs (the Task Runs tab lists none of these task runs)
+    def subflow_runs(page):  # the stages' own flow runs (the Task Runs tab lists the stages' task runs)
         page.get_by_text("Subflow Runs", exact=True).click()
         page.locator("a[href^='/runs/flow-run/']", has_text="prepare").wait_for(timeout=60_000)
 
@@ -108,19 +103,14 @@ def mlflow_pages(page, ui: str, experiment_id: str) -> None:
     shoot(page, f"{ui}/#/models/latentlab-student", "text=Version 1", "mlflow-models")
 
 
-def dvc_page(page, clone: Path, vega: Path | None) -> None:
-    if vega is not None:
-        for package, path in VEGA.items():
-            page.route(CDN + package, lambda route, _, path=path: route.fulfill(path=vega / path))
+def dvc_page(page, clone: Path) -> None:
     page.set_viewport_size({"width": 2000, "height": 1250})  # four charts a row, then the first sample grids
-    shoot(page, (clone / "dvc_plots" / "index.html").as_uri(), "canvas.marks:not([width=\"0\"])", "dvc-plots")
+    shoot(page, (clone / "dvc_plots" / "index.html").as_uri(), "svg.marks", "dvc-plots")
     page.set_viewport_size(VIEWPORT)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vega", type=Path, help="serve Vega from this folder instead of the CDN (offline)")
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     import mlflow
     from playwright.sync_api import sync_playwright
 
@@ -150,7 +140,7 @@ def main() -> None:
             page = browser.new_page(viewport=VIEWPORT)
             prefect_pages(page, f"http://127.0.0.1:{port}", flow_run_id, deployment_id)
             mlflow_pages(page, f"http://127.0.0.1:{mlflow_port}", experiment.experiment_id)
-            dvc_page(page, clone, args.vega)
+            dvc_page(page, clone)
             browser.close()
     print(f"the clone is left in {work}")
 

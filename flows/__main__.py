@@ -48,9 +48,8 @@ def run(args: argparse.Namespace) -> None:
 
     with own_api():  # the configured Prefect API, else a `prefect server start` for as long as the command runs
         state = pipeline(**_pipeline_parameters(args), return_state=True)
-    if state.is_failed():
-        print(f"pipeline failed: {state.message}", file=sys.stderr)
-        sys.exit(1)
+    if state.is_failed():  # its reason is in the run's log above
+        sys.exit(f"pipeline failed: flow run '{state.state_details.flow_run_id}'")
 
 
 def serve(args: argparse.Namespace) -> None:

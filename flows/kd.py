@@ -7,7 +7,14 @@ from prefect import flow
 
 from runtime.stage import StageRun, main, stage_task
 from tasks.data import load_split
-from tasks.kd import export_student, load_teacher, parameters, top1_and_speed, train_student
+from tasks.kd import (
+    export_student,
+    load_teacher,
+    parameters,
+    top1_and_speed,
+    top1_gain,
+    train_student,
+)
 from tasks.params import KdParams
 from tasks.training import TrainingContext
 
@@ -37,7 +44,7 @@ def kd(params: KdParams) -> None:
         seconds = sum(result.seconds for result in results.values())
         run.metrics.update(
             steps=sum(result.steps for result in results.values()), train_seconds=round(seconds, 2),
-            kd_gain=run.metrics["student.with_kd.top1"] - run.metrics["student.without_kd.top1"],
+            kd_gain=top1_gain(run.metrics["student.with_kd.top1"], run.metrics["student.without_kd.top1"], len(test)),
         )
         for key in [key for key in run.metrics if key.endswith("images_per_s")]:
             run.metrics[key] = round(run.metrics[key], 1)

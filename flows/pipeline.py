@@ -2,10 +2,11 @@
 
 A stage DVC considers up to date ends as a `Skipped` (completed) task run; a stale one runs as
 `dvc repro --single-item <stage>`, so DVC still decides, caches and locks everything (`dvc status`
-is clean afterwards). The stage's own flow run is a subflow run of its task run, named after the
-stage and tagged with the pipeline run (`runtime.stage.main`); it holds the stage's logs, while
-the task run holds what the stage process prints besides (progress bars at every quarter, dvc's
-own lines). One MLflow parent run covers the flow run; a run that changed anything is saved as a
+is clean afterwards). The stage's own flow run is a subflow run of this one that follows its task
+run, named after the stage and tagged with the pipeline run (`runtime.stage.run_flow`); the task
+run keeps its own state and duration in the UI's Task Runs tab. The stage's flow run holds its
+logs, while the task run holds what the stage process prints besides (progress bars at every
+quarter, dvc's own lines). A failed run says why once, as its state message, without a traceback. One MLflow parent run covers the flow run; a run that changed anything is saved as a
 DVC experiment of the same name.
 
 No `from __future__ import annotations` here: a served deployment's runs get this flow pickled by
@@ -24,13 +25,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 
 from runtime.dag import is_stale, save_experiment, stage_order
 from runtime.invocation import Invocation
 from runtime.lifetime import child_dies_with_us
 from runtime.profiles import profile_names, profile_params, set_overrides, write_params
-from runtime.stage import FLOW_RUN_TAGS_ENV, PARENT_TASK_RUN_ENV, TRANSIENT_EXIT
+from runtime.stage import FLOW_RUN_TAGS_ENV, PARENT_TASK_RUN_ENV, TRANSIENT_EXIT, ReportedOnce
 from runtime.tracking import PARENT_ENV, PipelineRun, headline_metrics
 from tasks.errors import StageError
 from tasks.params import (
@@ -120,7 +121,8 @@ def _stage_env(task_run_id: str, parent_run_id: str) -> dict[str, str]:
     cache_policy=NO_CACHE, persist_result=False,
 )
 def run_stage(stage: str, parent_run_id: str) -> State | None:
-    """`dvc repro --single-item <stage>` if DVC says the stage is stale; a Skipped state if not."""
+    """`dvc repro --single-item <stage>` if DVC says the stage is stale; a Skipped state if not; a
+    Failed one, holding the StageFailed, if the stage fails."""
     if not is_stale(stage):
         return Completed(name="Skipped", message=f"'{stage}' is up to date (dvc status)")
     logger = get_run_logger()
@@ -133,8 +135,9 @@ def run_stage(stage: str, parent_run_id: str) -> State | None:
     for line in process.stdout:  # text mode: a progress bar's carriage returns end lines too
         if (line := line.rstrip()) and (level := output.level(line)) is not None:
             logger.log(level, line)
-    if process.wait():
-        raise StageFailed(stage, process.returncode, "\n".join(output.tail))
+    if process.wait():  # its lines are in the logs already: the reason once, without a traceback
+        error = StageFailed(stage, process.returncode, "\n".join(output.tail))
+        return Failed(message=str(error), data=error)
     return None
 
 
@@ -148,6 +151,13 @@ def apply_params(
     chosen = {"prepare.source": source, "ssl.objective": ssl_objective, "diffusion.formulation": diffusion_formulation}
     sets = [f"{key}={value}" for key, value in chosen.items() if value != KEEP]
     return write_params(set_overrides(full, sets + list(overrides)))
+
+
+def _failed(reason: str) -> State:
+    """The flow run's end for `reason`, logged already: its state message, without a traceback;
+    Prefect's closing "Finished in state Failed(...)" line, which would repeat it, is left out."""
+    logging.getLogger("prefect.flow_runs").addFilter(ReportedOnce(reason.splitlines()[0]))  # that line quotes it
+    return Failed(message=reason)
 
 
 @flow(name="pipeline", log_prints=True)
@@ -170,7 +180,8 @@ def pipeline(
     try:
         changed = apply_params(profile, source, ssl_objective, diffusion_formulation, overrides)
     except StageError as err:
-        raise ValueError(str(err)) from None  # shown in the UI as the flow run's failure
+        get_run_logger().error(str(err))
+        return _failed(str(err))
     if changed:
         print(f"params changed: {', '.join(f'params/{s}.yaml' for s in changed)}")
     name = flow_run.get_name() or "pipeline"
@@ -179,7 +190,9 @@ def pipeline(
     try:
         for stage in stage_order():
             state = run_stage(stage, parent.run_id, return_state=True)
-            state.result()  # a failed stage fails the flow with its error
+            if state.is_failed():  # a failed stage fails the flow with its reason (its task run logged it)
+                parent.finish(ok=False)
+                return _failed(state.message)
             (skipped if state.name == "Skipped" else ran).append(stage)
         experiment = save_experiment(name) if ran else None
     except BaseException:

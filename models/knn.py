@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,4 +41,10 @@ def knn_accuracy(
 ) -> float:
     """Top-1 accuracy of `knn_predict` on the test embeddings."""
     predictions = knn_predict(train_features, train_labels, test_features, k, temperature)
-    return (predictions == test_labels.to(predictions.device)).float().mean().item()
+    return share((predictions == test_labels.to(predictions.device)).sum().item(), len(test_labels))
+
+
+def share(count: int, total: int) -> float:
+    """`count / total` to one decimal more than 1/total needs (what an accuracy over `total`
+    samples resolves), without float noise."""
+    return round(count / total, math.ceil(math.log10(max(total, 1))) + 1)

@@ -52,7 +52,7 @@ def log_network(
     info = Model.log(
         artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
         python_model=str(PYFUNC), artifacts={file.name: str(file) for file in files},
-        model_config={"kind": kind, "network": files[0].stem},
+        model_config={"device": "cpu", name: {"kind": kind, "network": files[0].stem}},  # see network_pyfunc
         code_paths=[str(Path(tasks.__file__).parent), str(Path(models.__file__).parent)],
         input_example=(example, params) if params else example,
         pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in REQUIREMENTS],

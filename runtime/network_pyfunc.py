@@ -2,15 +2,17 @@
 network's safetensors + JSON files and the `tasks` and `models` packages into the logged model,
 and loading it runs this file and the project's own loaders. Nothing is unpickled.
 
-`model_config["kind"]` says what `predict` does:
+`model_config[<model name>]` holds the network's `kind` and `network` (its files' name), nested under
+the model's name so that MLflow logs them as run params `<model name>/kind` and `/network`, apart from
+another model's of the same run (distill's students). `kind` says what `predict` does:
 - `encoder`: float32 images (N, C, H, W) in [-1, 1] -> embeddings (N, D)
 - `vae`: float32 images (N, C, H, W) in [-1, 1] -> posterior-mean latents (N, c, h, w)
 - `classifier` (the kd stage's student): float32 images (N, C, H, W) in [-1, 1] -> logits (N, classes)
 - `generator` (the denoiser, a student): int64 class labels (N,) -> decoded images (N, C, H, W) in
   [-1, 1]; params `steps`, `guidance`, `seed` (defaults: how the stage sampled)
 - `gan` (the GAN's generator): int64 class labels (N,) -> decoded images in [-1, 1]; param `seed`
-`model_config["device"]` (default `cpu`) is where it runs; override it at load with
-`mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})`.
+`model_config["device"]` (`cpu`) is where it runs; override it at load with
+`mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})` (MLflow takes only keys logged with it).
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ KINDS = {"encoder": _encoder, "classifier": _classifier, "vae": _vae, "generator
 class Network(PythonModel):
     def load_context(self, context) -> None:
         config = context.model_config
-        self.device = config.get("device", "cpu")
-        self.run = KINDS[config["kind"]](context.artifacts, config, self.device)
+        (network,) = (value for value in config.values() if isinstance(value, dict))  # under the model's name
+        self.device = config["device"]
+        self.run = KINDS[network["kind"]](context.artifacts, network, self.device)
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         with torch.no_grad():

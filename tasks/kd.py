@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models.kd import KnowledgeDistillation, StudentCNN
+from models.knn import share
 from tasks.artifacts import artifacts_dir, load_network, save_network
 from tasks.data import ImageSplit
 from tasks.device import autocast
@@ -72,7 +73,12 @@ def top1_and_speed(classifier: nn.Module, split: ImageSplit, batch_size: int) ->
             classifier(split.floats(slice(start, start + batch_size))).argmax(1) for start in range(0, len(split), batch_size)
         ])
         correct = (predictions == split.labels).sum().item()  # reading it back waits for the device
-    return correct / len(split), len(split) / max(time.perf_counter() - started, 1e-9)
+    return share(correct, len(split)), len(split) / max(time.perf_counter() - started, 1e-9)
+
+
+def top1_gain(top1: float, baseline: float, total: int) -> float:
+    """`top1 - baseline`, two accuracies over the same `total` samples, as precise as they are."""
+    return share(round((top1 - baseline) * total), total)
 
 
 def export_student(student: StudentCNN, folder: Path) -> None:

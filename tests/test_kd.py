@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.kd import KnowledgeDistillation, StudentCNN, distillation_loss
-from tasks.kd import export_student, load_student
+from tasks.kd import export_student, load_student, top1_gain
 from tests.conftest import run
 
 
@@ -82,6 +82,14 @@ def test_the_student_trains_toward_the_teacher_and_exports_and_loads_back(tmp_pa
     torch.testing.assert_close(loaded(images), student.eval()(images))
 
 
+def test_accuracies_and_their_gain_are_as_precise_as_the_test_split_without_float_noise():
+    from models.knn import share
+
+    assert share(13, 15) == 0.867 and share(9747, 10_000) == 0.9747
+    assert top1_gain(0.9747, 0.9811, 10_000) == -0.0064  # not -0.006399999999999961
+    assert top1_gain(share(9, 12), share(10, 12), 12) == -0.083
+
+
 def test_a_student_too_deep_for_the_image_is_refused():
     with pytest.raises(ValueError, match="use fewer widths"):
         StudentCNN(1, 8, 10, [4, 4, 4, 4])
@@ -134,3 +142,12 @@ def test_dvc_repro_kd_reports_teacher_and_students_and_tracks_them(repo_copy, tm
     rerun = run(["dvc", "repro", "kd"], repo).stdout
     assert "Running stage 'probe'" in rerun and "Running stage 'kd'" not in rerun, rerun
     assert "up to date" in run(["dvc", "status", "kd"], repo).stdout  # kd and what it needs
+
+
+def test_metrics_lose_their_float_noise_and_keep_what_was_measured():
+    from tasks.precision import without_float_noise
+
+    noisy = {"probe_top1": 0.8666666746139526, "kd_gain": -0.07499999999999996, "psnr": 30.107458114624023,
+             "parameters": 690_970, "train_seconds": 148.79, "images_per_s": 103_000.5}
+    assert without_float_noise(noisy) == {"probe_top1": 0.8666667, "kd_gain": -0.075, "psnr": 30.107458,
+                                          "parameters": 690_970, "train_seconds": 148.79, "images_per_s": 103_000.5}

@@ -37,14 +37,48 @@ def test_overrides_take_dvc_and_dotted_forms_and_refuse_unknown_stages():
         set_overrides(full, ["params/nope.yaml:x=1"])
 
 
+def last_pipeline_run():
+    """The latest flow run of the pipeline flow, with its logs (its task runs' included), from the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from tests.test_deployment import logs_of
+
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])), sort=FlowRunSort.START_TIME_DESC, limit=1,
+        )
+    return flow_run, logs_of(flow_run.id)
+
+
+def said_once(reason: str, text: str, flow_run, logs) -> None:
+    """`reason` is in the failed flow run's state message and, at ERROR, in its logs, once each, and
+    so is it in the command's output `text`; no traceback anywhere."""
+    assert flow_run.state.is_failed() and flow_run.state.message.count(reason) == 1, flow_run.state.message
+    said = [log for log in logs if reason in log.message]
+    assert len(said) == 1 and said[0].level >= 40, [log.message for log in logs]
+    assert text.count(reason) == 1, text
+    assert not any("Traceback" in log.message for log in logs) and "Traceback" not in text
+
+
 @pytest.mark.slow
 def test_a_bad_form_value_fails_the_flow_before_any_stage_runs(repo_copy):
     before = (repo_copy / "params" / "ssl.yaml").read_text()
     done = run([sys.executable, "-m", "flows", "run", "--set", "ssl.train.epochs=-1"], repo_copy, check=False)
     assert done.returncode == 1
-    assert "'train.epochs' = -1 is invalid" in done.stderr
+    said_once("'train.epochs' = -1 is invalid", done.stdout + done.stderr, *last_pipeline_run())
     assert (repo_copy / "params" / "ssl.yaml").read_text() == before
     assert not (repo_copy / "artifacts" / "prepare").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_stage_fails_the_flow_saying_why_once(repo_copy):
+    done = run([sys.executable, "-m", "flows", "run", "--set", "prepare.source=folder"], repo_copy, check=False)
+    assert done.returncode == 1
+    flow_run, logs = last_pipeline_run()
+    said_once("stage 'prepare' failed (exit 255)", done.stdout + done.stderr, flow_run, logs)
+    assert "folder not found" in flow_run.state.message  # the stage's own reason, from its last lines
 
 
 @pytest.mark.slow
@@ -136,3 +170,16 @@ def test_the_per_invocation_prefect_server_refuses_a_client_without_its_auth_str
     assert len(auth) >= 32 and healthy(prefect_api)
     assert status(None) == 401 and status("guess:guess") == 401 and status(auth[:-1]) == 401
     assert status(auth) == 200
+
+
+@pytest.mark.slow
+def test_a_stage_run_by_dvc_exp_run_is_named_after_the_stage_and_the_experiment(repo_copy):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    run(["dvc", "exp", "run", "--name", "named-exp", "prepare"], repo_copy)
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["prepare@named-exp"])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
+    assert flow_run.state.is_completed()
+    assert sorted(task_run.name for task_run in task_runs) == ["fetch-raw", "read-raw", "split"]  # no random suffixes
