@@ -22,6 +22,7 @@ from typing import Literal, get_args
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 from prefect.states import Completed, State
@@ -182,8 +183,8 @@ def pipeline(
             state.result()  # a failed stage fails the flow with its error
             (skipped if state.name == "Skipped" else ran).append(stage)
         experiment = save_experiment(name) if ran else None
-    except BaseException:
-        parent.finish(ok=False)
+    except BaseException as err:
+        parent.finish(ok=False, killed=isinstance(err, (KeyboardInterrupt, TerminationSignal)))
         raise
     parent.finish(ok=True, tags={"dvc.experiment": experiment} if experiment else None)  # deleted if nothing ran
     headline = headline_metrics()
