@@ -125,12 +125,6 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(text) + "\n"
 
 
-def by_steps(rows: dict[str, dict[str, float]], kind: str) -> list[dict[str, float]]:
-    """The `kind.steps_N` rows, fewest steps first, each with its `steps`."""
-    found = ({"steps": int(name.rpartition("_")[2]), **row} for name, row in rows.items() if name.startswith(f"{kind}."))
-    return sorted(found, key=lambda row: row["steps"])
-
-
 def series_name(row: str, own_sampler: str) -> str:
     """The chart line a row is a point of: 'teacher (euler)', 'student', 'gan', ..."""
     prefix = row.partition(".")[0]
@@ -165,20 +159,20 @@ def fid(params: FidParams) -> None:
             if (kind := name.partition(".")[0].partition("_")[0]) in seconds:
                 row["train_seconds"] = seconds[kind]
         (run.outputs.artifacts / "fid_table.md").write_text(table(rows))
-        for kind in ("teacher", "student"):  # what dvc.yaml's sampling-speed plot draws
-            write_csv(run.outputs.plots / f"{kind}.csv", by_steps(rows, kind))
         own_sampler = load_denoiser(artifacts_dir("diffusion")).sampler
         points = nfe_points(rows, own_sampler)
-        write_csv(run.outputs.plots / "fid_vs_nfe.csv", points)  # what dvc.yaml's fid_vs_nfe plot draws
+        write_csv(run.outputs.plots / "fid_vs_nfe.csv", points)  # what dvc.yaml's fid plots draw
+        write_csv(run.outputs.plots / "speed.csv", [point for point in points if "images_per_s" in point])
         fid_chart(points, "floor (real train vs test)", "decoded prior", run.outputs.plots / "fid_vs_nfe.png")
         print("fid:\n" + table(rows))
-        if params.inversion_steps:
-            inversion = stage_task(inversion_errors, name="invert")(params, run)
-            for point in inversion:
-                run.metrics[f"inversion_mse.steps_{point['steps']}"] = float(f"{point['mse']:.4g}")
-            steps, errors = [p["steps"] for p in inversion], [p["mse"] for p in inversion]
-            lines({"test latents": (steps, errors)}, "sampling steps (each way)", "latent MSE after the round trip",
-                  "DDIM inversion: test latents -> noise -> latents", run.outputs.plots / "inversion.png", logx=True, logy=True)
+        inversion = stage_task(inversion_errors, name="invert")(params, run) if params.inversion_steps else []
+        for point in inversion:
+            run.metrics[f"inversion_mse.steps_{point['steps']}"] = float(f"{point['mse']:.4g}")
+        steps, errors = [p["steps"] for p in inversion], [p["mse"] for p in inversion]
+        title = "DDIM inversion: test latents -> noise -> latents" + ("" if inversion else " (inversion_steps: [] skips it)")
+        lines({"test latents": (steps, errors)}, "sampling steps (each way)", "latent MSE after the round trip", title,
+              run.outputs.plots / "inversion.png", logx=bool(inversion), logy=bool(inversion))
+        if inversion:
             print("fid/inversion: " + ", ".join(f"{p['steps']} steps MSE {p['mse']:.4g}" for p in inversion))
 
 

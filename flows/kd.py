@@ -31,6 +31,7 @@ def kd(params: KdParams) -> None:
         }
         if not run.is_main:
             return
+        run.curves.combine("students", list(alphas))  # plots/kd/students.csv: a line per student
         test = load_split("test", run.device)
         measure = stage_task(top1_and_speed, name="evaluate")
         run.metrics["teacher.top1"], run.metrics["teacher.images_per_s"] = measure(teacher, test, params.batch_size)

@@ -23,6 +23,7 @@ from typing import Literal, get_args
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 from prefect.states import Completed, Failed, State
@@ -195,8 +196,8 @@ def pipeline(
                 return _failed(state.message)
             (skipped if state.name == "Skipped" else ran).append(stage)
         experiment = save_experiment(name) if ran else None
-    except BaseException:
-        parent.finish(ok=False)
+    except BaseException as err:
+        parent.finish(ok=False, killed=isinstance(err, (KeyboardInterrupt, TerminationSignal)))
         raise
     parent.finish(ok=True, tags={"dvc.experiment": experiment} if experiment else None)  # deleted if nothing ran
     headline = headline_metrics()

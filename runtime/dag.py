@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import yaml
@@ -76,11 +75,12 @@ def changed_deps(stage: str, before: dict[str, str]) -> list[str]:
 
 
 def restore_outs(stage: str) -> list[str]:
-    """Put back the stage's missing outputs as dvc.lock records them, copied from DVC's cache (where
-    the run cache keeps the `cache: false` metrics and plots too): `dvc repro` removes a stage's
-    outputs before running it, so a failed run would otherwise lose the last good ones. Returns the
-    paths put back."""
-    if not Path("dvc.lock").exists():
+    """Put back the stage's missing outputs (artifacts, metrics, plots) as dvc.lock records them:
+    `dvc repro` removes them before running the stage, so a failed or interrupted run would
+    otherwise lose the last good ones. Each comes from DVC's cache (where the run cache commits
+    the `cache: false` metrics and plots too), else, for a file git keeps, from git's HEAD when its
+    md5 is the one dvc.lock records. Returns the paths put back."""
+    if not DVC_LOCK.exists():
         return []
     from dvc.repo import Repo
 
@@ -88,17 +88,14 @@ def restore_outs(stage: str) -> list[str]:
     with Repo() as repo:
         for dvc_stage in repo.stage.collect(stage):
             for out in dvc_stage.outs:
-                if not out.exists and out.hash_info and _copy_from_cache(out):
+                if not out.exists and out.hash_info and (_copy_from_cache(out) or _copy_from_git(out)):
                     restored.append(out.def_path)
-    if restored:
-        print(f"put back the last good {', '.join(restored)} (as dvc.lock records them)")
     return restored
 
 
 def _copy_from_cache(out) -> bool:
     """Copy a DVC output (a file, or a folder listed by a `.dir` object) out of the cache, all or nothing."""
     cached = Path(out.cache.oid_to_path(out.hash_info.value))
-    target = Path(out.fs_path)
     if out.hash_info.isdir:
         if not cached.is_file():
             return False
@@ -107,13 +104,41 @@ def _copy_from_cache(out) -> bool:
         files = {"": cached}
     if not all(source.is_file() for source in files.values()):
         return False
+    _put_in_place(Path(out.fs_path), files)
+    return True
+
+
+def _copy_from_git(out) -> bool:
+    """Copy a file output out of git's HEAD, if there it has the md5 dvc.lock records."""
+    import subprocess
+
+    if out.hash_info.isdir:
+        return False
+    shown = subprocess.run(["git", "show", f"HEAD:./{out.def_path}"], capture_output=True)
+    if shown.returncode != 0 or hashlib.md5(shown.stdout).hexdigest() != out.hash_info.value:
+        return False
+    _put_in_place(Path(out.fs_path), {"": shown.stdout})
+    return True
+
+
+def _put_in_place(target: Path, files: dict[str, Path | bytes]) -> None:
+    """`{relpath: a cached file, or bytes}` at `target` (a file for relpath "", else a folder),
+    under a temporary name, then renamed into place. A cached file is hard-linked where it can be,
+    as DVC's `hardlink` cache type would (read-only, and it takes no space: a full disk can have
+    its outputs back), else copied."""
     partial = target.with_name(f".{target.name}.restore-{os.getpid()}")
+    target.parent.mkdir(parents=True, exist_ok=True)
     for relpath, source in files.items():
         copy = partial / relpath if relpath else partial
         copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, copy)
+        if isinstance(source, bytes):
+            copy.write_bytes(source)
+            continue
+        try:
+            os.link(source, copy)
+        except OSError:
+            copy.write_bytes(source.read_bytes())
     os.replace(partial, target)
-    return True
 
 
 def stage_order() -> list[str]:

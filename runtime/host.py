@@ -19,18 +19,18 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import socket
 import struct
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
 from runtime.background import clean_up, invocation_from_argv, published, start_once, wait_for
 from runtime.invocation import Invocation
-from runtime.lifetime import die_with_parent, end_with
+from runtime.lifetime import die_with_parent, end_with, forward_signals
 
 STARTUP_SECONDS = 120
 REQUEST_SECONDS = 10  # to send a request, once connected
@@ -55,9 +55,11 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
 
 # --- the caller's side: `python -m runtime.launch <stage>` -------------------------------------
 
-def run_on_host(stage: str, argv: list[str], invocation: Invocation | None) -> int | None:
-    """Run the stage in a child of the host; its exit code, or None when no host can take it
-    (the caller then runs the stage itself)."""
+def run_on_host(
+    stage: str, argv: list[str], invocation: Invocation | None, started: Callable[[int], None] = lambda pid: None,
+) -> int | None:
+    """Run the stage in a child of the host (`started` is told its PID); its exit code, or None
+    when no host can take it (the caller then runs the stage itself)."""
     if invocation is None:
         return None
     start_once("host", "runtime.host", invocation)
@@ -73,8 +75,8 @@ def run_on_host(stage: str, argv: list[str], invocation: Invocation | None) -> i
         (child,) = struct.unpack("!q", _recv_exact(conn, 8))
     except OSError:
         return None  # nothing started: run it here instead
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C on dvc reaches the stage
-        signal.signal(sig, lambda number, _frame: os.kill(child, number))
+    started(child)
+    forward_signals(child)  # Ctrl-C on dvc reaches the stage
     try:
         (code,) = struct.unpack("!i", _recv_exact(conn, 4))
     except OSError:

@@ -17,11 +17,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 
 from runtime.invocation import Invocation
 
 POLL_SECONDS = 0.2
+THEN_SECONDS = 30  # for `end_with`'s last words (putting back a stage's outputs)
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
@@ -44,10 +46,20 @@ def child_dies_with_us() -> dict:
     return {"preexec_fn": lambda: die_with_parent(parent)}
 
 
-def end_with(processes: list[Invocation], connection: socket.socket | None = None, what: str = "stage") -> None:
+def forward_signals(child: int) -> None:
+    """SIGINT and SIGTERM to this process go on to `child` (the stage, in a process group of its
+    own), which ends and reports it; this process waits for it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _frame: os.kill(child, number))
+
+
+def end_with(
+    processes: list[Invocation], connection: socket.socket | None = None, what: str = "stage",
+    then: Callable[[], None] | None = None,
+) -> None:
     """Watch in the background: when one of `processes` ends, or the peer of `connection` closes
-    it (it never sends after the request), kill this process and its descendants at once, so
-    nothing more is written."""
+    it (it never sends after the request), kill this process's descendants and, after `then`
+    (given at most THEN_SECONDS), this process, so nothing more is written."""
 
     def watch() -> None:
         while all(process.alive() for process in processes):
@@ -55,18 +67,21 @@ def end_with(processes: list[Invocation], connection: socket.socket | None = Non
                 time.sleep(POLL_SECONDS)
             elif select.select([connection], [], [], POLL_SECONDS)[0]:
                 break
-        threading.Timer(1, kill_tree).start()  # even if the message below cannot be written
+        threading.Timer(THEN_SECONDS if then else 1, kill_tree).start()  # even if what follows hangs
         with suppress(OSError):
             os.write(2, f"{what} (PID {os.getpid()}): the process that started it is gone; stopping\n".encode())
+        kill_descendants()
+        if then is not None:
+            with suppress(Exception):
+                then()
         kill_tree()
 
     threading.Thread(target=watch, name="end-with", daemon=True).start()
 
 
-def kill_tree() -> None:
-    """SIGKILL this process's descendants, then itself. Those in a session of their own (the
-    helpers of `runtime.background`) are left alone: they belong to the pipeline run, and end
-    with it."""
+def kill_descendants() -> None:
+    """SIGKILL this process's descendants. Those in a session of their own (the helpers of
+    `runtime.background`) are left alone: they belong to the pipeline run, and end with it."""
     import psutil
 
     session = os.getsid(0)
@@ -74,4 +89,9 @@ def kill_tree() -> None:
         with suppress(psutil.Error, OSError):
             if os.getsid(child.pid) == session:
                 child.kill()
+
+
+def kill_tree() -> None:
+    """SIGKILL this process's descendants, then itself."""
+    kill_descendants()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -5,13 +5,14 @@ run's outputs (atomic), its MLflow run, its device, trainers and wall time."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -19,14 +20,15 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 from pydantic import BaseModel
 
-from runtime.dag import changed_deps, dep_hashes, dvc_hash, restore_outs, stage_outs
+from runtime.dag import changed_deps, dep_hashes, dvc_hash, stage_outs
 from runtime.invocation import Invocation, current_invocation, lineage
 from runtime.launch import LAUNCHER_ENV
 from runtime.lifetime import end_with
@@ -38,6 +40,7 @@ from runtime.tracking import (
     TrackingUnreachable,
     check_reachable,
     current_pipeline_run,
+    tracking_uri,
 )
 from tasks.artifacts import CHECKPOINTS, StageOutputs, artifacts_dir, checkpoint_path, plots_dir
 from tasks.curves import StepCurves
@@ -136,30 +139,41 @@ class StageRun:
             self.metrics["wall_seconds"] = round(time.perf_counter() - self.started, 3)
         try:
             tracker = self.tracker  # a tracking failure (e.g. server unreachable) fails the stage
+            tracker.flush()
         except BaseException:
             self.outputs.discard()
             raise
         changed = self._changed_inputs() if exc is None else []
-        if exc is not None or changed:
+        if exc is not None or changed or tracker.unreachable:
             self.outputs.discard()
-            tracker.finish(ok=False)
-            self._update_pipeline(ok=False)
+            if tracker.unreachable is None:
+                killed = isinstance(exc, (KeyboardInterrupt, TerminationSignal))
+                with suppress(Exception):  # recording a failure must not hide its cause (a full disk)
+                    tracker.finish("KILLED" if killed else "FAILED")
+                    self._update_pipeline(ok=False, killed=killed)
             if changed:
                 raise InputsChanged(
                     f"inputs changed while the stage ran: {'; '.join(changed)}. Its outputs came from the inputs it "
                     "started with, so nothing was put in place (dvc.lock keeps the last good run); run the stage again"
                 )
+            if exc is None:
+                raise TrackingUnreachable(
+                    f"the MLflow tracking server {tracking_uri()} stopped answering while the stage ran "
+                    f"({type(tracker.unreachable).__name__}), so its run {tracker.run_id} lacks metrics; nothing was "
+                    "put in place. Start the server again (or unset MLFLOW_TRACKING_URI) and rerun the stage"
+                ) from tracker.unreachable
             return False
         self.outputs.metrics = self.metrics
         self.curves.write(self.outputs.plots)
         self.outputs.commit()
         tracker.log_metrics(self.metrics)
+        tracker.flush()
         tracker.set_tags({f"{OUT_TAG}{out}": dvc_hash(Path(out)) for out in stage_outs(self.stage)})
         tracker.log_artifacts(plots_dir(self.stage), "plots")
         for name, kind, network, with_files, example, params in self._models:
             files = network_files(artifacts_dir(self.stage), network) + with_files
             tracker.log_model(name, kind, files, example, params)
-        tracker.finish(ok=True)
+        tracker.finish("FINISHED")
         shutil.rmtree(checkpoint_path(self.stage).parent, ignore_errors=True)
         self._update_pipeline(ok=True)
         return False
@@ -186,9 +200,9 @@ class StageRun:
                 changed.insert(0, f"{path} changed ({', '.join(keys)})")
         return changed
 
-    def _update_pipeline(self, ok: bool) -> None:
+    def _update_pipeline(self, ok: bool, killed: bool = False) -> None:
         if self.pipeline is not None and self.pipeline.stages_finish_it:
-            self.pipeline.finish(ok)
+            self.pipeline.finish(ok, killed=killed)
 
 
 def stage_task(fn: Callable, name: str):
@@ -208,13 +222,33 @@ def is_transient(err: BaseException) -> bool:
         ConnectionError, TimeoutError, httpx.TransportError,
         requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
     )
+    return any(isinstance(cause, network) for cause in causes(err))
+
+
+LOW_SPACE = 4 << 20  # bytes free below which a failure is put down to the full disk
+
+
+def disk_full(err: BaseException) -> str | None:
+    """What to say when `err`, or an error it came from, is a full disk: ENOSPC, SQLite's
+    "database or disk is full", or any error while the working directory's disk is all but full
+    (torch.save says only "unexpected pos"); None otherwise."""
+    chain = list(causes(err))
+    named = [cause for cause in chain if isinstance(cause, OSError) and cause.errno == errno.ENOSPC]
+    where = Path(named[0].filename).resolve().parent if named and named[0].filename else Path.cwd().resolve()
+    free = shutil.disk_usage(where).free
+    if not named and free >= LOW_SPACE and not any("database or disk is full" in str(cause) for cause in chain):
+        return None
+    return (f"No space left on device in {where} ({free / 2**20:.1f} MiB free; the stage writes artifacts/, "
+            "checkpoints/, plots/, metrics/ and the tracking store there); free some space and run it again")
+
+
+def causes(err: BaseException | None) -> Iterator[BaseException]:
+    """`err` and the errors it came from (`__cause__`, else `__context__`), each once."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, network):
-            return True
+        yield err
         err = err.__cause__ or err.__context__
-    return False
 
 
 @contextmanager
@@ -241,10 +275,14 @@ def stage_lock(stage: str) -> Iterator[None]:
         os.close(fd)
 
 
+INTERRUPTED = "aborted by an interrupt signal"  # Prefect's crash message for Ctrl-C
+
+
 class ReportedOnce(logging.Filter):
     """Prefect logs a failing task's and flow's exception with its traceback, then again in each
-    final state: for a StageError, a message meant for the user, `main` prints it once instead.
-    Records repeating `messages` (reported already) are left out too."""
+    final state: for a StageError, a message meant for the user, and a full disk, `main` prints it
+    once instead; an interrupt, the launcher reports (`runtime.outcome`). Records repeating
+    `messages` (reported already) are left out too."""
 
     def __init__(self, *messages: str):
         super().__init__()
@@ -252,34 +290,12 @@ class ReportedOnce(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, StageError):
+        if isinstance(error, (KeyboardInterrupt, TerminationSignal)) or INTERRUPTED in record.getMessage():
+            return False
+        if isinstance(error, StageError) or (error is not None and disk_full(error)):
             self.messages.add(str(error))
             return False
         return not any(message in record.getMessage() for message in self.messages)
-
-
-def keeps_last_good_outputs(main: Callable[[str, Callable], None]) -> Callable[[str, Callable], None]:
-    """`main`, reporting a StageError once, and putting back the last good outputs that `dvc repro`
-    removed before running the stage when it fails in any way (the `cache: false` metrics and
-    plots, which nothing else would restore)."""
-
-    @functools.wraps(main)
-    def run(stage: str, flow: Callable) -> None:
-        once = ReportedOnce()
-        for name in ("prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).addFilter(once)
-        try:
-            main(stage, flow)
-        except BaseException:
-            if Distributed.from_env().is_main:
-                try:
-                    restore_outs(stage)
-                except Exception as err:  # the stage's own error is the one to report
-                    print(f"could not put back the last good outputs of '{stage}' ({err}); `dvc checkout {stage}` "
-                          "restores the cached ones", file=sys.stderr)
-            raise
-
-    return run
 
 
 def _warnings_to_run_logs() -> None:
@@ -298,6 +314,10 @@ def _warnings_to_run_logs() -> None:
         logger.warning("%s: %s", category.__name__, message)
 
     warnings.showwarning = log_or_show
+
+
+def _terminate(number: int, _frame) -> None:
+    raise TerminationSignal(number)
 
 
 def run_flow(stage: str, flow, params: BaseModel) -> None:
@@ -350,10 +370,14 @@ def _run_as_subflow(stage: str, flow, params: BaseModel, stage_task_run_id: str)
     run_flow_run(flow, flow_run=flow_run, parameters=parameters)
 
 
-@keeps_last_good_outputs
 def main(stage: str, flow: Callable) -> None:
     """What `python -m flows.<stage>` does. A stage run under `dvc` (or the pipeline flow) ends
-    when that ends."""
+    when that ends; Ctrl-C or SIGTERM end it quietly with 128 + the signal's number (its
+    launcher, `runtime.outcome`, says so and puts back the last good outputs)."""
+    once = ReportedOnce()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(once)
+    signal.signal(signal.SIGTERM, _terminate)  # Prefect's flow engine raises the same while it runs
     try:
         params = load_params(stage)
         if (invocation := current_invocation()) is not None:
@@ -370,7 +394,12 @@ def main(stage: str, flow: Callable) -> None:
     except StageError as err:
         print(f"error in stage '{stage}':\n{err}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, TerminationSignal) as err:
+        sys.exit(128 + getattr(err, "signal", signal.SIGINT))
     except Exception as err:
+        if full := disk_full(err):
+            print(f"error in stage '{stage}':\n{full}", file=sys.stderr)
+            sys.exit(2)
         if not is_transient(err):
             raise
         if not isinstance(err, TrackingUnreachable):

@@ -10,9 +10,13 @@ under (one `PipelineRun` per pipeline run, whoever started it).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import socket
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +86,20 @@ def check_reachable(timeout: float = 5) -> None:
         ) from err
 
 
+# A tracking server that stops answering costs a stage at most about 20 s: 3 tries of 5 s and
+# 1-2 s between them, against MLflow's default of 8 tries of 120 s (unless the user set these).
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
+
 def client():
     from mlflow import MlflowClient
 
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+    # MLflow logs a store's database error with its traceback before raising it: the stage reports it once
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     return MlflowClient(tracking_uri())
 
 
@@ -143,19 +158,42 @@ class StageTracker:
         tags["mlflow.source.git.commit"] = tags["git.commit"]
         if parent:
             tags["mlflow.parentRunId"] = parent
-        run = self._client.create_run(experiment_id(self._client), run_name=stage, tags=tags)
+        tags.update({PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
+        experiment = experiment_id(self._client)
+        end_orphans(self._client, experiment)
+        run = self._client.create_run(experiment, run_name=stage, tags=tags)
         self.run_id = run.info.run_id
         _log_params(self._client, self.run_id, flatten(params, stage))
+        self.unreachable: Exception | None = None  # the error that cut the server off, if one did
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="mlflow-metrics")
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Send the metrics from a background thread: the training loop never waits on the server.
+        Once a send fails (after MLflow's bounded retries, `HTTP_LIMITS`), nothing more is sent."""
         if not self.enabled or not metrics:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        for start in range(0, len(batch), 1000):
-            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        self._sender.submit(self._send, batch)
+
+    def _send(self, batch: list) -> None:
+        if self.unreachable is not None:
+            return
+        try:
+            for start in range(0, len(batch), 1000):
+                self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        except Exception as err:
+            self.unreachable = err
+            print(f"warning: MLflow ({tracking_uri()}) stopped answering ({type(err).__name__}); stage "
+                  f"'{self.stage}' trains on without sending metrics", file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        """Wait for the metrics sent so far (bounded: a send that fails ends the sending)."""
+        if self.enabled:
+            self._sender.shutdown(wait=True)
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix="mlflow-metrics")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.enabled:
@@ -181,9 +219,10 @@ class StageTracker:
         if self.enabled:
             log_network(self._client, self.run_id, name, kind, files, example, params, tags={"stage": self.stage})
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, status: str) -> None:
+        """End the run as FINISHED, FAILED or KILLED."""
         if self.enabled:
-            self._client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+            self._client.set_terminated(self.run_id, status)
 
 
 def _log_params(mlflow_client, run_id: str, values: dict) -> None:
@@ -217,6 +256,31 @@ def headline_metrics() -> dict[str, float]:
     return headline
 
 
+PID_TAG = "latentlab.pid"  # the process a run lives in, on
+HOST_TAG = "latentlab.host"  # this machine: a run whose process is gone is ended as KILLED
+
+
+def end_orphans(mlflow_client, experiment: str) -> list[str]:
+    """End as KILLED the RUNNING runs of this machine whose process is gone (killed with no chance
+    to end its run: `kill -9`, the out-of-memory killer, a lost machine's reboot); their ids."""
+    import psutil
+
+    host = socket.gethostname()
+    running = mlflow_client.search_runs(
+        [experiment], f"attributes.status = 'RUNNING' AND tags.`{HOST_TAG}` = '{host}'", max_results=1000
+    )
+    ended = []
+    for run in running:
+        try:  # a process of that PID started after the run did is another one
+            alive = psutil.Process(int(run.data.tags[PID_TAG])).create_time() <= run.info.start_time / 1000 + 1
+        except (psutil.Error, KeyError, ValueError):
+            alive = False
+        if not alive:
+            mlflow_client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 PIPELINE_TAG = "latentlab.pipeline"
 INVOCATION_TAG = "latentlab.invocation"
 OUT_TAG = "dvc.out."  # + an out's path: its DVC hash, on the stage run that made it
@@ -243,9 +307,14 @@ class PipelineRun:
         stages_finish_it: bool = False,
     ) -> PipelineRun:
         mlflow_client = client()
-        tags = {PIPELINE_TAG: "true", "trigger": trigger, **git_state(), **(tags or {})}
+        tags = {
+            PIPELINE_TAG: "true", "trigger": trigger, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
+            **git_state(), **(tags or {}),
+        }
         tags["mlflow.source.git.commit"] = tags["git.commit"]
-        run = mlflow_client.create_run(experiment_id(mlflow_client), start_time=start_ms, run_name=name, tags=tags)
+        experiment = experiment_id(mlflow_client)
+        end_orphans(mlflow_client, experiment)
+        run = mlflow_client.create_run(experiment, start_time=start_ms, run_name=name, tags=tags)
         params = {key: value for stage in STAGE_PARAMS for key, value in flatten(load_params(stage), stage).items()}
         _log_params(mlflow_client, run.info.run_id, params)
         return cls(run.info.run_id, mlflow_client, stages_finish_it=stages_finish_it)
@@ -265,17 +334,18 @@ class PipelineRun:
         if found:
             return cls(found[0].info.run_id, mlflow_client, stages_finish_it=True)
         experiment = os.environ.get("DVC_EXP_NAME")
-        tags = {INVOCATION_TAG: invocation.key, **({"dvc.experiment": experiment} if experiment else {})}
+        tags = {INVOCATION_TAG: invocation.key, PID_TAG: str(invocation.pid), **({"dvc.experiment": experiment} if experiment else {})}
         name = experiment or time.strftime("dvc-repro-%Y%m%d-%H%M%S", time.localtime(invocation.started))
         return cls.start(name, "dvc repro", tags, start_ms=int(invocation.started * 1000), stages_finish_it=True)
 
-    def finish(self, ok: bool, tags: dict[str, str] | None = None) -> None:
+    def finish(self, ok: bool, tags: dict[str, str] | None = None, killed: bool = False) -> None:
         """Record what the pipeline run did: headline metrics as the workspace holds them now; wall
         time since the run started, the summed `wall_seconds` of its stage runs and the share of the
         wall time that was neither; which stages ran (`stages.ran`) and, for a run that succeeded,
         the run that made each output it reused (`reused.<stage>`, `stages.reused`, the run's
         description), the FID table and plot under `fid/`, and the registry's `@current` models.
-        A run that succeeded without running any stage recorded no result: it is deleted."""
+        A run that succeeded without running any stage recorded no result: it is deleted; one that
+        did not ends FAILED, or KILLED when it was interrupted."""
         from mlflow.entities import Metric, RunTag
 
         run = self._client.get_run(self.run_id)
@@ -311,7 +381,7 @@ class PipelineRun:
                 if path.is_file():
                     self._client.log_artifact(self.run_id, str(path), "fid")
             register_current(self._client, sources, self.run_id)
-        self._client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+        self._client.set_terminated(self.run_id, "FINISHED" if ok else "KILLED" if killed else "FAILED")
 
 
 def output_sources(mlflow_client, experiment: str, children) -> dict:

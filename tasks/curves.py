@@ -1,4 +1,4 @@
-"""Curves as CSV tables in plots/<stage>/: what dvc.yaml's top-level `plots:` draw with
+"""Curves as CSV tables in plots/<stage>/: what the stages' `plots:` in dvc.yaml draw with
 `dvc plots show` (x/y columns, one row per point)."""
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class StepCurves:
             self._last_train_step = step
         for table, row in rows.items():
             self.tables[table].append({"step": step + self._offset, **row})
+
+    def combine(self, name: str, tables: list[str]) -> None:
+        """Put `tables` into one table `name`, their rows one after another with a `series` column
+        naming the table each came from: one chart draws them as a line each (`by_series`)."""
+        self.tables[name] = [{"series": table, **row} for table in tables for row in self.tables.pop(table, [])]
 
     def write(self, folder: Path) -> None:
         for table, rows in self.tables.items():

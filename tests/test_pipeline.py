@@ -216,16 +216,10 @@ def test_generative_results_reach_dvc_metrics_plots_and_mlflow(pipeline):
     assert len(client.get_metric_history(runs["diffusion"].info.run_id, "train/loss")) > 3
 
 
-CURVES = [
-    "fid_vs_nfe", "sampling_speed", "ssl_loss", "ssl_knn", "vae_loss", "diffusion_loss", "kd_cross_entropy", "gan_wasserstein",
-    "distill_loss",
-]
-IMAGES = [
-    "plots/prepare/samples.png", "plots/encoder/embedding_2d.png", "plots/probe/confusion.png",
-    "plots/probe/label_efficiency.png", "plots/vae/reconstructions.png", "plots/vae/prior_samples.png",
-    "plots/diffusion/samples.png", "plots/gan/samples.png", "plots/distill/samples.png", "plots/fid/samples_teacher.png",
-    "plots/fid/samples_student.png",
-]
+def declared_plots(repo) -> dict[str, dict]:
+    """{file: props} of every stage's `plots:` in dvc.yaml, in its order."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return {path: props for stage in stages.values() for entry in stage.get("plots", []) for path, props in entry.items()}
 
 
 @pytest.mark.slow
@@ -233,17 +227,18 @@ def test_dvc_plots_show_draws_the_curves_and_the_sample_figures(pipeline):
     repo, _ = pipeline
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
     assert "errors" not in shown, shown["errors"]
-    assert list(shown["data"]) == CURVES + IMAGES  # dvc.yaml's plots, in its order, and nothing else
-    specs = {name: shown["data"][name][0]["content"] for name in CURVES}
-    defined = {name: props for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
-               if isinstance(entry, dict) for name, props in entry.items()}
-    for name, spec in specs.items():  # dvc.yaml's title and axis labels reach the chart
-        assert spec["title"]["text"] == defined[name]["title"]
+    declared = declared_plots(repo)
+    assert list(shown["data"]) == list(declared)  # each stage's plots, in dvc.yaml's order, and nothing else
+    curves = [path for path in declared if path.endswith(".csv")]
+    specs = {path: shown["data"][path][0]["content"] for path in curves}
+    for path, spec in specs.items():  # dvc.yaml's title and axis labels reach the chart
+        assert spec["title"]["text"] == declared[path]["title"]
         text = json.dumps(spec)
-        assert f'"title": "{defined[name]["x_label"]}"' in text and f'"title": "{defined[name]["y_label"]}"' in text
+        assert f'"title": "{declared[path]["x_label"]}"' in text and f'"title": "{declared[path]["y_label"]}"' in text
+    assert all(shown["data"][path][0]["type"] == "image" for path in declared if path.endswith(".png"))
 
-    rows = specs["fid_vs_nfe"]["data"]["values"]  # every generator on one chart, a line each, by NFE
-    assert specs["fid_vs_nfe"]["encoding"]["x"]["scale"]["type"] == "log"
+    rows = specs["plots/fid/fid_vs_nfe.csv"]["data"]["values"]  # every generator on one chart, a line each, by NFE
+    assert specs["plots/fid/fid_vs_nfe.csv"]["encoding"]["x"]["scale"]["type"] == "log"
     fid = metrics(repo, "fid")
     for kind, line in (("teacher", "teacher (ddim)"), ("student", "student")):  # smoke: a DDPM teacher, 1 call a step
         points = [(int(r["nfe"]), float(r["fid"])) for r in rows if r["generator"] == line]
@@ -253,19 +248,23 @@ def test_dvc_plots_show_draws_the_curves_and_the_sample_figures(pipeline):
     assert [float(r["fid"]) for r in rows if r["generator"] == "gan"] == [pytest.approx(fid["fid.gan"], rel=1e-4, abs=1e-5)]
     floor = [float(r["fid"]) for r in rows if r["generator"] == "floor (real train vs test)"]
     assert floor == [pytest.approx(fid["fid.floor_train_vs_test"], rel=1e-4, abs=1e-5)] * 2
+    speed = specs["plots/fid/speed.csv"]["data"]["values"]  # the sampled rows' images/s, the same lines
+    assert {r["generator"] for r in speed} == {r["generator"] for r in rows} - {"floor (real train vs test)", "decoded prior"}
 
-    for name in ("ssl_loss", "vae_loss", "diffusion_loss", "distill_loss"):  # a point per logged training step
-        steps = [int(r["step"]) for r in specs[name]["data"]["values"] if r.get("field", "loss") == "loss"]
-        assert len(steps) > 3 and steps == sorted(set(steps)), (name, steps)
-    knn = specs["ssl_knn"]["data"]["values"]
+    for stage in ("ssl", "vae", "diffusion", "distill"):  # a point per logged training step
+        steps = [int(r["step"]) for r in specs[f"plots/{stage}/train.csv"]["data"]["values"]]
+        assert len(steps) > 3 and steps == sorted(set(steps)), (stage, steps)
+    knn = specs["plots/ssl/eval.csv"]["data"]["values"]
     assert float(knn[-1]["knn_top1"]) == pytest.approx(metrics(repo, "ssl")["knn_top1"], rel=1e-4)
+    students = specs["plots/kd/students.csv"]["data"]["values"]  # a line per student
+    assert {r["series"] for r in students} == {"with_kd", "without_kd"}
 
-    run(["dvc", "plots", "show"], repo)  # the page: charts first, then the images grouped by stage folder
+    run(["dvc", "plots", "show"], repo)  # the page
     page = (repo / "dvc_plots" / "index.html").read_text()
     assert "<h2>latentlab</h2>" in page  # .dvc/plots/page.html, the page's template
-    assert page.index(specs["distill_loss"]["title"]["text"]) < page.index("<img")
+    assert all(declared[path]["title"] in page for path in curves)
     labels = [label for label in re.findall(r"<p>([^<]+)</p>", page) if label != "workspace"]
-    assert labels == sorted(IMAGES)  # DVC orders images by path: a stage folder at a time
+    assert sorted(labels) == sorted(path for path in declared if path.endswith(".png"))
     assert "dvc_plots" not in run(["git", "status", "--porcelain"], repo).stdout  # ignored
 
 
@@ -581,5 +580,6 @@ def test_dvc_exp_run_keeps_every_plot_file_in_the_experiment(pipeline):
     run(["dvc", "exp", "run", "-n", "two-teacher-steps", "-S", "params/fid.yaml:teacher_steps=[1,3]"], repo)
     assert "two-teacher-steps" in run(["dvc", "exp", "show", "--md", "--only-changed"], repo).stdout
     assert experiment_files(repo, "two-teacher-steps", "plots", "metrics") == files_under(repo, "plots", "metrics")
-    teacher = run(["git", "show", experiment_ref(repo, "two-teacher-steps") + ":plots/fid/teacher.csv"], repo).stdout
-    assert [line.split(",")[0] for line in teacher.splitlines()] == ["steps", "1", "3"]
+    speed = run(["git", "show", experiment_ref(repo, "two-teacher-steps") + ":plots/fid/speed.csv"], repo).stdout
+    teacher = [row.split(",")[1] for row in speed.splitlines() if row.startswith("teacher")]
+    assert teacher == ["1", "3"]  # generator,nfe,...: the DDPM teacher's DDIM calls its net once a step

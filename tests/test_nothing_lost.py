@@ -1,0 +1,229 @@
+"""Nothing lost, through the user's door (`dvc repro` on the smoke run): DVC's run cache holds
+every stage run and restores instead of recomputing; whatever ends a stage (Ctrl-C, SIGTERM, a
+`kill -9` of its `dvc`, a tracking server that dies, a full disk) its last good metrics, plots and
+artifacts stay in place, it says so in one line, and no MLflow run stays RUNNING."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runtime.server import free_port
+from tests.conftest import copy_repo, run, run_env
+
+pytestmark = pytest.mark.slow
+
+SSL_OUTPUTS = ("metrics/ssl.json", "plots/ssl", "artifacts/ssl")
+PUT_BACK_SECONDS = 60  # after its `dvc` is gone, the stage's launcher puts the outputs back on its own
+
+
+def snapshot(repo: Path, *paths: str) -> dict[str, bytes]:
+    """{file: bytes} of every file under `paths` (files or folders)."""
+    files = [f for p in paths for f in ([repo / p] if (repo / p).is_file() else sorted((repo / p).rglob("*")))]
+    return {str(f.relative_to(repo)): f.read_bytes() for f in files if f.is_file()}
+
+
+def store(repo: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs(client, where: str = "") -> list:
+    experiment = client.get_experiment_by_name("latentlab")
+    return client.search_runs([experiment.experiment_id], where, max_results=1000)
+
+
+def start(args: list[str], repo: Path, log: Path, **env: str | None) -> subprocess.Popen:
+    """A command in a session of its own (as a terminal would run it), its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(args, cwd=repo, env=run_env(**env), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_until_training(process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 600
+    while "ssl/simclr:" not in log.read_text():
+        assert process.poll() is None, f"exited {process.returncode} before training:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(2)  # a few steps in
+
+
+def wait_for(condition, seconds: float = PUT_BACK_SECONDS) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return condition()
+
+
+def test_every_stage_run_is_in_dvc_run_cache(pipeline):
+    repo, _ = pipeline
+    entries = {entry.parent.name for entry in (repo / ".dvc" / "cache" / "runs").glob("*/*/*") if entry.is_file()}
+    assert len(entries) >= len(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]) == 10
+
+
+def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(pipeline):
+    repo, _ = pipeline
+    outputs = ("metrics/probe.json", "plots/probe", "artifacts/probe")
+    first, params = snapshot(repo, *outputs), repo / "params" / "probe.yaml"
+    good = params.read_text()
+    try:
+        params.write_text(good.replace("knn_k: 20", "knn_k: 7"))
+        assert "Running stage 'probe'" in run(["dvc", "repro", "probe"], repo).stdout
+        assert snapshot(repo, *outputs) != first
+    finally:
+        params.write_text(good)
+    probe_runs = len(runs(store(repo), "tags.stage = 'probe'"))
+    back = run(["dvc", "repro", "probe"], repo)
+    assert "Stage 'probe' is cached - skipping run, checking out outputs" in back.stdout, back.stdout
+    assert "Running stage 'probe'" not in back.stdout
+    assert snapshot(repo, *outputs) == first
+    assert len(runs(store(repo), "tags.stage = 'probe'")) == probe_runs  # nothing trained, nothing tracked
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
+
+@pytest.mark.parametrize(
+    "sig, to, says",
+    [
+        (signal.SIGINT, "group", "stage 'ssl' was interrupted (SIGINT, Ctrl-C): nothing was changed"),
+        (signal.SIGTERM, "group", "stage 'ssl' was stopped"),  # (SIGTERM), or its dvc gone: whichever is seen first
+        (signal.SIGKILL, "dvc", "stage 'ssl' was stopped: the `dvc` (or pipeline flow) it ran under is gone"),
+        (signal.SIGKILL, "stage", "stage 'ssl' was killed (SIGKILL: `kill -9`, or the kernel's out-of-memory killer)"),
+    ],
+    ids=["ctrl-c", "sigterm", "kill-9-dvc", "kill-9-stage"],
+)
+def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(pipeline, tmp_path, sig, to, says):
+    """Ctrl-C reaches the whole process group; `kill` and `kill -9` reach `dvc`, which dies at once
+    (DVC handles neither), and the stage's launcher, seeing it gone, stops the stage and puts back."""
+    repo, _ = pipeline
+    before, lock = snapshot(repo, *SSL_OUTPUTS), (repo / "dvc.lock").read_text()
+    dvc = start(["dvc", "repro", "--force", "--single-item", "ssl"], repo, log := tmp_path / "dvc.log")
+    wait_until_training(dvc, log)
+    if to == "group":
+        os.killpg(dvc.pid, sig)
+    elif to == "dvc":
+        dvc.send_signal(sig)
+    else:  # the stage's own process, as the out-of-memory killer would: it holds the stage's lock
+        holder = (repo / "checkpoints" / ".ssl.lock").read_text()
+        os.kill(int(holder.split()[1]), sig)
+    dvc.wait(timeout=120)
+    assert wait_for(lambda: says in log.read_text()), log.read_text()[-3000:]
+    assert wait_for(lambda: snapshot(repo, *SSL_OUTPUTS) == before), sorted(snapshot(repo, *SSL_OUTPUTS))
+    text = log.read_text()
+    assert text.count(says) == 1 and "Traceback" not in text, text[-3000:]
+    assert (repo / "dvc.lock").read_text() == lock
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
+    client = store(repo)
+    newest = max(runs(client, "tags.stage = 'ssl'"), key=lambda r: r.info.start_time)
+    if sig == signal.SIGINT:  # a stage with a chance ends its run itself
+        assert wait_for(lambda: client.get_run(newest.info.run_id).info.status == "KILLED", 30)
+    run(["dvc", "repro", "--force", "--single-item", "prepare"], repo)  # the next start ends what was left
+    assert [r.data.tags.get("stage", r.info.run_name) for r in runs(client, "attributes.status = 'RUNNING'")] == []
+    assert client.get_run(newest.info.run_id).info.status == "KILLED"
+
+
+def test_ctrl_c_in_every_stage_keeps_its_last_good_outputs(pipeline, tmp_path):
+    """Ctrl-C as each stage's flow run begins, prepare to fid: N/N interrupted with one line,
+    their outputs as they were, dvc.lock unchanged."""
+    repo, _ = pipeline
+    order = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    lock, survived = (repo / "dvc.lock").read_text(), []
+    for stage in order:
+        outputs = (f"metrics/{stage}.json", f"plots/{stage}", f"artifacts/{stage}")
+        before = snapshot(repo, *outputs)
+        dvc = start(["dvc", "repro", "--force", "--single-item", stage], repo, log := tmp_path / f"{stage}.log")
+        deadline = time.monotonic() + 300
+        while "Beginning flow run" not in log.read_text() and dvc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(dvc.pid, signal.SIGINT)
+        dvc.wait(timeout=300)
+        text = log.read_text()
+        says = f"stage '{stage}' was interrupted (SIGINT, Ctrl-C): nothing was changed"
+        if text.count(says) == 1 and "Traceback" not in text and snapshot(repo, *outputs) == before:
+            survived.append(stage)
+        else:
+            print(f"{stage}: {text[-2000:]}")
+    print(f"Ctrl-C survived with a clear message: {len(survived)}/{len(order)}")  # the note's figure
+    assert survived == order
+    assert (repo / "dvc.lock").read_text() == lock
+
+
+def mlflow_server(folder: Path, port: int, log: Path) -> subprocess.Popen:
+    from runtime.team import MLFLOW_SERVER_ENV, mlflow_server_command
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        server = subprocess.Popen(mlflow_server_command(folder, port), env=run_env(**MLFLOW_SERVER_ENV),
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    import requests
+
+    def answers() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    assert wait_for(answers, 120), log.read_text()[-2000:]
+    return server
+
+
+def test_a_tracking_server_that_dies_mid_stage_costs_seconds_and_loses_nothing(pipeline, tmp_path):
+    repo, _ = pipeline
+    before, lock = snapshot(repo, *SSL_OUTPUTS), (repo / "dvc.lock").read_text()
+    port = free_port()
+    server = mlflow_server(tmp_path / "mlflow", port, tmp_path / "mlflow.log")
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        dvc = start(["dvc", "repro", "--force", "--single-item", "ssl"], repo, log := tmp_path / "dvc.log",
+                    MLFLOW_TRACKING_URI=uri)
+        wait_until_training(dvc, log)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    dvc.wait(timeout=600)
+    print(f"the stage ended {time.monotonic() - killed:.1f} s after its tracking server died")  # the note's figure
+    text = log.read_text()
+    assert dvc.returncode != 0
+    assert "stage 'ssl' trains on without sending metrics" in text, text[-3000:]
+    assert f"the MLflow tracking server {uri} stopped answering while the stage ran" in text, text[-3000:]
+    assert "stage 'ssl' failed: nothing was changed, its last good outputs are in place" in text
+    assert snapshot(repo, *SSL_OUTPUTS) == before
+    assert (repo / "dvc.lock").read_text() == lock
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MiB tmpfs (root only: CI runs as root), unmounted after the test."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_named_with_its_folder_and_loses_nothing(small_disk, tmp_path, prefect_api):
+    repo = copy_repo(small_disk / "repo")
+    run([sys.executable, "-m", "flows", "profile", "smoke"], repo)
+    run(["dvc", "repro", "ssl"], repo)
+    before, lock = snapshot(repo, *SSL_OUTPUTS), (repo / "dvc.lock").read_text()
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - (256 << 10)))  # a quarter MiB left
+    done = run(["dvc", "repro", "--force", "--single-item", "ssl"], repo, check=False)
+    (small_disk / "filler").unlink()
+    assert done.returncode != 0
+    assert f"No space left on device in {small_disk.resolve()}" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert snapshot(repo, *SSL_OUTPUTS) == before
+    assert (repo / "dvc.lock").read_text() == lock
