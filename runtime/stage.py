@@ -42,7 +42,14 @@ from runtime.tracking import (
     current_pipeline_run,
     tracking_uri,
 )
-from tasks.artifacts import CHECKPOINTS, StageOutputs, artifacts_dir, checkpoint_path, plots_dir
+from tasks.artifacts import (
+    CHECKPOINTS,
+    StageOutputs,
+    artifacts_dir,
+    checkpoint_path,
+    plots_dir,
+    without_float_noise,
+)
 from tasks.curves import StepCurves
 from tasks.device import Distributed, pick_device
 from tasks.errors import StageError
@@ -163,6 +170,7 @@ class StageRun:
                     "put in place. Start the server again (or unset MLFLOW_TRACKING_URI) and rerun the stage"
                 ) from tracker.unreachable
             return False
+        self.metrics = without_float_noise(self.metrics)
         self.outputs.metrics = self.metrics
         self.curves.write(self.outputs.plots)
         self.outputs.commit()

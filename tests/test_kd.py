@@ -145,7 +145,7 @@ def test_dvc_repro_kd_reports_teacher_and_students_and_tracks_them(repo_copy, tm
 
 
 def test_metrics_lose_their_float_noise_and_keep_what_was_measured():
-    from tasks.precision import without_float_noise
+    from tasks.artifacts import without_float_noise
 
     noisy = {"probe_top1": 0.8666666746139526, "kd_gain": -0.07499999999999996, "psnr": 30.107458114624023,
              "parameters": 690_970, "train_seconds": 148.79, "images_per_s": 103_000.5}
