@@ -21,12 +21,12 @@ class TwoViews(nn.Module):
         self,
         image_size: int,
         channels: int,
-        crop_scale: tuple[float, float] = (0.2, 1.0),
-        flip: bool = True,
-        jitter_strength: float = 0.5,
-        jitter_prob: float = 0.8,
-        grayscale_prob: float = 0.2,
-        blur_prob: float = 0.5,
+        crop_scale: tuple[float, float],
+        flip: bool,
+        jitter_strength: float,
+        jitter_prob: float,
+        grayscale_prob: float,
+        blur_prob: float,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
     ):
         super().__init__()

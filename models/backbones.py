@@ -15,23 +15,27 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ResNetConfig:
-    in_channels: int = 3
-    image_size: int = 32  # not needed by the convolutions; kept so the encoder knows its input size
-    width: int = 64  # channels of the first stage; each later stage doubles them
-    depth: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage; (2, 2, 2, 2) is ResNet-18
-    stem_stride: int = 1  # 2 halves the image in the stem: about 3.5x cheaper, for images of 28 px and up
+    """Set by tasks/params.py's ResNetParams and by the data."""
+
+    in_channels: int
+    image_size: int  # not needed by the convolutions; kept so the encoder knows its input size
+    width: int  # channels of the first stage; each later stage doubles them
+    depth: tuple[int, ...]  # BasicBlocks per stage; (2, 2, 2, 2) is ResNet-18
+    stem_stride: int  # 2 halves the image in the stem: about 3.5x cheaper, for images of 28 px and up
 
 
 @dataclass(frozen=True)
 class ViTConfig:
-    in_channels: int = 3
-    image_size: int = 32
-    patch_size: int = 4
-    dim: int = 192
-    depth: int = 6
-    heads: int = 3
-    mlp_ratio: int = 4
-    pool: str = "cls"  # the feature: the final cls token, or the mean of the patch tokens ("mean")
+    """Set by tasks/params.py's ViTParams (which also checks that heads divide dim) and by the data."""
+
+    in_channels: int
+    image_size: int
+    patch_size: int
+    dim: int
+    depth: int
+    heads: int
+    mlp_ratio: int
+    pool: str  # the feature: the final cls token, or the mean of the patch tokens ("mean")
 
 
 # -- ResNet ------------------------------------------------------------------------------
@@ -128,10 +132,6 @@ class ViT(nn.Module):
         super().__init__()
         if config.image_size % config.patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
-        if config.pool not in ("cls", "mean"):
-            raise ValueError(f"pool {config.pool!r} is neither 'cls' nor 'mean'")
-        if config.dim % config.heads:
-            raise ValueError(f"dim {config.dim} is not a multiple of heads {config.heads}")
         self.config = {"name": "vit", **asdict(config)}
         self.image_size = config.image_size
         self.pool = config.pool

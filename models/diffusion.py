@@ -35,7 +35,7 @@ class RectifiedFlow:
     the training on the middle of the path, where the velocity is hardest to predict.
     """
 
-    def __init__(self, time_mean: float = 0.0, time_std: float = 1.0, label_dropout: float = 0.1):
+    def __init__(self, time_mean: float, time_std: float, label_dropout: float):
         self.time_mean = time_mean
         self.time_std = time_std
         self.label_dropout = label_dropout
@@ -78,7 +78,7 @@ class CosineSchedule:
 class DDPM:
     """Epsilon prediction (Ho et al. 2020) under the cosine schedule, t uniform in [0, 1]."""
 
-    def __init__(self, schedule: CosineSchedule | None = None, label_dropout: float = 0.1):
+    def __init__(self, label_dropout: float, schedule: CosineSchedule | None = None):
         self.schedule = schedule or CosineSchedule()
         self.label_dropout = label_dropout
 
@@ -135,7 +135,7 @@ class EDM:
     (ln σ ~ N(p_mean, p_std²)), the preconditioned denoiser regresses x0 with weight
     (σ² + σ_data²) / (σ σ_data)², which makes the network's own target unit-variance at every σ."""
 
-    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5, label_dropout: float = 0.1):
+    def __init__(self, p_mean: float, p_std: float, sigma_data: float, label_dropout: float):
         self.p_mean = p_mean
         self.p_std = p_std
         self.sigma_data = sigma_data

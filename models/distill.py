@@ -37,8 +37,8 @@ class ProgressiveDistillation(nn.Module):
         teacher: nn.Module,
         student: nn.Module,
         student_steps: int,
+        label_dropout: float,
         schedule: CosineSchedule | None = None,
-        label_dropout: float = 0.1,
     ):
         super().__init__()
         self.teacher = teacher.requires_grad_(False).eval()
@@ -58,7 +58,7 @@ class ProgressiveDistillation(nn.Module):
             raise ValueError("the student already samples in one step")
         student = copy.deepcopy(self.student)
         return ProgressiveDistillation(
-            self.student, student, self.student_steps // 2, self.schedule, self.label_dropout
+            self.student, student, self.student_steps // 2, self.label_dropout, self.schedule
         )
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -97,8 +97,8 @@ def make_reflow_pairs(
     labels: torch.Tensor,
     latent_shape: tuple[int, ...],
     steps: int,
-    guidance: float = 1.0,
-    batch_size: int = 256,
+    guidance: float,
+    batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise, teacher sample from that noise) for each label: the coupling reflow straightens.
 
@@ -139,7 +139,7 @@ class ConsistencyDistillation(nn.Module):
 
     def __init__(
         self, teacher: EDMPrecond, student: nn.Module, schedule: KarrasSchedule, levels: int,
-        target_decay: float, guidance: float = 1.0,
+        target_decay: float, guidance: float,
     ):
         super().__init__()
         self.teacher = teacher.requires_grad_(False).eval()

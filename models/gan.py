@@ -19,9 +19,9 @@ from torch.func import functional_call
 class GanConfig:
     latent_shape: tuple[int, ...]  # (C, h, w) of the scaled latents
     num_classes: int
-    noise_dim: int = 64
-    hidden: int = 256
-    depth: int = 3  # hidden layers of each network
+    noise_dim: int
+    hidden: int
+    depth: int  # hidden layers of each network
 
 
 def mlp(inputs: int, hidden: int, depth: int) -> nn.Sequential:
@@ -82,7 +82,7 @@ class WGANGP(nn.Module):
     ddp_find_unused_parameters = True  # one network sits out each step
 
     def __init__(
-        self, generator: Generator, critic: Critic, penalty_weight: float = 10.0, adam_betas: tuple[float, float] = (0.0, 0.9)
+        self, generator: Generator, critic: Critic, penalty_weight: float, adam_betas: tuple[float, float]
     ):
         super().__init__()
         self.generator, self.critic = generator, critic

@@ -13,10 +13,10 @@ from torch import nn
 
 @dataclass(frozen=True)
 class StudentConfig:
-    in_channels: int = 1
-    image_size: int = 16
-    num_classes: int = 10
-    widths: tuple[int, ...] = (16, 32)  # channels of each conv stage; each stage halves the grid
+    in_channels: int
+    image_size: int
+    num_classes: int
+    widths: tuple[int, ...]  # channels of each conv stage; each stage halves the grid
 
 
 class StudentCNN(nn.Module):

@@ -13,7 +13,7 @@ def knn_predict(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     query_features: torch.Tensor,
-    k: int = 20,
+    k: int,
     temperature: float = 0.07,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
@@ -36,7 +36,7 @@ def knn_accuracy(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
-    k: int = 20,
+    k: int,
     temperature: float = 0.07,
 ) -> float:
     """Top-1 accuracy of `knn_predict` on the test embeddings."""

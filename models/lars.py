@@ -11,7 +11,7 @@ class LARS(torch.optim.Optimizer):
     small ones, and reads nothing back to the host.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, eta: float = 0.001):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta})
 
     @torch.no_grad()

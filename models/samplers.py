@@ -125,11 +125,12 @@ def ddpm_ancestral(
 @dataclass(frozen=True)
 class KarrasSchedule:
     """EDM's noise levels (Karras et al. 2022, eq. 5): σ_max^(1/ρ) to σ_min^(1/ρ) evenly, to the
-    power ρ, then 0; ρ = 7 crowds the steps at low σ, where the ODE curves most."""
+    power ρ, then 0; ρ = 7 crowds the steps at low σ, where the ODE curves most. The values come
+    from tasks/params.py's EDMParams."""
 
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    sigma_min: float
+    sigma_max: float
+    rho: float
 
     def sigmas(self, steps: int) -> list[float]:
         """steps + 1 noise levels from sigma_max down to 0 (one step: sigma_max, 0)."""
@@ -145,13 +146,14 @@ def edm_heun(
     labels: torch.Tensor,
     steps: int,
     guidance: float = 1.0,
-    schedule: KarrasSchedule | None = None,
+    *,
+    schedule: KarrasSchedule,
     invert: bool = False,
 ) -> torch.Tensor:
     """EDM's deterministic sampler (Algorithm 1): Heun on the probability-flow ODE
     dx/dσ = (x - D(x, σ)) / σ, Euler on the last step to σ = 0: 2 steps - 1 net calls.
     Inverted, x0 stands for x at σ_min and the result is divided by σ_max: unit noise."""
-    sigmas = (schedule or KarrasSchedule()).sigmas(steps)
+    sigmas = schedule.sigmas(steps)
     if invert:
         sigmas = sigmas[-2::-1]
     x = noise if invert else noise * sigmas[0]
@@ -183,8 +185,9 @@ def reverse_sde(
     labels: torch.Tensor,
     steps: int,
     guidance: float = 1.0,
-    schedule: KarrasSchedule | None = None,
-    churn: float | None = None,
+    *,
+    schedule: KarrasSchedule,
+    churn: float | None,
 ) -> torch.Tensor:
     """Euler–Maruyama on EDM's family of reverse-time SDEs (eq. 6, σ(t) = t): the probability-flow
     ODE plus Langevin steps of strength γ, all sharing one net call a step:
@@ -195,7 +198,7 @@ def reverse_sde(
     ODE sampler. The last step to σ = 0 returns the denoiser's output, without noise. Fresh noise
     comes from torch's global generator: the caller seeds it.
     """
-    sigmas = (schedule or KarrasSchedule()).sigmas(steps)
+    sigmas = schedule.sigmas(steps)
     x = noise * sigmas[0]
     for sigma, sigma_next in pairwise(sigmas):
         denoised = guided(net, x, sigma, labels, guidance)
@@ -216,12 +219,12 @@ def consistency(
     labels: torch.Tensor,
     steps: int,
     guidance: float = 1.0,
-    schedule: KarrasSchedule | None = None,
+    *,
+    schedule: KarrasSchedule,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): the consistency function
     (models/diffusion.ConsistencyPrecond) maps x at σ_max to x0, then x0 re-noised to each next
     level of a (steps + 1)-level ρ-schedule, short of σ_min, is mapped again: 1 call a step."""
-    schedule = schedule or KarrasSchedule()
     sigmas = schedule.sigmas(steps + 1)[:steps]
     x = guided(net, noise * sigmas[0], sigmas[0], labels, guidance)
     for sigma in sigmas[1:]:

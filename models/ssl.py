@@ -105,9 +105,9 @@ class SimCLR(SSLObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        proj_hidden_dim: int = 2048,
-        proj_dim: int = 128,
-        temperature: float = 0.2,
+        proj_hidden_dim: int,
+        proj_dim: int,
+        temperature: float,
     ):
         super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim))
         self.temperature = temperature
@@ -145,11 +145,11 @@ class MoCoV2(MomentumObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        proj_hidden_dim: int = 2048,
-        proj_dim: int = 128,
-        temperature: float = 0.2,
-        queue_size: int = 65536,
-        momentum_base: float = 0.99,
+        proj_hidden_dim: int,
+        proj_dim: int,
+        temperature: float,
+        queue_size: int,
+        momentum_base: float,
     ):
         super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim), momentum_base)
         self.temperature = temperature
@@ -178,10 +178,10 @@ class BYOL(MomentumObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        proj_hidden_dim: int = 4096,
-        proj_dim: int = 256,
-        pred_hidden_dim: int = 4096,
-        momentum_base: float = 0.99,
+        proj_hidden_dim: int,
+        proj_dim: int,
+        pred_hidden_dim: int,
+        momentum_base: float,
     ):
         super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim), momentum_base)
         self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim)
@@ -221,16 +221,16 @@ class DINO(MomentumObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        out_dim: int = 4096,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        head_batch_norm: bool = True,
-        student_temperature: float = 0.1,
-        teacher_temperature: float = 0.04,
-        warmup_teacher_temperature: float = 0.04,
-        teacher_warmup_fraction: float = 0.0,
-        center_momentum: float = 0.9,
-        momentum_base: float = 0.996,
+        out_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        head_batch_norm: bool,
+        student_temperature: float,
+        teacher_temperature: float,
+        warmup_teacher_temperature: float,
+        teacher_warmup_fraction: float,
+        center_momentum: float,
+        momentum_base: float,
     ):
         # without batch norm a fresh ResNet maps every image to nearly the same direction, so the
         # teacher is one-hot on the same prototype for all of them and centring makes it uniform
@@ -338,13 +338,11 @@ class CPC(SSLObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        grid: int = 7,
-        context_dim: int = 512,
-        context_layers: int = 2,
-        prediction_steps: int = 5,
+        grid: int,
+        context_dim: int,
+        context_layers: int,
+        prediction_steps: int,
     ):
-        if not 1 <= prediction_steps < grid:
-            raise ValueError(f"cpc.prediction_steps {prediction_steps} must lie in 1..grid-1 ({grid - 1})")
         if 2 * backbone.config["image_size"] // (grid + 1) < 2:
             raise ValueError(f"cpc.grid {grid} leaves patches under 2 pixels on {backbone.config['image_size']}-pixel images")
         context = nn.Sequential(nn.Conv2d(backbone.out_dim, context_dim, 1), *(RowCausalBlock(context_dim) for _ in range(context_layers)))

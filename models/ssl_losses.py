@@ -19,7 +19,7 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(dist_nn.all_gather(tensor.contiguous())), dist.get_rank()
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's InfoNCE over the 2N embeddings of two views (N, D): each embedding's positive is
     the other view of its image, the remaining 2N - 2 are its negatives. Under torchrun the
     negatives are every rank's (N = the global batch): each rank scores its own rows, so the mean
@@ -40,7 +40,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
 
 
 def infonce_with_queue(
-    queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2
+    queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """MoCo: each query (N, D) is scored against its own key (the positive) and against every row
     of the queue (K, D) of past keys (the negatives). Keys and queue get no gradient."""
@@ -61,8 +61,8 @@ def dino_loss(
     student_logits: Sequence[torch.Tensor],
     teacher_logits: Sequence[torch.Tensor],
     center: torch.Tensor,
-    student_temperature: float = 0.1,
-    teacher_temperature: float | torch.Tensor = 0.04,
+    student_temperature: float,
+    teacher_temperature: float | torch.Tensor,
 ) -> torch.Tensor:
     """DINO: cross-entropy from the teacher's distribution of each view to the student's distribution
     of every other view, averaged over those pairs. The teacher's logits are centred (which keeps one

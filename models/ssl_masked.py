@@ -64,11 +64,11 @@ class MAE(SSLObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        mask_ratio: float = 0.75,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        norm_pix_loss: bool = True,
+        mask_ratio: float,
+        decoder_dim: int,
+        decoder_depth: int,
+        decoder_heads: int,
+        norm_pix_loss: bool,
     ):
         if not hasattr(backbone, "embed_patches"):
             raise ValueError("mae masks patch tokens: it needs the vit backbone")
@@ -123,13 +123,13 @@ class IJEPA(MomentumObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        predictor_dim: int = 384,
-        predictor_depth: int = 12,
-        predictor_heads: int = 12,
-        num_targets: int = 4,
-        target_scale: tuple[float, float] = (0.15, 0.2),
-        target_aspect: tuple[float, float] = (0.75, 1.5),
-        momentum_base: float = 0.996,
+        predictor_dim: int,
+        predictor_depth: int,
+        predictor_heads: int,
+        num_targets: int,
+        target_scale: tuple[float, float],
+        target_aspect: tuple[float, float],
+        momentum_base: float,
     ):
         if not hasattr(backbone, "embed_patches"):
             raise ValueError("ijepa predicts patch tokens: it needs the vit backbone")

@@ -80,10 +80,10 @@ class Jigsaw(SSLObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        grid: int = 3,
-        num_permutations: int = 1000,
-        tile_fraction: float = 0.85,
-        hidden_dim: int = 4096,
+        grid: int,
+        num_permutations: int,
+        tile_fraction: float,
+        hidden_dim: int,
     ):
         tiles = grid * grid
         head = nn.Sequential(nn.Linear(tiles * backbone.out_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, num_permutations))
@@ -145,7 +145,7 @@ class Inpainting(SSLObjective):
 
     colour_augmented = False
 
-    def __init__(self, backbone: nn.Module, augment: TwoViews, block_fraction: float = 0.5, decoder_dim: int = 64):
+    def __init__(self, backbone: nn.Module, augment: TwoViews, block_fraction: float, decoder_dim: int):
         config = backbone.config
         super().__init__(backbone, augment, pixel_decoder(backbone.out_dim, decoder_dim, config["in_channels"], config["image_size"]))
         self.image_size = config["image_size"]
@@ -185,10 +185,10 @@ class Colorization(SSLObjective):
         self,
         backbone: nn.Module,
         augment: TwoViews,
-        bin_size: float = 10.0,
-        rebalance: float = 0.5,
-        frequency_momentum: float = 0.99,
-        decoder_dim: int = 64,
+        bin_size: float,
+        rebalance: float,
+        frequency_momentum: float,
+        decoder_dim: int,
     ):
         config = backbone.config
         if config["in_channels"] != 3:

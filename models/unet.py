@@ -20,20 +20,20 @@ from torch import nn
 
 @dataclass
 class UNetConfig:
-    in_channels: int = 4  # latent channels; the output has as many
-    num_classes: int = 10  # real classes; index num_classes is the null class
-    channels: int = 64  # width of the first level
-    channel_mults: tuple[int, ...] = (1, 2)  # width of each level / channels; each next level halves the grid
-    blocks_per_level: int = 2
-    attention_heads: int = 4  # self-attention at the lowest resolution
+    """The fields but norm_groups are set by tasks/params.py's UNetParams (which also checks
+    that attention_heads divides the deepest width) and by the data."""
+
+    in_channels: int  # latent channels; the output has as many
+    num_classes: int  # real classes; index num_classes is the null class
+    channels: int  # width of the first level
+    channel_mults: tuple[int, ...]  # width of each level / channels; each next level halves the grid
+    blocks_per_level: int
+    attention_heads: int  # self-attention at the lowest resolution
+    dropout: float
     norm_groups: int = 8
-    dropout: float = 0.0
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)  # JSON gives a list
-        deepest = self.channels * self.channel_mults[-1]
-        if deepest % self.attention_heads:
-            raise ValueError(f"the deepest width {deepest} is not divisible by {self.attention_heads} heads")
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -25,18 +25,14 @@ from models.unet import group_norm
 
 @dataclass
 class VAEConfig:
-    image_channels: int = 1
-    latent_channels: int = 4
-    downsample: int = 4  # 1, 2, 4 or 8: image size / latent grid size (one stride-2 stage per factor 2)
-    width: int = 32  # channels at full resolution, doubling per stage up to 4x
-    norm_groups: int = 8
-    codebook_size: int = 0  # VQ-VAE: codes `decode` snaps latents to; 0 for a continuous latent
+    """The fields but norm_groups are set by tasks/params.py's VaeParams and by the data."""
 
-    def __post_init__(self):
-        if self.downsample not in (1, 2, 4, 8):
-            raise ValueError(f"downsample must be 1, 2, 4 or 8, got {self.downsample}")
-        if self.codebook_size < 0:
-            raise ValueError(f"codebook_size must be >= 0, got {self.codebook_size}")
+    image_channels: int
+    latent_channels: int
+    downsample: int  # 1, 2, 4 or 8: image size / latent grid size (one stride-2 stage per factor 2)
+    width: int  # channels at full resolution, doubling per stage up to 4x
+    codebook_size: int  # VQ-VAE: codes `decode` snaps latents to; 0 for a continuous latent
+    norm_groups: int = 8
 
     @property
     def stage_widths(self) -> list[int]:
@@ -139,7 +135,7 @@ class PatchDiscriminator(nn.Module):
     GroupNorm, not BatchNorm: it runs three times a step (real, detached fake, fake through
     detached parameters), and batch statistics would differ between the calls."""
 
-    def __init__(self, image_channels: int = 1, width: int = 32, layers: int = 2, norm_groups: int = 8):
+    def __init__(self, image_channels: int, width: int, layers: int, norm_groups: int = 8):
         super().__init__()
         blocks: list[nn.Module] = [nn.Conv2d(image_channels, width, 3, padding=1), nn.LeakyReLU(0.2)]
         channels = width
@@ -218,7 +214,7 @@ def perplexity(frequencies: torch.Tensor) -> torch.Tensor:
 class KLRegulariser(nn.Module):
     """beta-VAE: beta * KL(q(z|x) || N(0, I)) per image element; the decoder gets a posterior draw."""
 
-    def __init__(self, beta: float = 1e-4):
+    def __init__(self, beta: float):
         super().__init__()
         self.beta = beta
 
@@ -232,7 +228,7 @@ class MMDRegulariser(nn.Module):
     batch's posterior draws (the aggregate posterior) and as many prior draws, plus kl_weight * the
     per-sample KL. kl_weight 0 is the paper's MMD-VAE (its alpha = 1), weight 1000 its lambda."""
 
-    def __init__(self, weight: float = 1000.0, kl_weight: float = 0.0):
+    def __init__(self, weight: float, kl_weight: float):
         super().__init__()
         self.weight = weight
         self.kl_weight = kl_weight
@@ -253,7 +249,7 @@ class VectorQuantisation(nn.Module):
         N_i <- decay N_i + (1 - decay) n_i,  m_i <- decay m_i + (1 - decay) sum_j z_ij,  e_i = m_i / N_i,
     and a code no latent picked for `restart_after` calls restarts at a random latent of the batch."""
 
-    def __init__(self, quantizer: VectorQuantizer, commitment: float = 0.25, decay: float = 0.99, restart_after: int = 100):
+    def __init__(self, quantizer: VectorQuantizer, commitment: float, decay: float, restart_after: int):
         super().__init__()
         self.commitment = commitment
         self.decay = decay
@@ -295,8 +291,7 @@ class VectorQuantisation(nn.Module):
 class VAETraining(nn.Module):
     """forward(images in [-1, 1]) -> {"loss", "recon", the regulariser's terms[, "perceptual"][, "adv", "disc"]}.
 
-    loss = recon + the regulariser's penalty (KLRegulariser, MMDRegulariser or VectorQuantisation;
-           default beta-KL with beta 1e-4)
+    loss = recon + the regulariser's penalty (KLRegulariser, MMDRegulariser or VectorQuantisation)
          [+ perceptual_weight * feature distance under the frozen `feature_fn`]
          [+ adv_weight * generator hinge + discriminator hinge, once adv_warmup_steps are done]
 
@@ -308,19 +303,17 @@ class VAETraining(nn.Module):
         self,
         vae: VAE,
         *,
-        regulariser: nn.Module | None = None,
-        reconstruction: str = "l1",
+        regulariser: nn.Module,
+        reconstruction: str,
+        adv_weight: float,
+        perceptual_weight: float,
         discriminator: PatchDiscriminator | None = None,
-        adv_weight: float = 0.1,
         adv_warmup_steps: int = 0,
         feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        perceptual_weight: float = 1.0,
     ):
         super().__init__()
-        if reconstruction not in ("l1", "l2"):
-            raise ValueError(f"reconstruction must be 'l1' or 'l2', got {reconstruction!r}")
         self.vae = vae
-        self.regulariser = regulariser if regulariser is not None else KLRegulariser()
+        self.regulariser = regulariser
         self.reconstruction = reconstruction
         self.discriminator = discriminator
         self.adv_weight = adv_weight

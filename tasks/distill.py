@@ -22,7 +22,7 @@ from tasks.artifacts import freeze
 from tasks.device import autocast
 from tasks.diffusion import Denoiser, balanced_labels, step_rows
 from tasks.errors import StageError
-from tasks.params import DistillParams
+from tasks.params import DistillParams, FlowParams
 from tasks.students import Student
 from tasks.training import TrainingContext, TrainResult
 
@@ -63,7 +63,7 @@ def reflow_student(
 ) -> tuple[list[Student], list[TrainResult]]:
     """A copy of the teacher trained on straight paths from noise to the teacher's guided samples;
     it samples with Euler at every count in student_steps, unguided. Any deterministic teacher
-    works: an EDM teacher's student is a rectified flow (default logit-normal t) that starts from
+    works: an EDM teacher's student is a rectified flow (the flow params' default t) that starts from
     the teacher's U-Net weights."""
     reflow = params.reflow
     torch.manual_seed(params.seed)
@@ -79,7 +79,8 @@ def reflow_student(
         noise.append(pair[0])
         samples.append(pair[1])
     noise, samples = torch.cat(noise), torch.cat(samples)
-    flow = RectifiedFlow(**teacher.flow_time, label_dropout=0.0)
+    flow_time = teacher.flow_time or FlowParams().model_dump(include={"time_mean", "time_std"})  # an EDM teacher has none
+    flow = RectifiedFlow(**flow_time, label_dropout=0.0)
     student = copy.deepcopy(teacher.net).requires_grad_(True)
     trainer, batches = training.trainer(ReflowTraining(student, flow), reflow.train, len(labels), params.seed, "reflow")
     result = trainer.fit(step_rows(batches, noise, samples, labels))

@@ -89,6 +89,12 @@ class ViTParams(Strict):
     mlp_ratio: int = Field(4, ge=1, le=8)
     pool: Literal["cls", "mean"] = Field("cls", description="the feature: the cls token, or the mean patch token (use it with ijepa: its paper probes mean-pooled tokens, and its loss trains the cls token only as context for the predictor)")
 
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self) -> ViTParams:
+        if self.dim % self.heads:
+            raise ValueError("vit.heads must divide vit.dim")
+        return self
+
 
 class SimCLRParams(Strict):
     proj_hidden_dim: int = Field(256, ge=8)

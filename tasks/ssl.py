@@ -15,6 +15,7 @@ from tasks.encoder import embed
 from tasks.params import ParamsError, SslParams
 
 MONITOR_TRAIN_IMAGES = 10_000  # kNN bank size for the online monitor
+MONITOR_K = 20  # neighbours voting in the online monitor
 
 
 GRAYSCALE_SOURCES = ("digits", "mnist", "fashion_mnist")  # prepare.source values without colour
@@ -47,12 +48,12 @@ def build_ssl(params: SslParams, channels: int, image_size: int) -> SSLObjective
         raise ParamsError(f"params/ssl.yaml: {err} (for the prepared {channels}x{image_size}x{image_size} images)") from None
 
 
-def knn_monitor(train: ImageSplit, val: ImageSplit, k: int = 20):
+def knn_monitor(train: ImageSplit, val: ImageSplit):
     """`evaluate(objective) -> {"knn_top1": ...}` on val, with (a subset of) train as the bank."""
     bank = ImageSplit(train.images[:MONITOR_TRAIN_IMAGES], train.labels[:MONITOR_TRAIN_IMAGES])
 
     def evaluate(objective: nn.Module) -> dict[str, float]:
         backbone = objective.backbone
-        return {"knn_top1": knn_accuracy(embed(backbone, bank), bank.labels, embed(backbone, val), val.labels, k=k)}
+        return {"knn_top1": knn_accuracy(embed(backbone, bank), bank.labels, embed(backbone, val), val.labels, MONITOR_K)}
 
     return evaluate

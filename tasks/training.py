@@ -71,7 +71,7 @@ def make_optimizer(module: nn.Module, train: TrainParams) -> torch.optim.Optimiz
         return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.99), fused=fused)
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True)
-    return LARS(groups, lr=train.lr, momentum=train.momentum)
+    return LARS(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
 def warmup_cosine(train: TrainParams, steps: int) -> Callable[[int], float]:

@@ -173,7 +173,7 @@ def ssl_state(in_tmp) -> Path:
     """artifacts/ssl as the ssl stage writes it: objective.pt (a state dict) and config.json."""
     folder = Path("artifacts/ssl")
     folder.mkdir(parents=True)
-    config = {"name": "resnet", "in_channels": 1, "image_size": 8, "width": 4, "depth": [1]}
+    config = {"name": "resnet", "in_channels": 1, "image_size": 8, "width": 4, "depth": [1], "stem_stride": 1}
     backbone = build_backbone(**config)
     torch.save({f"backbone.{k}": v for k, v in backbone.state_dict().items()}, folder / "objective.pt")
     (folder / "config.json").write_text(json.dumps({"objective": "simclr", "backbone": config}))
@@ -293,7 +293,7 @@ def test_spoilt_embeddings_are_refused_by_name(in_tmp, spoil, message):
 
 
 def test_a_denoiser_config_without_its_sampling_keys_is_refused_by_name(in_tmp):
-    config = UNetConfig(2, 3, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2)
+    config = UNetConfig(2, 3, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2, dropout=0.0)
     denoiser = Denoiser(UNet(config), "flow", "euler", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0})
     export_denoiser(denoiser, Path("artifacts/diffusion"))
     settings = json.loads(Path("artifacts/diffusion/denoiser.json").read_text())

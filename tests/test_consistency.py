@@ -15,9 +15,12 @@ from models.unet import UNet, UNetConfig
 from tasks.diffusion import Denoiser, balanced_labels
 from tasks.distill import consistency_student
 from tasks.errors import StageError
-from tasks.params import ConsistencyParams, DistillParams, TrainParams
+from tasks.params import ConsistencyParams, DistillParams, EDMParams, TrainParams, UNetParams
 from tasks.students import export_students, load_students
 from tasks.training import TrainingContext
+from tests.defaults import defaults
+
+SCHEDULE = KarrasSchedule(**EDMParams().model_dump(include={"sigma_min", "sigma_max", "rho"}))  # the default rho-schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +56,7 @@ class RawFor(nn.Module):
 
 def test_the_consistency_function_is_the_identity_at_sigma_min():
     torch.manual_seed(0)
-    net = UNet(UNetConfig(2, 3, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2)).eval()
+    net = UNet(UNetConfig(2, 3, **defaults(UNetParams, channels=8, channel_mults=(1, 2), attention_heads=2))).eval()
     x, labels = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         assert torch.equal(ConsistencyPrecond(net, SIGMA_DATA, SIGMA_MIN)(x, torch.full((4,), SIGMA_MIN), labels), x)
@@ -65,7 +68,7 @@ def test_multistep_sampling_with_a_perfect_consistency_function_gets_the_target(
     raw = RawFor(ideal_map, boundary=True)
     noise, labels = torch.randn(20000, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(20000, dtype=torch.long)
     torch.manual_seed(1)
-    samples = consistency(ConsistencyPrecond(raw, SIGMA_DATA, SIGMA_MIN), noise, labels, steps)
+    samples = consistency(ConsistencyPrecond(raw, SIGMA_DATA, SIGMA_MIN), noise, labels, steps, schedule=SCHEDULE)
     assert raw.calls == steps
     assert samples.std().item() == pytest.approx(STD, rel=0.03) and samples.mean().item() == pytest.approx(MEAN, abs=0.02)
 
@@ -76,7 +79,7 @@ def test_the_distillation_loss_vanishes_for_the_ode_map_and_not_for_another():
 
     def loss(target) -> float:
         torch.manual_seed(0)
-        distillation = ConsistencyDistillation(teacher, RawFor(target, boundary=True), KarrasSchedule(), 18, 0.95)
+        distillation = ConsistencyDistillation(teacher, RawFor(target, boundary=True), SCHEDULE, 18, 0.95, guidance=1.0)
         return distillation((x0, labels))["loss"].item()
 
     ideal, wrong = loss(ideal_map), loss(lambda x, sigma: ideal_map(x, 1.5 * sigma))  # off the ODE
@@ -85,7 +88,7 @@ def test_the_distillation_loss_vanishes_for_the_ode_map_and_not_for_another():
 
 def test_consistency_student_is_the_target_network_and_samples_like_any_denoiser(in_tmp):
     torch.manual_seed(0)
-    net = UNet(UNetConfig(2, 3, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2))
+    net = UNet(UNetConfig(2, 3, **defaults(UNetParams, channels=8, channel_mults=(1, 2), attention_heads=2)))
     edm = {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "churn": None}
     teacher = Denoiser(net.requires_grad_(False), "edm", "heun", (2, 4, 4), edm=edm)
     train = TrainParams(epochs=2, batch_size=8, lr=1e-3, log_every=1)

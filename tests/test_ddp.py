@@ -53,7 +53,7 @@ def test_sync_batch_norm_encoder_exports_as_plain_batch_norm(tmp_path):
     from models.backbones import build_backbone
     from tasks.encoder import export_encoder, load_encoder
 
-    config = {"name": "resnet", "in_channels": 1, "image_size": 8, "width": 8, "depth": [1, 1]}
+    config = {"name": "resnet", "in_channels": 1, "image_size": 8, "width": 8, "depth": [1, 1], "stem_stride": 1}
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_backbone(**config))  # what the Trainer does on GPUs
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     export_encoder(synced, config, tmp_path)

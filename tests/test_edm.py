@@ -17,8 +17,10 @@ from torch import nn
 from models.diffusion import EDM, EDMPrecond
 from models.samplers import KarrasSchedule, edm_heun, reverse_sde
 from tasks.diffusion import Denoiser, build_denoiser_training
-from tasks.params import DiffusionParams, ParamsError, validate
+from tasks.params import DiffusionParams, EDMParams, ParamsError, validate
 from tests.conftest import run
+
+SCHEDULE = KarrasSchedule(**EDMParams().model_dump(include={"sigma_min", "sigma_max", "rho"}))  # the default rho-schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,17 +108,17 @@ def test_a_perfect_denoiser_has_zero_loss_and_heun_lands_on_its_point():
     points = torch.randn(3, 2, 4, 4)  # the null class (2) has a point too: guidance 1 ignores it
     net = PointNet(points, sigma_data=1.0)
     labels = torch.tensor([0, 1, 0, 1])
-    loss = EDM(sigma_data=1.0, label_dropout=0.0)(net, points[labels], labels)
+    loss = EDM(-1.2, 1.2, sigma_data=1.0, label_dropout=0.0)(net, points[labels], labels)
     assert loss.abs().max() < 1e-6
     noise = torch.randn(4, 2, 4, 4)
     for steps in (1, 2, 7):
-        landed = edm_heun(EDMPrecond(net, 1.0), noise, labels, steps)
+        landed = edm_heun(EDMPrecond(net, 1.0), noise, labels, steps, schedule=SCHEDULE)
         torch.testing.assert_close(landed, points[labels], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 18, 100])
 def test_rho_schedule_runs_from_sigma_max_down_to_sigma_min_then_zero(steps):
-    schedule = KarrasSchedule()
+    schedule = SCHEDULE
     sigmas = schedule.sigmas(steps)
     assert len(sigmas) == steps + 1 and sigmas[0] == pytest.approx(80.0) and sigmas[-1] == 0
     assert all(high > low for high, low in zip(sigmas, sigmas[1:], strict=False))
@@ -147,19 +149,19 @@ class CountingGaussian(nn.Module):
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_heun_takes_two_net_calls_a_step_but_one_on_the_last(steps, guidance):
     net = CountingGaussian()
-    edm_heun(net, torch.randn(3, 2), torch.zeros(3, dtype=torch.long), steps, guidance)
+    edm_heun(net, torch.randn(3, 2), torch.zeros(3, dtype=torch.long), steps, guidance, schedule=SCHEDULE)
     assert net.calls == 2 * steps - 1  # guidance batches the conditional and null calls
 
 
 def test_heun_on_a_gaussian_target_gets_its_spread():
     torch.manual_seed(0)
-    samples = edm_heun(CountingGaussian(1.0, 0.5), torch.randn(20000, 4), torch.zeros(20000, dtype=torch.long), 32)
+    samples = edm_heun(CountingGaussian(1.0, 0.5), torch.randn(20000, 4), torch.zeros(20000, dtype=torch.long), 32, schedule=SCHEDULE)
     assert samples.std().item() == pytest.approx(0.5, rel=0.03) and samples.mean().item() == pytest.approx(1.0, abs=0.02)
 
 
 def euler_ode_reference(net, noise, labels, steps):
     """The first-order probability-flow ODE on the ρ-schedule: x += (σ' - σ)(x - D)/σ."""
-    sigmas = KarrasSchedule().sigmas(steps)
+    sigmas = SCHEDULE.sigmas(steps)
     x = noise * sigmas[0]
     for sigma, sigma_next in zip(sigmas, sigmas[1:], strict=False):
         x = x + (sigma_next - sigma) * (x - net(x, torch.full((len(x),), sigma), labels)) / sigma
@@ -171,9 +173,9 @@ def test_reverse_sde_without_churn_is_the_deterministic_euler_sampler():
     noise, labels = torch.randn(64, 3), torch.zeros(64, dtype=torch.long)
     net = CountingGaussian()
     torch.manual_seed(1)
-    no_churn = reverse_sde(net, noise, labels, 12, churn=0.0)
+    no_churn = reverse_sde(net, noise, labels, 12, schedule=SCHEDULE, churn=0.0)
     torch.manual_seed(2)
-    assert torch.equal(reverse_sde(net, noise, labels, 12, churn=0.0), no_churn)  # no noise drawn
+    assert torch.equal(reverse_sde(net, noise, labels, 12, schedule=SCHEDULE, churn=0.0), no_churn)  # no noise drawn
     torch.testing.assert_close(no_churn, euler_ode_reference(net, noise, labels, 12))
 
 
@@ -182,11 +184,11 @@ def test_reverse_sde_is_seed_reproducible_and_gets_a_gaussian_targets_spread(chu
     noise, labels = torch.randn(20000, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(20000, dtype=torch.long)
     net = CountingGaussian(1.0, 0.5)
     torch.manual_seed(5)
-    samples = reverse_sde(net, noise, labels, 128, churn=churn)
+    samples = reverse_sde(net, noise, labels, 128, schedule=SCHEDULE, churn=churn)
     torch.manual_seed(5)
-    assert torch.equal(reverse_sde(net, noise, labels, 128, churn=churn), samples)
+    assert torch.equal(reverse_sde(net, noise, labels, 128, schedule=SCHEDULE, churn=churn), samples)
     torch.manual_seed(6)
-    assert not torch.equal(reverse_sde(net, noise, labels, 128, churn=churn), samples)
+    assert not torch.equal(reverse_sde(net, noise, labels, 128, schedule=SCHEDULE, churn=churn), samples)
     assert net.calls == 3 * 128  # one call a step
     assert samples.std().item() == pytest.approx(0.5, rel=0.05) and samples.mean().item() == pytest.approx(1.0, abs=0.02)
     # the noise is fresh: samples are no longer a function of the starting noise

@@ -23,8 +23,8 @@ def images(n=64, channels=1, size=8):
 
 
 @pytest.mark.parametrize("config", [
-    {"name": "resnet", "in_channels": 1, "image_size": 8, "width": 8, "depth": [1, 1]},
-    {"name": "vit", "in_channels": 3, "image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2},
+    {"name": "resnet", "in_channels": 1, "image_size": 8, "width": 8, "depth": [1, 1], "stem_stride": 1},
+    {"name": "vit", "in_channels": 3, "image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 4, "pool": "cls"},
 ])
 def test_exported_encoder_gives_the_same_embeddings(tmp_path, config):
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.gan import WGANGP, Critic, GanConfig, Generator, gradient_penalty
 from tasks.gan import update_of
+from tasks.params import GanParams
 from tests.conftest import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +61,7 @@ def test_the_critic_step_rewards_scoring_real_above_fake_and_touches_only_the_cr
     direction real latents sit (all ones, fakes near 0) has a negative loss, and one step lowers it further."""
     torch.manual_seed(0)
     generator = Generator(CONFIG)
-    training = WGANGP(generator, LinearCritic(torch.ones(18) / 18**0.5), penalty_weight=0.0)
+    training = WGANGP(generator, LinearCritic(torch.ones(18) / 18**0.5), penalty_weight=0.0, adam_betas=GanParams().adam_betas)
     real, labels = torch.ones(32, *CONFIG.latent_shape) * 3, torch.arange(32) % 4
     with torch.no_grad():
         nn.init.zeros_(generator.out.weight), nn.init.zeros_(generator.out.bias)  # fakes at 0
@@ -74,7 +75,7 @@ def test_the_critic_step_rewards_scoring_real_above_fake_and_touches_only_the_cr
 
 def test_the_generator_step_raises_the_critic_s_score_of_fakes_and_touches_only_the_generator():
     torch.manual_seed(0)
-    training = WGANGP(Generator(CONFIG), Critic(CONFIG))
+    training = WGANGP(Generator(CONFIG), Critic(CONFIG), GanParams().penalty_weight, GanParams().adam_betas)
     real, labels = torch.randn(32, *CONFIG.latent_shape), torch.arange(32) % 4
     torch.manual_seed(1)  # the step's noise
     outputs = training((real, labels, "generator"))
@@ -130,9 +131,10 @@ def test_the_teacher_is_scored_with_each_sampler_that_applies_within_its_own_sam
     from flows.fid import nfe_points, teacher_samplers
     from models.unet import UNet, UNetConfig
     from tasks.diffusion import Denoiser
-    from tasks.params import FidParams
+    from tasks.params import FidParams, UNetParams
+    from tests.defaults import defaults
 
-    teacher = Denoiser(UNet(UNetConfig(in_channels=2, num_classes=3, channels=8, channel_mults=(1,), attention_heads=1)),
+    teacher = Denoiser(UNet(UNetConfig(2, 3, **defaults(UNetParams, channels=8, channel_mults=(1,), attention_heads=1))),
                        "flow", "euler", (2, 4, 4))
     rows = teacher_samplers(FidParams(teacher_steps=[1, 2, 4, 8, 16, 32]), teacher)
     assert [(prefix, denoiser.sampler, steps) for prefix, denoiser, steps in rows] == [

@@ -23,7 +23,9 @@ from models.distill import ProgressiveDistillation, ReflowTraining, make_reflow_
 from models.fid import FeatureExtractor, feature_statistics, frechet_distance
 from models.samplers import ddim, ddpm_ancestral, euler, guided, heun
 from models.unet import UNet, UNetConfig, timestep_embedding
-from models.vae import VAE, KLRegulariser, PatchDiscriminator, VAEConfig, VAETraining
+from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
+from tasks.params import UNetParams
+from tests.defaults import vae_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,13 +185,13 @@ def assert_recovers_mixture(samples: torch.Tensor, labels: torch.Tensor):
 @pytest.fixture(scope="module")
 def flow_net():
     # a wider logit-normal than the default: the narrow clusters need t near 0 trained too
-    return train_on_mixture(RectifiedFlow(time_std=1.6))
+    return train_on_mixture(RectifiedFlow(time_mean=0.0, time_std=1.6, label_dropout=0.1))
 
 
 @pytest.fixture(scope="module")
 def ddpm_net():
     # DDIM's deterministic path forgives less of the eps error than the flow's: train longer
-    return train_on_mixture(DDPM(), steps=3000)
+    return train_on_mixture(DDPM(label_dropout=0.1), steps=3000)
 
 
 @pytest.mark.parametrize(("sampler", "steps"), [(euler, 100), (heun, 50)], ids=["euler", "heun"])
@@ -232,17 +234,17 @@ def test_progressive_distillation_targets_two_teacher_steps():
     schedule = CosineSchedule()
     teacher = GaussianEpsilon(GAUSSIAN_MEAN, GAUSSIAN_STD, schedule)
     batch = (GAUSSIAN_MEAN + GAUSSIAN_STD * torch.randn(512, 2), torch.zeros(512, dtype=torch.long))
-    ideal = ProgressiveDistillation(teacher, TwoStepDDIMStudent(teacher, schedule), 1, schedule)
+    ideal = ProgressiveDistillation(teacher, TwoStepDDIMStudent(teacher, schedule), 1, 0.1, schedule)
     assert ideal(batch)["loss"].item() < 1e-6
     # the teacher as its own one-step student is off: two DDIM steps are not one on a Gaussian
-    naive = ProgressiveDistillation(teacher, copy.deepcopy(teacher), 1, schedule)
+    naive = ProgressiveDistillation(teacher, copy.deepcopy(teacher), 1, 0.1, schedule)
     assert naive(batch)["loss"].item() > 1e-2
 
 
 def test_progressive_distillation_trains_only_the_student_and_halves_its_steps():
     torch.manual_seed(0)
     teacher = MixtureDenoiser()
-    distillation = ProgressiveDistillation(teacher, copy.deepcopy(teacher), student_steps=4)
+    distillation = ProgressiveDistillation(teacher, copy.deepcopy(teacher), student_steps=4, label_dropout=0.1)
     distillation.train()
     assert not distillation.teacher.training
     distillation(sample_mixture(64))["loss"].backward()
@@ -259,22 +261,22 @@ def test_reflow_pairs_come_from_the_teacher_and_straight_paths_train_a_student()
     point = torch.tensor([1.5, -0.5])
     teacher = GaussianVelocity(point, torch.zeros(2))
     labels = torch.zeros(300, dtype=torch.long)
-    noise, samples = make_reflow_pairs(teacher, euler, labels, (2,), steps=1, batch_size=128)
+    noise, samples = make_reflow_pairs(teacher, euler, labels, (2,), steps=1, guidance=1.0, batch_size=128)
     assert noise.shape == samples.shape == (300, 2)
     torch.testing.assert_close(samples, point.expand(300, 2))
     assert noise.std().item() == pytest.approx(1.0, abs=0.1)
     # the point mass's straight paths are its exact flow, so the exact velocity scores zero
-    assert ReflowTraining(teacher, RectifiedFlow())((noise, samples, labels))["loss"].item() < 1e-8
+    assert ReflowTraining(teacher, RectifiedFlow(0.0, 1.0, 0.1))((noise, samples, labels))["loss"].item() < 1e-8
     student = MixtureDenoiser(num_classes=1)
-    assert ReflowTraining(student, RectifiedFlow())((noise, samples, labels))["loss"].item() > 0.1
+    assert ReflowTraining(student, RectifiedFlow(0.0, 1.0, 0.1))((noise, samples, labels))["loss"].item() > 0.1
 
 
 def test_reflow_straightens_the_flow_for_one_step_sampling(flow_net):
     torch.manual_seed(0)
     labels = torch.randint(0, NULL + 1, (4096,))
-    noise, samples = make_reflow_pairs(flow_net, euler, labels, (2,), steps=32)
+    noise, samples = make_reflow_pairs(flow_net, euler, labels, (2,), steps=32, guidance=1.0, batch_size=256)
     student = copy.deepcopy(flow_net).train()
-    reflow = ReflowTraining(student, RectifiedFlow(time_std=1.6))
+    reflow = ReflowTraining(student, RectifiedFlow(time_mean=0.0, time_std=1.6, label_dropout=0.1))
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     for _ in range(800):
         batch = torch.randint(0, len(labels), (256,))
@@ -299,7 +301,7 @@ def test_reflow_straightens_the_flow_for_one_step_sampling(flow_net):
 
 @pytest.mark.parametrize("grid", [2, 4, 8])
 def test_unet_output_matches_input_shape(grid):
-    config = UNetConfig(in_channels=4, num_classes=10, channels=32, channel_mults=(1, 2), blocks_per_level=1)
+    config = UNetConfig(in_channels=4, num_classes=10, **UNetParams().model_dump())
     net = UNet(UNetConfig(**json.loads(json.dumps(dataclasses.asdict(config)))))  # rebuilt from JSON
     assert net.config == config
     x = torch.randn(3, 4, grid, grid)
@@ -328,7 +330,7 @@ def digits_16x16() -> torch.Tensor:
 def test_vae_reconstruction_loss_falls_on_digits():
     torch.manual_seed(0)
     images = digits_16x16()
-    training = VAETraining(VAE(VAEConfig(downsample=4, width=8)), regulariser=KLRegulariser(1e-4))
+    training = vae_training(VAE(VAEConfig(1, 4, downsample=4, width=8, codebook_size=0)))
     optimizer = torch.optim.Adam(training.parameters(), lr=3e-3)
     recon = []
     for step in range(150):
@@ -346,8 +348,8 @@ def test_vae_reconstruction_loss_falls_on_digits():
 
 def small_vae_training(**kwargs) -> VAETraining:
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(downsample=2, width=8))
-    return VAETraining(vae, discriminator=PatchDiscriminator(width=8, layers=2), **kwargs)
+    vae = VAE(VAEConfig(1, 4, downsample=2, width=8, codebook_size=0))
+    return vae_training(vae, discriminator=PatchDiscriminator(1, width=8, layers=2), **kwargs)
 
 
 def test_one_backward_gives_the_discriminator_only_its_hinge_and_the_vae_only_the_adversarial_term():
@@ -410,7 +412,7 @@ class FrozenFeatures(nn.Module):
 def test_perceptual_loss_trains_the_vae_through_a_frozen_encoder():
     encoder = FrozenFeatures()
     statistics = copy.deepcopy(encoder.layers[1].running_mean)
-    training = VAETraining(VAE(VAEConfig(downsample=2, width=8)), feature_fn=encoder, perceptual_weight=1.0)
+    training = vae_training(VAE(VAEConfig(1, 4, downsample=2, width=8, codebook_size=0)), feature_fn=encoder, perceptual_weight=1.0)
     training.train()
     assert not encoder.training
     outputs = training(torch.rand(4, 1, 16, 16) * 2 - 1)

@@ -32,6 +32,7 @@ from tasks.params import (
     ProgressiveParams,
     ReflowParams,
     TrainParams,
+    UNetParams,
     VaeParams,
     validate,
 )
@@ -48,13 +49,14 @@ from tasks.vae import (
     load_latents,
     load_vae,
 )
+from tests.defaults import defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(in_channels: int = 2, num_classes: int = 3) -> UNet:
     torch.manual_seed(0)
-    config = UNetConfig(in_channels, num_classes, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2)
+    config = UNetConfig(in_channels, num_classes, **defaults(UNetParams, channels=8, channel_mults=(1, 2), attention_heads=2))
     return UNet(config)
 
 
@@ -75,7 +77,7 @@ def test_vae_training_follows_the_params_and_refuses_a_grid_that_does_not_divide
 
 def test_exported_vae_rebuilds_frozen_with_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(image_channels=1, latent_channels=3, downsample=2, width=8)).eval()
+    vae = VAE(VAEConfig(image_channels=1, latent_channels=3, downsample=2, width=8, codebook_size=0)).eval()
     images = torch.rand(5, 1, 8, 8) * 2 - 1
     export_vae(vae, tmp_path)
     loaded = load_vae(tmp_path)
@@ -143,7 +145,7 @@ def test_exported_denoiser_samples_identically(tmp_path, formulation, sampler):
 def test_balanced_labels_and_class_grid_have_a_row_per_class():
     assert torch.equal(balanced_labels(25, 10).bincount(), torch.tensor([3] * 5 + [2] * 5))
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(image_channels=1, latent_channels=2, downsample=2, width=8)).eval()
+    vae = VAE(VAEConfig(image_channels=1, latent_channels=2, downsample=2, width=8, codebook_size=0)).eval()
     decoder = LatentDecoder(vae, LatentScale(torch.zeros(2), torch.ones(2)))
     denoiser = Denoiser(tiny_unet(), "flow", "euler", (2, 4, 4))
     image, images_per_s = class_grid(denoiser, decoder, num_classes=3, per_class=4, steps=2, guidance=1.0, seed=0)

@@ -4,14 +4,20 @@ N(mean, std²) data in each formulation's parameterisation."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 from models.diffusion import CosineSchedule
-from models.samplers import ddim, edm_heun, euler, heun
+from models.samplers import KarrasSchedule, ddim, edm_heun, euler, heun
 from models.unet import UNet, UNetConfig
 from tasks.diffusion import Denoiser, invert_and_regenerate
+from tasks.params import EDMParams, UNetParams
+from tests.defaults import defaults
+
+SCHEDULE = KarrasSchedule(**EDMParams().model_dump(include={"sigma_min", "sigma_max", "rho"}))  # the default rho-schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +58,7 @@ class GaussianDenoiser(nn.Module):
 
 @pytest.mark.parametrize(
     ("sampler", "net"),
-    [(euler, GaussianVelocity()), (heun, GaussianVelocity()), (ddim, GaussianEps()), (edm_heun, GaussianDenoiser())],
+    [(euler, GaussianVelocity()), (heun, GaussianVelocity()), (ddim, GaussianEps()), (functools.partial(edm_heun, schedule=SCHEDULE), GaussianDenoiser())],
     ids=["flow-euler", "flow-heun", "ddim", "edm-heun"],
 )
 def test_round_trip_error_falls_as_the_steps_grow(sampler, net):
@@ -71,7 +77,7 @@ def test_round_trip_error_falls_as_the_steps_grow(sampler, net):
 @pytest.mark.parametrize(("formulation", "sampler"), [("flow", "euler"), ("ddpm", "ancestral"), ("edm", "sde")])
 def test_a_denoiser_inverts_with_its_deterministic_sampler(formulation, sampler):
     torch.manual_seed(0)
-    net = UNet(UNetConfig(2, 3, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2)).eval()
+    net = UNet(UNetConfig(2, 3, **defaults(UNetParams, channels=8, channel_mults=(1, 2), attention_heads=2))).eval()
     edm = {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "churn": None}
     denoiser = Denoiser(net, formulation, sampler, (2, 4, 4), edm=edm if formulation == "edm" else {})
     assert denoiser.deterministic().sampler == {"flow": "euler", "ddpm": "ddim", "edm": "heun"}[formulation]

@@ -28,21 +28,32 @@ from models.ssl_pretext import (
     random_block_masks,
     shuffle_tiles,
 )
-from tasks.params import ParamsError, SslParams, validate
+from tasks.params import (
+    AugmentParams,
+    ColorizationParams,
+    JigsawParams,
+    MAEParams,
+    ParamsError,
+    ResNetParams,
+    SslParams,
+    ViTParams,
+    validate,
+)
+from tests.defaults import defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(channels: int = 1):
-    return build_backbone("vit", channels, 16, patch_size=4, dim=32, depth=2, heads=2)
+    return build_backbone("vit", channels, 16, **defaults(ViTParams, patch_size=4, dim=32, depth=2, heads=2))
 
 
 def tiny_resnet(channels: int = 1):
-    return build_backbone("resnet", channels, 16, width=8, depth=(1, 1))
+    return build_backbone("resnet", channels, 16, **defaults(ResNetParams, width=8, depth=(1, 1)))
 
 
 def augment(channels: int = 1) -> TwoViews:
-    return TwoViews(16, channels, crop_scale=(0.4, 1.0), flip=False, blur_prob=0.0)
+    return TwoViews(16, channels, **defaults(AugmentParams, crop_scale=(0.4, 1.0), flip=False, blur_prob=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +67,7 @@ def digits() -> torch.Tensor:
 
 
 def test_mae_encoder_never_sees_the_masked_patches(digits):
-    mae = MAE(tiny_vit(), augment(), mask_ratio=0.75, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    mae = MAE(tiny_vit(), augment(), **defaults(MAEParams, decoder_dim=16, decoder_depth=1, decoder_heads=2))
     seen = []
     mae.backbone.blocks.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     images = digits[:8]
@@ -128,7 +139,7 @@ def test_jigsaw_target_is_the_index_of_the_permutation_applied():
         restored = shuffled[image, order.argsort()]  # the inverse permutation solves the puzzle
         torch.testing.assert_close(restored, tiles[image])
 
-    jigsaw = Jigsaw(tiny_resnet(), augment(), grid=3, num_permutations=10, hidden_dim=16)
+    jigsaw = Jigsaw(tiny_resnet(), augment(), **defaults(JigsawParams, num_permutations=10, hidden_dim=16))
     assert torch.equal(jigsaw.permutations, permutations)
     assert jigsaw.head[-1].out_features == 10  # one class per permutation
 
@@ -236,7 +247,7 @@ def test_colorization_is_refused_on_grayscale_sources_by_name():
 def test_colorization_targets_are_ab_bins_weighted_towards_rare_colours():
     grey_red_blue = torch.tensor([[[[0.0, 60.0, -60.0]], [[0.0, 50.0, -100.0]]]])  # (1, 2, 1, 3) a, b
     assert ab_bins(grey_red_blue, 10.0).tolist() == [[[11 * 22 + 11, 17 * 22 + 16, 5 * 22 + 1]]]
-    colorization = Colorization(tiny_resnet(channels=3), augment(channels=3), bin_size=10.0, rebalance=0.5, decoder_dim=8)
+    colorization = Colorization(tiny_resnet(channels=3), augment(channels=3), **defaults(ColorizationParams, decoder_dim=8))
     colorization.bin_frequency.zero_()
     colorization.bin_frequency[[0, 1]] = torch.tensor([0.9, 0.1])
     weights = colorization.class_weights()

@@ -25,7 +25,7 @@ from models.vae import (
     prior_mismatch,
 )
 from tasks.data import ImageSplit
-from tasks.params import ParamsError, validate
+from tasks.params import ParamsError, VQParams, validate
 from tasks.vae import (
     LatentScale,
     build_vae_training,
@@ -35,6 +35,14 @@ from tasks.vae import (
     reconstruction_report,
 )
 from tests.conftest import run
+from tests.defaults import vae_training
+
+
+def vq_regulariser(quantizer: VectorQuantizer, **overrides) -> VectorQuantisation:
+    """VQ-VAE's bottleneck with the params' defaults but `overrides`."""
+    vq = VQParams()
+    fields = {"commitment": vq.commitment, "decay": vq.decay, "restart_after": vq.restart_after_steps, **overrides}
+    return VectorQuantisation(quantizer, **fields)
 
 
 def quantizer_with(codebook: list[list[float]]) -> VectorQuantizer:
@@ -45,8 +53,8 @@ def quantizer_with(codebook: list[list[float]]) -> VectorQuantizer:
 
 def test_the_encoder_gets_the_gradient_at_the_quantised_output():
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(downsample=2, width=8, codebook_size=16))
-    regulariser = VectorQuantisation(vae.quantizer, commitment=0.0).eval()
+    vae = VAE(VAEConfig(image_channels=1, latent_channels=4, downsample=2, width=8, codebook_size=16))
+    regulariser = vq_regulariser(vae.quantizer, commitment=0.0).eval()
     mean = torch.randn(3, 4, 4, 4, requires_grad=True)
     latents, _, _ = regulariser(vae, mean, torch.zeros_like(mean), 64)
     latents.retain_grad()
@@ -62,10 +70,10 @@ def test_the_encoder_gets_the_gradient_at_the_quantised_output():
 
 def test_commitment_pulls_the_encoder_output_to_its_code():
     quantizer = quantizer_with([[0.0, 0.0], [0.0, 4.0]])
-    vae = VAE(VAEConfig(latent_channels=2, downsample=1, width=8))
+    vae = VAE(VAEConfig(image_channels=1, latent_channels=2, downsample=1, width=8, codebook_size=0))
     vae.quantizer = quantizer
     mean = torch.tensor([[1.0, 0.0], [0.0, 5.0]]).view(2, 2, 1, 1).requires_grad_()
-    _, penalty, outputs = VectorQuantisation(quantizer, commitment=0.25).eval()(vae, mean, torch.zeros_like(mean), 1)
+    _, penalty, outputs = vq_regulariser(quantizer, commitment=0.25).eval()(vae, mean, torch.zeros_like(mean), 1)
     torch.testing.assert_close(outputs["commitment"], torch.tensor(0.5))  # (1 + 1) / 4 elements
     penalty.backward()
     # d/dz of 0.25 * mean (z - code)^2 over 4 elements = 0.125 * (z - code)
@@ -74,7 +82,7 @@ def test_commitment_pulls_the_encoder_output_to_its_code():
 
 def test_ema_update_follows_the_formula_on_a_hand_example():
     quantizer = quantizer_with([[0.0, 0.0], [0.0, 4.0]])
-    regulariser = VectorQuantisation(quantizer, decay=0.5)  # each code starts with N = 1, m = itself
+    regulariser = vq_regulariser(quantizer, decay=0.5)  # each code starts with N = 1, m = itself
     vectors = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 5.0]])
     codes = quantizer.nearest(vectors)
     assert codes.tolist() == [0, 0, 1]
@@ -87,8 +95,8 @@ def test_ema_update_follows_the_formula_on_a_hand_example():
 
 def test_only_training_calls_move_the_codebook():
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(downsample=2, width=8, codebook_size=8))
-    regulariser = VectorQuantisation(vae.quantizer)
+    vae = VAE(VAEConfig(image_channels=1, latent_channels=4, downsample=2, width=8, codebook_size=8))
+    regulariser = vq_regulariser(vae.quantizer)
     mean = torch.randn(2, 4, 4, 4)
     before = vae.quantizer.codebook.clone()
     regulariser.eval()(vae, mean, mean, 64)
@@ -99,7 +107,7 @@ def test_only_training_calls_move_the_codebook():
 
 def test_a_code_unused_for_restart_after_steps_restarts_at_a_batch_vector():
     quantizer = quantizer_with([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0]])
-    regulariser = VectorQuantisation(quantizer, restart_after=2)
+    regulariser = vq_regulariser(quantizer, restart_after=2)
     vectors = torch.tensor([[0.1, 0.0], [0.9, 1.0], [1.1, 0.9]])
     regulariser.update(quantizer.codebook, vectors, quantizer.nearest(vectors))
     assert quantizer.codebook[2].tolist() == [100.0, 100.0]  # unused once: kept
@@ -182,8 +190,8 @@ def mean_of(logged: list[dict[str, float]], key: str) -> float:
 def test_vq_vae_learns_to_reconstruct_and_restarts_spread_it_over_its_codebook():
     def trained(restart_after: int) -> list[dict[str, float]]:
         torch.manual_seed(0)
-        vae = VAE(VAEConfig(downsample=4, width=8, codebook_size=32))
-        return train(VAETraining(vae, regulariser=VectorQuantisation(vae.quantizer, restart_after=restart_after)), 120)
+        vae = VAE(VAEConfig(image_channels=1, latent_channels=4, downsample=4, width=8, codebook_size=32))
+        return train(vae_training(vae, regulariser=vq_regulariser(vae.quantizer, restart_after=restart_after)), 120)
 
     restarted, never_restarted = trained(10), trained(10**9)
     assert mean_of(restarted[-20:], "recon") < 0.6 * mean_of(restarted[:10], "recon")
@@ -193,8 +201,8 @@ def test_vq_vae_learns_to_reconstruct_and_restarts_spread_it_over_its_codebook()
 
 def test_mmd_regulariser_pulls_the_aggregate_posterior_to_the_prior():
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(downsample=4, width=8))
-    logged = train(VAETraining(vae, regulariser=MMDRegulariser(weight=1000.0)), 120)
+    vae = VAE(VAEConfig(image_channels=1, latent_channels=4, downsample=4, width=8, codebook_size=0))
+    logged = train(vae_training(vae, regulariser=MMDRegulariser(weight=1000.0, kl_weight=0.0)), 120)
     assert mean_of(logged[-20:], "recon") < 0.6 * mean_of(logged[:10], "recon")
     assert mean_of(logged[-20:], "mmd") < 0.5 * mean_of(logged[:10], "mmd")
 
@@ -211,7 +219,7 @@ def test_the_regulariser_param_picks_the_bottleneck(regulariser, kind):
 
 def test_a_vq_vae_rebuilds_with_its_codebook(tmp_path):
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(latent_channels=3, downsample=2, width=8, codebook_size=10)).eval()
+    vae = VAE(VAEConfig(image_channels=1, latent_channels=3, downsample=2, width=8, codebook_size=10)).eval()
     export_vae(vae, tmp_path)
     loaded = load_vae(tmp_path)
     assert torch.equal(loaded.quantizer.codebook, vae.quantizer.codebook)
@@ -224,7 +232,7 @@ def test_the_stage_reports_codebook_use_for_vq_and_the_prior_mismatch_for_all():
     torch.manual_seed(0)
     test = ImageSplit(torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8), torch.zeros(30, dtype=torch.long))
     for codebook_size in (0, 16):
-        vae = VAE(VAEConfig(downsample=2, width=8, codebook_size=codebook_size)).eval()
+        vae = VAE(VAEConfig(image_channels=1, latent_channels=4, downsample=2, width=8, codebook_size=codebook_size)).eval()
         report = reconstruction_report(vae, test, test.floats().mean(0))
         assert ("codebook_usage" in report) == bool(codebook_size)
         if codebook_size:
