@@ -140,9 +140,8 @@ def load_network(
         module = build(config)
         module.load_state_dict(load_file(weights, device=str(device)))
     except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as err:
-        raise ArtifactError(
-            f"{weights} / {config_path.name} do not load ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            f"rerun the stage that writes {folder}"
+        raise unreadable(
+            weights, f"does not load with {config_path.name} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         ) from err
     return freeze(module.to(device)), config
 

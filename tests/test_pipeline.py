@@ -477,7 +477,7 @@ def test_a_params_edit_while_a_stage_trains_fails_it_and_changes_nothing(pipelin
     "spoilt, stage, message",
     [
         ("artifacts/prepare/train_images.npy", "ssl", "artifacts/prepare/train_images.npy: not a readable .npy array"),
-        ("artifacts/encoder/encoder.safetensors", "vae", "artifacts/encoder/encoder.safetensors / encoder.json do not load"),
+        ("artifacts/encoder/encoder.safetensors", "vae", "artifacts/encoder/encoder.safetensors: does not load with encoder.json"),
     ],
 )
 def test_an_artifact_truncated_between_stages_stops_the_next_one_naming_it(pipeline, spoilt, stage, message):
