@@ -3,9 +3,11 @@ deps (and those deps' DVC hashes), the order, staleness, and saving the workspac
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -123,9 +125,8 @@ def _copy_from_git(out) -> bool:
 
 def _put_in_place(target: Path, files: dict[str, Path | bytes]) -> None:
     """`{relpath: a cached file, or bytes}` at `target` (a file for relpath "", else a folder),
-    under a temporary name, then renamed into place. A cached file is hard-linked where it can be,
-    as DVC's `hardlink` cache type would (read-only, and it takes no space: a full disk can have
-    its outputs back), else copied."""
+    under a temporary name, then renamed into place. A cached file is copied; on a full disk it is
+    hard-linked instead (read-only, as DVC's `hardlink` cache type links it), which takes no space."""
     partial = target.with_name(f".{target.name}.restore-{os.getpid()}")
     target.parent.mkdir(parents=True, exist_ok=True)
     for relpath, source in files.items():
@@ -135,9 +136,12 @@ def _put_in_place(target: Path, files: dict[str, Path | bytes]) -> None:
             copy.write_bytes(source)
             continue
         try:
+            shutil.copyfile(source, copy)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            copy.unlink(missing_ok=True)
             os.link(source, copy)
-        except OSError:
-            copy.write_bytes(source.read_bytes())
     os.replace(partial, target)
 
 

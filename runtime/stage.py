@@ -283,7 +283,7 @@ def stage_lock(stage: str) -> Iterator[None]:
         os.close(fd)
 
 
-INTERRUPTED = "aborted by an interrupt signal"  # Prefect's crash message for Ctrl-C
+INTERRUPTED = ("aborted by an interrupt signal", "aborted by a termination signal")  # Prefect's crash messages
 
 
 class ReportedOnce(logging.Filter):
@@ -298,7 +298,7 @@ class ReportedOnce(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (KeyboardInterrupt, TerminationSignal)) or INTERRUPTED in record.getMessage():
+        if isinstance(error, (KeyboardInterrupt, TerminationSignal)) or any(m in record.getMessage() for m in INTERRUPTED):
             return False
         if isinstance(error, StageError) or (error is not None and disk_full(error)):
             self.messages.add(str(error))

@@ -342,7 +342,9 @@ def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
          "channels-last-latents-to-gan", "ssl-state-to-encoder", "inf-embeddings-to-kd", "probe-to-kd", "vae-to-distill",
          "denoiser-to-distill", "students-to-fid", "generator-to-fid"],
 )
-def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_writer(pipeline, spoilt, change, stage, message):
+def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_writer(
+    pipeline, tmp_path, spoilt, change, stage, message,
+):
     """`dvc repro --single-item <stage>` after another stage's output was spoilt: the stage exits 2
     with one message naming the file and the stage that writes it, no traceback, and its last
     good outputs in place."""
@@ -354,7 +356,8 @@ def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_write
             (repo / spoilt).write_bytes(good[: len(good) // 2])
         else:
             spoil_array(repo / spoilt, change)
-        done = run(["dvc", "repro", "--single-item", stage], repo, check=False)
+        done = run(["dvc", "repro", "--single-item", stage], repo, check=False,  # tracked apart from the shared run
+                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
         after = snapshot(repo, *outputs)
     finally:
         (repo / spoilt).write_bytes(good)

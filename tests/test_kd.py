@@ -117,9 +117,10 @@ def test_dvc_repro_kd_reports_teacher_and_students_and_tracks_them(repo_copy, tm
     assert 0.5 < metrics["teacher.top1"] <= 1 and metrics["student.with_kd.top1"] > 0.3 and metrics["student.without_kd.top1"] > 0.3
     assert metrics["student.parameters"] < metrics["teacher.parameters"]
     assert metrics["kd_gain"] == pytest.approx(metrics["student.with_kd.top1"] - metrics["student.without_kd.top1"])
-    for name in ("with_kd", "without_kd"):  # a curve per student, each from step 1
-        rows = (repo / "plots" / "kd" / f"{name}.csv").read_text().splitlines()
-        assert rows[0].startswith("step,loss,cross_entropy,soft_kl") and rows[1].startswith("5,")
+    curves = (repo / "plots" / "kd" / "students.csv").read_text().splitlines()
+    assert curves[0].startswith("series,step,loss,cross_entropy,soft_kl")
+    for name in ("with_kd", "without_kd"):  # a curve per student, each from its first logged step
+        assert [row for row in curves if row.startswith(f"{name},")][0].startswith(f"{name},5,")
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("latentlab").experiment_id

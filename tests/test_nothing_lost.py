@@ -32,15 +32,23 @@ def snapshot(repo: Path, *paths: str) -> dict[str, bytes]:
     return {str(f.relative_to(repo)): f.read_bytes() for f in files if f.is_file()}
 
 
-def store(repo: Path):
+@pytest.fixture
+def own_store(tmp_path, monkeypatch) -> str:
+    """A tracking store of the test's own, so the shared smoke run's stays as its tests expect."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def store(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    return MlflowClient(uri)
 
 
 def runs(client, where: str = "") -> list:
     experiment = client.get_experiment_by_name("latentlab")
-    return client.search_runs([experiment.experiment_id], where, max_results=1000)
+    return client.search_runs([experiment.experiment_id], where, max_results=1000) if experiment else []
 
 
 def start(args: list[str], repo: Path, log: Path, **env: str | None) -> subprocess.Popen:
@@ -72,7 +80,7 @@ def test_every_stage_run_is_in_dvc_run_cache(pipeline):
     assert len(entries) >= len(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]) == 10
 
 
-def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(pipeline):
+def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(pipeline, own_store):
     repo, _ = pipeline
     outputs = ("metrics/probe.json", "plots/probe", "artifacts/probe")
     first, params = snapshot(repo, *outputs), repo / "params" / "probe.yaml"
@@ -83,12 +91,12 @@ def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(pipelin
         assert snapshot(repo, *outputs) != first
     finally:
         params.write_text(good)
-    probe_runs = len(runs(store(repo), "tags.stage = 'probe'"))
+    probe_runs = len(runs(store(own_store), "tags.stage = 'probe'"))
     back = run(["dvc", "repro", "probe"], repo)
     assert "Stage 'probe' is cached - skipping run, checking out outputs" in back.stdout, back.stdout
     assert "Running stage 'probe'" not in back.stdout
     assert snapshot(repo, *outputs) == first
-    assert len(runs(store(repo), "tags.stage = 'probe'")) == probe_runs  # nothing trained, nothing tracked
+    assert len(runs(store(own_store), "tags.stage = 'probe'")) == probe_runs  # nothing trained, nothing tracked
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 
@@ -102,13 +110,14 @@ def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(pipelin
     ],
     ids=["ctrl-c", "sigterm", "kill-9-dvc", "kill-9-stage"],
 )
-def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(pipeline, tmp_path, sig, to, says):
+def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(pipeline, tmp_path, own_store, sig, to, says):
     """Ctrl-C reaches the whole process group; `kill` and `kill -9` reach `dvc`, which dies at once
     (DVC handles neither), and the stage's launcher, seeing it gone, stops the stage and puts back."""
     repo, _ = pipeline
     before, lock = snapshot(repo, *SSL_OUTPUTS), (repo / "dvc.lock").read_text()
     dvc = start(["dvc", "repro", "--force", "--single-item", "ssl"], repo, log := tmp_path / "dvc.log")
     wait_until_training(dvc, log)
+    assert wait_for(lambda: runs(store(own_store), "tags.stage = 'ssl'"), 120)  # its MLflow run has started
     if to == "group":
         os.killpg(dvc.pid, sig)
     elif to == "dvc":
@@ -124,7 +133,7 @@ def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(pipel
     assert (repo / "dvc.lock").read_text() == lock
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
-    client = store(repo)
+    client = store(own_store)
     newest = max(runs(client, "tags.stage = 'ssl'"), key=lambda r: r.info.start_time)
     if sig == signal.SIGINT:  # a stage with a chance ends its run itself
         assert wait_for(lambda: client.get_run(newest.info.run_id).info.status == "KILLED", 30)
@@ -133,7 +142,7 @@ def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(pipel
     assert client.get_run(newest.info.run_id).info.status == "KILLED"
 
 
-def test_ctrl_c_in_every_stage_keeps_its_last_good_outputs(pipeline, tmp_path):
+def test_ctrl_c_in_every_stage_keeps_its_last_good_outputs(pipeline, tmp_path, own_store):
     """Ctrl-C as each stage's flow run begins, prepare to fid: N/N interrupted with one line,
     their outputs as they were, dvc.lock unchanged."""
     repo, _ = pipeline

@@ -25,7 +25,7 @@ def repo(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "plots", repo / "plots")
     run(["git", "add", "plots"], repo)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "plots"], repo)
-    for name, column in (("fid_vs_nfe.csv", "fid"), ("teacher.csv", "images_per_s")):
+    for name, column in (("fid_vs_nfe.csv", "fid"), ("speed.csv", "images_per_s")):
         table = pd.read_csv(repo / "plots" / "fid" / name)
         table[column] *= 1.5
         table.to_csv(repo / "plots" / "fid" / name, index=False)
