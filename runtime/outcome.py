@@ -16,6 +16,8 @@ STOPPED_BY = {  # the ways a stage's process is stopped from outside, by exit co
     128 + signal.SIGKILL: "was killed (SIGKILL: `kill -9`, or the kernel's out-of-memory killer)",
 }
 
+ORPHANED = "was stopped: the `dvc` (or pipeline flow) it ran under is gone"
+
 
 def stopped_by(code: int) -> str | None:
     """What an exit code says about a signal that ended the stage; None for a plain exit code."""
@@ -46,8 +48,10 @@ class Supervised:
         from runtime.invocation import current_invocation, lineage
         from runtime.lifetime import end_with
 
+        self.lives_by = []  # the `dvc` (or pipeline flow) it runs under, and what is between
         if (invocation := current_invocation()) is not None:
-            end_with(lineage(invocation), what=f"stage '{self.stage}'", then=self._orphaned)
+            self.lives_by = lineage(invocation)
+            end_with(self.lives_by, what=f"stage '{self.stage}'", then=self._orphaned)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -58,7 +62,9 @@ class Supervised:
         with self._ending:
             if self.code and not self._ended:
                 restored = put_back(self.stage)
-                if (how := stopped_by(self.code)) is not None:
+                if not all(process.alive() for process in self.lives_by):  # the stage saw it go first
+                    self._say(ORPHANED)
+                elif (how := stopped_by(self.code)) is not None:
                     self._say(how)
                 elif restored:
                     print(f"stage '{self.stage}' failed: nothing was changed, its last good outputs are in place",
@@ -81,7 +87,7 @@ class Supervised:
                     process.kill()
                     process.wait(timeout=10)
             put_back(self.stage)
-            self._say("was stopped: the `dvc` (or pipeline flow) it ran under is gone")
+            self._say(ORPHANED)
             self._ended = True
 
     def _say(self, how: str) -> None:
