@@ -40,6 +40,7 @@ class Supervised:
         self.code: int | None = None
         self._ending = threading.Lock()  # the stage's end is handled once: here, or by `_orphaned`
         self._ended = False
+        self.lives_by: list = []  # the `dvc` (or pipeline flow) it runs under, and what is between
 
     def started(self, pid: int) -> None:
         self.child = pid
@@ -48,7 +49,6 @@ class Supervised:
         from runtime.invocation import current_invocation, lineage
         from runtime.lifetime import end_with
 
-        self.lives_by = []  # the `dvc` (or pipeline flow) it runs under, and what is between
         if (invocation := current_invocation()) is not None:
             self.lives_by = lineage(invocation)
             end_with(self.lives_by, what=f"stage '{self.stage}'", then=self._orphaned)

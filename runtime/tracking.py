@@ -142,6 +142,7 @@ class StageTracker:
         self.stage = stage
         self.enabled = enabled
         self.run_id: str | None = None
+        self.unreachable: Exception | None = None  # the error that cut the server off, if one did
         if not enabled:
             return
         import torch
@@ -164,7 +165,6 @@ class StageTracker:
         run = self._client.create_run(experiment, run_name=stage, tags=tags)
         self.run_id = run.info.run_id
         _log_params(self._client, self.run_id, flatten(params, stage))
-        self.unreachable: Exception | None = None  # the error that cut the server off, if one did
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="mlflow-metrics")
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
