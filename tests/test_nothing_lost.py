@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def own_store(tmp_path, monkeypatch) -> str:
     """A tracking store of the test's own, so the shared smoke run's stays as its tests expect."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    store(uri).search_experiments()  # created here: the test's polling never migrates it beside a stage
     return uri
 
 
@@ -59,11 +61,27 @@ def restore(repo: Path, files: dict[str, bytes], lock: str) -> None:
     (repo / "dvc.lock").write_text(lock)
 
 
+STARTED: list[subprocess.Popen] = []
+
+
 def start(args: list[str], repo: Path, log: Path, **env: str | None) -> subprocess.Popen:
     """A command in a session of its own (as a terminal would run it), its output in `log`."""
     with open(log, "w") as out:
-        return subprocess.Popen(args, cwd=repo, env=run_env(**env), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        STARTED.append(subprocess.Popen(args, cwd=repo, env=run_env(**env), stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True))
+    return STARTED[-1]
+
+
+@pytest.fixture(autouse=True)
+def none_left_running():
+    """A test that fails half-way leaves no `dvc repro` running in the shared smoke run's copy."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def wait_until_training(process: subprocess.Popen, log: Path) -> None:
