@@ -7,7 +7,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install repro test lint gpu bench vega
+.PHONY: install repro test lint docs gpu bench vega
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,7 +26,11 @@ test: install
 lint: install
 	ruff check .
 
-# On a GPU machine (README: On a GPU): the gpu profile end to end, and the bench. No install step,
+# The documentation site (mkdocs.yml, docs/) into .site/; a broken link or anchor fails it
+docs: install
+	mkdocs build --strict --site-dir .site
+
+# On a GPU machine (docs/gpu.md): the gpu profile end to end, and the bench. No install step,
 # so a machine that carries its wheels (and has no .venv) runs them with its own python.
 gpu:
 	python3 -m flows profile gpu

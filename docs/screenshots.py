@@ -1,4 +1,4 @@
-"""The README's screenshots of the three front doors (docs/img/*.png), taken as a user sees them.
+"""The screenshots of the three front doors (docs/img/*.png, in the README and docs/doors.md), taken as a user sees them.
 
     pip install -e '.[docs]'        # playwright; the browser is Debian's chromium (/usr/bin/chromium)
     python docs/screenshots.py      # 15–20 minutes on a busy 2-core machine (the smoke pipeline runs once)
