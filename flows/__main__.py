@@ -8,6 +8,7 @@
   rank [--csv FILE] [--plot FILE]      the finished experiments ranked by probe top-1, with baselines
   team up|down|deploy|worker|push      the team set-up: shared servers, work pool, workers, DVC remote
   bench [--profile NAME ...] [--json F] each training stage's speed on this device (torch only)
+  deps [--check]                       write each stage's code deps into dvc.yaml (--check: fail if stale)
 
 KEY=VALUE is `stage.key=value` or DVC's `params/<stage>.yaml:key=value`.
 """
@@ -163,6 +164,20 @@ def bench(args: argparse.Namespace) -> None:
     print(f"wrote {args.json}")
 
 
+def deps(args: argparse.Namespace) -> None:
+    """dvc.yaml's code deps from the stages' imports (`runtime.code_deps`)."""
+    from runtime.code_deps import generated, write_code_deps
+
+    root = Path.cwd()
+    if args.check:
+        if stale := generated(root)[1]:
+            raise StageError(f"dvc.yaml's code deps are stale for {', '.join(stale)}: run `python -m flows deps`")
+        print("dvc.yaml's code deps are current")
+        return
+    stale = write_code_deps(root)
+    print(f"dvc.yaml: wrote the code deps of {', '.join(stale)}" if stale else "dvc.yaml's code deps are current")
+
+
 def _add_pipeline_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--profile", choices=profile_names(), help="rewrite params/*.yaml from a profile first")
     for option, field in (("--source", "prepare.source"), ("--ssl-objective", "ssl.objective"),
@@ -238,6 +253,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, ... (default: the pipeline's choice)")
     p.add_argument("--json", default="bench.json", help="where to write the results")
     p.set_defaults(run=bench)
+
+    p = commands.add_parser("deps", help="write each stage's code deps (its import closure) into dvc.yaml")
+    p.add_argument("--check", action="store_true", help="change nothing; exit non-zero naming the stale stages")
+    p.set_defaults(run=deps)
     return root
 
 

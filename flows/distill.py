@@ -6,7 +6,9 @@ grid of each student at its step count, decoded by the VAE."""
 import torch
 from prefect import flow
 
-from runtime.stage import StageRun, main, stage_task
+from runtime.stage import StageRun
+from runtime.stage_flow import stage_task
+from runtime.stage_process import main
 from tasks.artifacts import artifacts_dir
 from tasks.diffusion import class_grid, load_denoiser
 from tasks.distill import consistency_student, distill_method, progressive_students, reflow_student

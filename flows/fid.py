@@ -11,7 +11,9 @@ from prefect import flow
 from tqdm import tqdm
 
 from models.fid import FeatureExtractor
-from runtime.stage import StageRun, main, stage_task
+from runtime.stage import StageRun
+from runtime.stage_flow import stage_task
+from runtime.stage_process import main
 from tasks.artifacts import artifacts_dir, metrics_path, read_json
 from tasks.curves import write_csv
 from tasks.data import load_manifest, load_split

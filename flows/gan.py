@@ -5,7 +5,9 @@ the generator is exported and sampled into a per-class grid, decoded by the VAE.
 import torch
 from prefect import flow
 
-from runtime.stage import StageRun, main, stage_task
+from runtime.stage import StageRun
+from runtime.stage_flow import stage_task
+from runtime.stage_process import main
 from tasks.artifacts import artifacts_dir
 from tasks.gan import (
     alternating_batches,

@@ -5,7 +5,9 @@ teacher and students."""
 
 from prefect import flow
 
-from runtime.stage import StageRun, main, stage_task
+from runtime.stage import StageRun
+from runtime.stage_flow import stage_task
+from runtime.stage_process import main
 from tasks.data import load_split
 from tasks.kd import (
     export_student,

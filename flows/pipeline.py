@@ -3,7 +3,7 @@
 A stage DVC considers up to date ends as a `Skipped` (completed) task run; a stale one runs as
 `dvc repro --single-item <stage>`, so DVC still decides, caches and locks everything (`dvc status`
 is clean afterwards). The stage's own flow run is a subflow run of this one that follows its task
-run, named after the stage and tagged with the pipeline run (`runtime.stage.run_flow`); the task
+run, named after the stage and tagged with the pipeline run (`runtime.stage_flow.run_flow`); the task
 run keeps its own state and duration in the UI's Task Runs tab. The stage's flow run holds its
 logs, while the task run holds what the stage process prints besides (progress bars at every
 quarter, dvc's own lines). A failed run says why once, as its state message, without a traceback. One MLflow parent run covers the flow run; a run that changed anything is saved as a
@@ -29,11 +29,13 @@ from prefect.settings import get_current_settings
 from prefect.states import Completed, Failed, State
 
 from runtime.dag import is_stale, save_experiment, stage_order
+from runtime.env import FLOW_RUN_TAGS_ENV, PARENT_RUN_ENV, PARENT_TASK_RUN_ENV
+from runtime.failures import TRANSIENT_EXIT
 from runtime.invocation import Invocation
 from runtime.lifetime import child_dies_with_us
+from runtime.logs import ReportedOnce
 from runtime.profiles import profile_names, profile_params, set_overrides, write_params
-from runtime.stage import FLOW_RUN_TAGS_ENV, PARENT_TASK_RUN_ENV, TRANSIENT_EXIT, ReportedOnce
-from runtime.tracking import PARENT_ENV, PipelineRun, headline_metrics
+from runtime.tracking import PipelineRun, headline_metrics
 from tasks.errors import StageError
 from tasks.params import (
     STAGE_PARAMS,
@@ -112,7 +114,7 @@ def _stage_env(task_run_id: str, parent_run_id: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT__")}
     return {
         **env, **Invocation.of(os.getpid()).env(),
-        PARENT_ENV: parent_run_id, "PREFECT_API_URL": get_current_settings().api.url or "",
+        PARENT_RUN_ENV: parent_run_id, "PREFECT_API_URL": get_current_settings().api.url or "",
         PARENT_TASK_RUN_ENV: task_run_id, FLOW_RUN_TAGS_ENV: f"pipeline:{flow_run.get_name()}",
     }
 
@@ -192,14 +194,14 @@ def pipeline(
         for stage in stage_order():
             state = run_stage(stage, parent.run_id, return_state=True)
             if state.is_failed():  # a failed stage fails the flow with its reason (its task run logged it)
-                parent.finish(ok=False)
+                parent.finish("FAILED")
                 return _failed(state.message)
             (skipped if state.name == "Skipped" else ran).append(stage)
         experiment = save_experiment(name) if ran else None
     except BaseException as err:
-        parent.finish(ok=False, killed=isinstance(err, (KeyboardInterrupt, TerminationSignal)))
+        parent.finish("KILLED" if isinstance(err, (KeyboardInterrupt, TerminationSignal)) else "FAILED")
         raise
-    parent.finish(ok=True, tags={"dvc.experiment": experiment} if experiment else None)  # deleted if nothing ran
+    parent.finish("FINISHED", tags={"dvc.experiment": experiment} if experiment else None)  # deleted if nothing ran
     headline = headline_metrics()
     print(f"ran {ran or 'nothing'}, skipped {skipped or 'nothing'}; "
           f"{'saved as DVC experiment ' + experiment if experiment else 'no new experiment'}; {headline}")

@@ -4,7 +4,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from runtime.stage import StageRun, main, stage_task
+from runtime.stage import StageRun
+from runtime.stage_flow import stage_task
+from runtime.stage_process import main
 from tasks.artifacts import write_json
 from tasks.datasets import fetch_missing, load_source
 from tasks.images import class_grid, save_png

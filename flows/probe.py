@@ -6,7 +6,9 @@ import torch
 from prefect import flow
 
 from models.backbones import build_backbone
-from runtime.stage import StageRun, main, stage_task
+from runtime.stage import StageRun
+from runtime.stage_flow import stage_task
+from runtime.stage_process import main
 from tasks.artifacts import artifacts_dir, freeze, read_json, write_json
 from tasks.data import SPLITS, load_manifest, load_split
 from tasks.encoder import embed, load_embeddings

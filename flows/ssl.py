@@ -5,7 +5,9 @@ import json
 import torch
 from prefect import flow
 
-from runtime.stage import StageRun, main, stage_task
+from runtime.stage import StageRun
+from runtime.stage_flow import stage_task
+from runtime.stage_process import main
 from tasks.data import load_manifest, load_split
 from tasks.params import SslParams
 from tasks.ssl import build_ssl, check_fits_the_data, knn_monitor

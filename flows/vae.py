@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from prefect import flow
 
-from runtime.stage import StageRun, main, stage_task
+from runtime.stage import StageRun
+from runtime.stage_flow import stage_task
+from runtime.stage_process import main
 from tasks.artifacts import artifacts_dir
 from tasks.data import load_manifest, load_split
 from tasks.encoder import load_encoder

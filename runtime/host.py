@@ -35,7 +35,7 @@ from runtime.lifetime import die_with_parent, end_with, forward_signals
 STARTUP_SECONDS = 120
 REQUEST_SECONDS = 10  # to send a request, once connected
 MAX_REQUEST_BYTES = 8 << 20  # the caller's environment is most of it
-CORE = ["runtime.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]  # torch, Prefect, MLflow
+CORE = ["runtime.stage", "runtime.stage_process", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]  # torch, Prefect, MLflow
 LATER = ["torch._dynamo", "mlflow.pyfunc"]  # after Prefect has set up logging; mlflow.pyfunc logs the models
 
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-INVOCATION_ENV = "LATENTLAB_INVOCATION"
+from runtime.env import INVOCATION_ENV
 
 
 @dataclass(frozen=True)

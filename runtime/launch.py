@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-LAUNCHER_ENV = "LATENTLAB_LAUNCHER"  # the launcher a torchrun rank lives by
+from runtime.env import LAUNCHER_ENV, STAGE_HOST_ENV
 
 
 def processes_asked(stage: str) -> int:
@@ -50,7 +50,7 @@ def gpus_short(stage: str, nproc: int) -> str | None:
 def run_under_torchrun(stage: str, argv: list[str], nproc: int, started: Callable[[int], None]) -> int:
     """torchrun (of this environment) running `nproc` ranks of the stage; its exit code. torchrun
     is killed when this process goes (parent-death signal), and each rank when this process goes
-    (`runtime.stage.main` watches the process named in LAUNCHER_ENV)."""
+    (`runtime.lifetime.end_with_starters` watches the process named in LAUNCHER_ENV)."""
     from runtime.invocation import Invocation
 
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -105,7 +105,7 @@ def run_stage(stage: str, argv: list[str], started: Callable[[int], None]) -> in
     from runtime.invocation import current_invocation
 
     invocation = current_invocation()
-    if os.environ.get("LATENTLAB_STAGE_HOST") != "off":
+    if os.environ.get(STAGE_HOST_ENV) != "off":
         from runtime.background import UnsafeHelpersDir, start_once
         from runtime.host import run_on_host
 

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from runtime.invocation import Invocation
+from runtime.env import LAUNCHER_ENV
+from runtime.invocation import Invocation, current_invocation, lineage
 
 POLL_SECONDS = 0.2
 THEN_SECONDS = 30  # for `end_with`'s last words (putting back a stage's outputs)
@@ -77,6 +78,15 @@ def end_with(
         kill_tree()
 
     threading.Thread(target=watch, name="end-with", daemon=True).start()
+
+
+def end_with_starters(what: str) -> None:
+    """A stage process (`what`) ends when what started it goes: the `dvc` (or pipeline flow) it
+    runs under and the processes between, and for a torchrun rank, its launcher (`LAUNCHER_ENV`)."""
+    if (invocation := current_invocation()) is not None:
+        end_with(lineage(invocation), what=what)
+    if (launcher := Invocation.handed(LAUNCHER_ENV)) is not None:  # a torchrun rank of `runtime.launch`
+        end_with([launcher], what=f"{what} rank {os.environ.get('RANK')}")
 
 
 def kill_descendants() -> None:

@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.env import CHECKOUT_ENV
 from runtime.server import healthy, server_command
 from tasks.errors import StageError
 
 POOL = "latentlab"  # prefect.yaml's work pool
 POOL_CONCURRENCY = 1  # one pipeline run at a time: two would train on one GPU and share one checkout
-CHECKOUT_ENV = "LATENTLAB_CHECKOUT"  # where a worker's flow runs work (prefect.yaml's pull step)
 REMOTE = "team"  # the DVC remote `up` configures
 HOST = "127.0.0.1"  # the try-out's servers answer this machine only
 STARTUP_SECONDS = 300  # a server's first start migrates its database: minutes on a loaded machine

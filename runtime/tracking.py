@@ -3,7 +3,7 @@
 Uses `MlflowClient` with explicit run ids rather than the fluent API, which is not
 thread-safe (Prefect runs tasks in threads). The store is `MLFLOW_TRACKING_URI`, else a
 SQLite file `mlflow.db` in the checkout (`checkout_root`); a run is the child of the run named by
-`LATENTLAB_PARENT_RUN_ID` when that is set, else of the parent run of the `dvc repro` it runs
+`LATENTLAB_PARENT_RUN_ID` (`PARENT_RUN_ENV`) when that is set, else of the parent run of the `dvc repro` it runs
 under (one `PipelineRun` per pipeline run, whoever started it).
 """
 
@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from runtime.dag import locked_outs, stages
+from runtime.env import EXPERIMENT_ENV, PARENT_RUN_ENV
 from runtime.invocation import Invocation, current_invocation
 from runtime.lineage import git_state
 from runtime.mlflow_models import log_network, register_current
@@ -30,7 +31,6 @@ from tasks.artifacts import artifacts_dir, metrics_path, plots_dir, read_json
 from tasks.params import STAGE_PARAMS, flatten, load_params
 
 EXPERIMENT = "latentlab"
-PARENT_ENV = "LATENTLAB_PARENT_RUN_ID"
 _BATCH = 100  # MLflow's limit of params per log_batch call
 HEADLINE = [
     "probe_top1", "kd_student_top1", "kd_gain", "fid_teacher", "fid_student_4", "fid_gan", "total_wall_seconds",
@@ -104,7 +104,7 @@ def client():
 
 
 def experiment_name() -> str:
-    return os.environ.get("LATENTLAB_EXPERIMENT", EXPERIMENT)
+    return os.environ.get(EXPERIMENT_ENV, EXPERIMENT)
 
 
 def experiment_id(mlflow_client, name: str | None = None) -> str:
@@ -153,17 +153,10 @@ class StageTracker:
             "device": device,
             "torch.version": torch.__version__,
             "host.python": platform.python_version(),
-            **git_state(),
             **{f"dvc.dep.{path}": digest for path, digest in deps.items()},
+            **({"mlflow.parentRunId": parent} if parent else {}),
         }
-        tags["mlflow.source.git.commit"] = tags["git.commit"]
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        tags.update({PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
-        experiment = experiment_id(self._client)
-        end_orphans(self._client, experiment)
-        run = self._client.create_run(experiment, run_name=stage, tags=tags)
-        self.run_id = run.info.run_id
+        self.run_id = _create_run(self._client, stage, tags)
         _log_params(self._client, self.run_id, flatten(params, stage))
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="mlflow-metrics")
 
@@ -223,6 +216,17 @@ class StageTracker:
         """End the run as FINISHED, FAILED or KILLED."""
         if self.enabled:
             self._client.set_terminated(self.run_id, status)
+
+
+def _create_run(mlflow_client, name: str, tags: dict[str, str], start_ms: int | None = None) -> str:
+    """A new run `name` of the experiment, tagged with the git state and this process and machine
+    (unless `tags` name another process), so that `end_orphans` can end it if the process dies
+    first; this machine's orphans are ended before. Its id."""
+    tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), **git_state(), **tags}
+    tags["mlflow.source.git.commit"] = tags["git.commit"]
+    experiment = experiment_id(mlflow_client)
+    end_orphans(mlflow_client, experiment)
+    return mlflow_client.create_run(experiment, start_time=start_ms, run_name=name, tags=tags).info.run_id
 
 
 def _log_params(mlflow_client, run_id: str, values: dict) -> None:
@@ -307,21 +311,14 @@ class PipelineRun:
         stages_finish_it: bool = False,
     ) -> PipelineRun:
         mlflow_client = client()
-        tags = {
-            PIPELINE_TAG: "true", "trigger": trigger, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
-            **git_state(), **(tags or {}),
-        }
-        tags["mlflow.source.git.commit"] = tags["git.commit"]
-        experiment = experiment_id(mlflow_client)
-        end_orphans(mlflow_client, experiment)
-        run = mlflow_client.create_run(experiment, start_time=start_ms, run_name=name, tags=tags)
+        run_id = _create_run(mlflow_client, name, {PIPELINE_TAG: "true", "trigger": trigger, **(tags or {})}, start_ms)
         params = {key: value for stage in STAGE_PARAMS for key, value in flatten(load_params(stage), stage).items()}
-        _log_params(mlflow_client, run.info.run_id, params)
-        return cls(run.info.run_id, mlflow_client, stages_finish_it=stages_finish_it)
+        _log_params(mlflow_client, run_id, params)
+        return cls(run_id, mlflow_client, stages_finish_it=stages_finish_it)
 
     @classmethod
     def from_env(cls) -> PipelineRun | None:
-        run_id = os.environ.get(PARENT_ENV)
+        run_id = os.environ.get(PARENT_RUN_ENV)
         return cls(run_id) if run_id else None
 
     @classmethod
@@ -338,16 +335,17 @@ class PipelineRun:
         name = experiment or time.strftime("dvc-repro-%Y%m%d-%H%M%S", time.localtime(invocation.started))
         return cls.start(name, "dvc repro", tags, start_ms=int(invocation.started * 1000), stages_finish_it=True)
 
-    def finish(self, ok: bool, tags: dict[str, str] | None = None, killed: bool = False) -> None:
+    def finish(self, status: str, tags: dict[str, str] | None = None) -> None:
         """Record what the pipeline run did: headline metrics as the workspace holds them now; wall
         time since the run started, the summed `wall_seconds` of its stage runs and the share of the
         wall time that was neither; which stages ran (`stages.ran`) and, for a run that succeeded,
         the run that made each output it reused (`reused.<stage>`, `stages.reused`, the run's
         description), the FID table and plot under `fid/`, and the registry's `@current` models.
-        A run that succeeded without running any stage recorded no result: it is deleted; one that
-        did not ends FAILED, or KILLED when it was interrupted."""
+        The run ends with `status`: FINISHED, FAILED or KILLED (interrupted); one that finished
+        without running any stage recorded no result: it is deleted."""
         from mlflow.entities import Metric, RunTag
 
+        ok = status == "FINISHED"
         run = self._client.get_run(self.run_id)
         experiment = run.info.experiment_id
         children = self._client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=1000)
@@ -381,7 +379,7 @@ class PipelineRun:
                 if path.is_file():
                     self._client.log_artifact(self.run_id, str(path), "fid")
             register_current(self._client, sources, self.run_id)
-        self._client.set_terminated(self.run_id, "FINISHED" if ok else "KILLED" if killed else "FAILED")
+        self._client.set_terminated(self.run_id, status)
 
 
 def output_sources(mlflow_client, experiment: str, children) -> dict:

@@ -137,7 +137,7 @@ def test_killing_a_lone_stage_stops_its_prefect_server(ssl_repo, tmp_path, prefe
 
 @pytest.mark.slow
 def test_a_second_run_of_a_running_stage_is_refused(repo_copy, monkeypatch):
-    from runtime.stage import stage_lock
+    from runtime.stage_process import stage_lock
 
     monkeypatch.chdir(repo_copy)
     scratch = repo_copy / "artifacts" / ".ssl.tmp" / "being-written"
@@ -263,7 +263,7 @@ def test_a_failure_is_transient_by_its_exception_types(monkeypatch):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from runtime.stage import is_transient
+    from runtime.failures import is_transient
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     closed = free_port()  # nothing listens there

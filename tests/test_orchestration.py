@@ -84,7 +84,7 @@ def test_a_failed_stage_fails_the_flow_saying_why_once(repo_copy):
 @pytest.mark.slow
 def test_an_unreachable_tracking_server_is_a_transient_failure_found_at_once(repo_copy):
     from flows.pipeline import StageFailed
-    from runtime.stage import TRANSIENT_EXIT
+    from runtime.failures import TRANSIENT_EXIT
 
     uri = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}

@@ -19,8 +19,8 @@ import torch
 import yaml
 from PIL import Image
 
+from runtime.code_deps import stage_code
 from runtime.dag import dvc_hash
-from tests.code_deps import stage_code
 from tests.conftest import run, run_env
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.stage import InputsChanged, StageRun
+from runtime.stage import StageRun
+from runtime.stage_end import InputsChanged
 from tasks.params import load_params
 
 

@@ -1,0 +1,92 @@
+"""What `python -m flows.<stage>` does: validate the params, live only as long as what started
+it, hold the stage's lock, find the Prefect API, run the flow (as a subflow run of the pipeline
+flow's task run when that started it), and turn errors into one message and an exit code."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prefect.exceptions import TerminationSignal
+
+from runtime.failures import TRANSIENT_EXIT, disk_full, is_transient
+from runtime.lifetime import end_with_starters
+from runtime.logs import ReportedOnce, warnings_to_run_logs
+from runtime.server import stage_api
+from runtime.stage_flow import run_flow
+from runtime.tracking import TrackingUnreachable, check_reachable
+from tasks.artifacts import CHECKPOINTS
+from tasks.device import Distributed
+from tasks.errors import StageError
+from tasks.params import load_params
+
+
+def main(stage: str, flow: Callable) -> None:
+    """What `python -m flows.<stage>` does. A stage run under `dvc` (or the pipeline flow) ends
+    when that ends; Ctrl-C or SIGTERM end it quietly with 128 + the signal's number (its
+    launcher, `runtime.outcome`, says so and puts back the last good outputs)."""
+    once = ReportedOnce()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(once)
+    signal.signal(signal.SIGTERM, _terminate)  # Prefect's flow engine raises the same while it runs
+    try:
+        params = load_params(stage)
+        end_with_starters(f"stage '{stage}'")
+        if Distributed.from_env().is_main:
+            check_reachable()
+            warnings_to_run_logs()
+            with stage_lock(stage), stage_api():
+                run_flow(stage, flow, params)
+        else:  # other torchrun ranks compute alongside rank 0 without their own flow runs
+            flow.fn(params)
+    except StageError as err:
+        print(f"error in stage '{stage}':\n{err}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, TerminationSignal) as err:
+        sys.exit(128 + getattr(err, "signal", signal.SIGINT))
+    except Exception as err:
+        if full := disk_full(err):
+            print(f"error in stage '{stage}':\n{full}", file=sys.stderr)
+            sys.exit(2)
+        if not is_transient(err):
+            raise
+        if not isinstance(err, TrackingUnreachable):
+            traceback.print_exc()
+        print(f"error in stage '{stage}' (transient, worth a retry): {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(TRANSIENT_EXIT)
+
+
+def _terminate(number: int, _frame) -> None:
+    raise TerminationSignal(number)
+
+
+@contextmanager
+def stage_lock(stage: str) -> Iterator[None]:
+    """Hold this folder's lock of `stage` for the duration, or refuse with a StageError naming its
+    holder: two runs of a stage would share its checkpoint and temporary outputs. The kernel
+    releases it when the process ends, however it ends, so it never goes stale."""
+    path = CHECKPOINTS / f".{stage}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            raise StageError(
+                f"stage '{stage}' is already running in {os.getcwd()}: {holder} holds {path}; "
+                "wait for it to finish, or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
