@@ -224,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="also draw it as bars to this PNG")
     p.set_defaults(run=rank)
 
-    p = commands.add_parser("team", help="the team set-up (README: Team set-up)")
+    p = commands.add_parser("team", help="the team set-up (docs/team.md)")
     team_actions = p.add_subparsers(dest="action", required=True)
     t = team_actions.add_parser("up", help="start a Prefect server, an MLflow server and a worker here, for a try-out")
     t.add_argument("--prefect-port", type=int, default=4200)

@@ -43,7 +43,7 @@ def gpus_short(stage: str, nproc: int) -> str | None:
     return (
         f"params/{stage}.yaml: train.processes {nproc} asks for one GPU per process, but this machine has {count} "
         "(CUDA_VISIBLE_DEVICES counts); lower it, or spread the ranks over machines with torchrun's rendezvous "
-        "(README: Team set-up, multi-GPU stages)"
+        "(docs/params.md: the training loop, several processes)"
     )
 
 

@@ -37,7 +37,7 @@ HEADLINE = [
     "overhead_fraction",
 ]
 # What MLflow 3's experiment-kind selector writes; the 3.17 UI follows its own "GenAI / Model
-# training" switch instead, which `ui_url` sets (README: Tracking).
+# training" switch instead, which `ui_url` sets (docs/doors.md: Tracking).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # A view of the runs table the UI opens with `?viewStateShareKey=headline` (what its Share button
 # saves, as plain JSON): the pipeline runs' headline metrics and what ran, as columns.

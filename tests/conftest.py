@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.env import PARENT_RUN_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "datasets" / "mnist"
 BIN = Path(sys.executable).parent
@@ -17,7 +19,7 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-for leaking in ("MLFLOW_TRACKING_URI", "LATENTLAB_PARENT_RUN_ID"):  # tests use their own stores
+for leaking in ("MLFLOW_TRACKING_URI", PARENT_RUN_ENV):  # tests use their own stores
     os.environ.pop(leaking, None)
 
 
