@@ -1,33 +1,30 @@
 """probe: linear probe and kNN on the frozen embeddings, label efficiency, and two baselines
-(raw pixels, a randomly initialised encoder of the same architecture)."""
+(raw pixels, a randomly initialised encoder of the trained one's own architecture)."""
 
 
-import torch
 from prefect import flow
 
-from models.backbones import build_backbone
 from runtime.stage import StageRun
 from runtime.stage_flow import stage_task
 from runtime.stage_process import main
-from tasks.artifacts import artifacts_dir, freeze, read_json, write_json
+from tasks.artifacts import artifacts_dir, write_json
 from tasks.data import SPLITS, load_manifest, load_split
-from tasks.encoder import embed, load_embeddings
+from tasks.encoder import embed, load_embeddings, random_encoder
 from tasks.params import ProbeParams
 from tasks.plots import confusion, lines
 from tasks.probe import Features, Labels, evaluate_features, export_probe
 
 
 def feature_sets(params: ProbeParams, labels: Labels, device) -> dict[str, Features]:
-    """SSL embeddings, and (with baselines) raw pixels and a random encoder's features."""
+    """SSL embeddings, and (with baselines) raw pixels and the features of a random network of the
+    encoder's architecture."""
     encoder_dir = artifacts_dir("encoder")
     sets = {"ssl": Features(*(load_embeddings(encoder_dir, name, len(getattr(labels, name)), device) for name in SPLITS))}
     if params.baselines:
         splits = [load_split(name, device) for name in SPLITS]
         sets["raw_pixels"] = Features(*(s.floats().flatten(1) for s in splits))
-        torch.manual_seed(params.seed)
-        config = read_json(encoder_dir / "encoder.json", keys=("name", "in_channels", "image_size"))
-        random_encoder = freeze(build_backbone(**config).to(device))
-        sets["random_encoder"] = Features(*(embed(random_encoder, s) for s in splits))
+        baseline = random_encoder(encoder_dir, params.seed, device)
+        sets["random_encoder"] = Features(*(embed(baseline, s) for s in splits))
     return sets
 
 

@@ -1,6 +1,6 @@
 """Sweeps on DVC's own experiment queue: a grid of overrides queued as `dvc exp run --queue -S …`
 (run one after another by `dvc queue start`), and the ranking of the finished experiments by their
-probe, against the raw-pixel and random-encoder baselines."""
+probe, each against its own random network of the same architecture, and the raw pixels."""
 
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ PROBE = "metrics/probe.json"
 SSL = "metrics/ssl.json"
 RANKED = {  # column: (metrics file, key)
     "probe_top1": (PROBE, "probe_top1"),
+    "random_same_arch": (PROBE, "random_encoder.probe_top1"),  # the row's own baseline: its backbone, untrained
     "knn_top1": (PROBE, "knn_top1"),
     "probe_1%_labels": (PROBE, "probe_top1_at_0.01_labels"),
     "probe_10%_labels": (PROBE, "probe_top1_at_0.1_labels"),
     "ssl_seconds": (SSL, "wall_seconds"),
     "ssl_images_per_s": (SSL, "images_per_s"),
 }
-BASELINES = ("raw_pixels", "random_encoder")  # what the probe stage also scores, on the same split
+RAW, RANDOM = "raw_pixels", "random_encoder"  # the baselines the probe stage also scores, on the same split
+BACKBONE = "params/ssl.yaml:backbone"
 
 
 def parse_axis(axis: str) -> tuple[str, list[str]]:
@@ -134,8 +136,10 @@ def _flat(data: dict) -> dict:
 
 
 def ranking(found: list[dict], by: str = "probe_top1") -> pd.DataFrame:
-    """One row per experiment (the params that differ between them, then RANKED), best `by`
-    first, and a row per baseline from the probe stage."""
+    """One row per experiment (the params that differ between them, then RANKED, whose
+    `random_same_arch` is the probe of a random network of that experiment's own backbone), best
+    `by` first; then the raw-pixel baseline and, per backbone, the random network of its best
+    experiment (`(random vit)`: the line MAE and I-JEPA have to beat)."""
     if by not in RANKED:
         raise ParamsError(f"cannot rank by '{by}'; choose one of {', '.join(RANKED)}")
     rows = [e for e in found if e["metrics"].get(PROBE, {}).get("probe_top1") is not None]
@@ -149,13 +153,20 @@ def ranking(found: list[dict], by: str = "probe_top1") -> pd.DataFrame:
         table[column] = [e["metrics"].get(path, {}).get(key) for e in rows]
     table = table.sort_values(by, ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
-    probe = rows[0]["metrics"][PROBE]
+    by_name = {e["name"]: e for e in rows}
+    best_of_each_backbone = {}  # backbone -> its best experiment, whose random network is that backbone's line
+    for name in table["experiment"]:
+        best_of_each_backbone.setdefault(by_name[name]["params"].get(BACKBONE), by_name[name])
     baselines = pd.DataFrame([
-        {"experiment": f"({baseline.replace('_', ' ')})",
-         **{column: probe.get(f"{baseline}.{key}") for column, (path, key) in RANKED.items() if path == PROBE}}
-        for baseline in BASELINES
+        _baseline_row("(raw pixels)", rows[0]["metrics"][PROBE], RAW),
+        *(_baseline_row(f"(random {backbone})", e["metrics"][PROBE], RANDOM) for backbone, e in best_of_each_backbone.items()),
     ])
     return pd.concat([table, baselines], ignore_index=True)
+
+
+def _baseline_row(label: str, probe: dict, baseline: str) -> dict:
+    return {"experiment": label, **{column: probe.get(f"{baseline}.{key}") for column, (path, key) in RANKED.items()
+                                    if path == PROBE and not key.startswith(f"{RANDOM}.")}}
 
 
 def ranking_plot(table: pd.DataFrame, path: Path, by: str = "probe_top1") -> None:

@@ -32,6 +32,15 @@ def load_encoder(folder: Path | str, device: torch.device | str = "cpu") -> nn.M
     return load_network(folder, NAME, lambda config: build_backbone(**config), device)[0]
 
 
+def random_encoder(folder: Path | str, seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The probe's random baseline: a freshly initialised network of the exported encoder's own
+    architecture (encoder.json's whole config: a random ViT of the same patch size, width, depth
+    and pooling for MAE and I-JEPA, a random ResNet of the same widths for SimCLR), frozen."""
+    config = read_json(Path(folder) / f"{NAME}.json", keys=("name", "in_channels", "image_size"))
+    torch.manual_seed(seed)
+    return freeze(build_backbone(**config).to(device))
+
+
 @torch.no_grad()
 def load_embeddings(folder: Path | str, split: str, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The encoder stage's embeddings of a split: one finite row per image of it."""

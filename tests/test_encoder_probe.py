@@ -13,8 +13,11 @@ from tasks.encoder import (
     embed,
     export_encoder,
     load_encoder,
+    random_encoder,
 )
+from tasks.params import SslParams
 from tasks.probe import Features, Labels, evaluate_features, label_subset
+from tasks.ssl import build_ssl
 
 
 def images(n=64, channels=1, size=8):
@@ -36,6 +39,22 @@ def test_exported_encoder_gives_the_same_embeddings(tmp_path, config):
     loaded = load_encoder(tmp_path)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(embed(loaded, split, batch_size=64), before)
+
+
+@pytest.mark.parametrize("objective", ["simclr", "mae", "ijepa"])
+def test_the_random_baseline_is_a_fresh_network_of_the_trained_ones_architecture(tmp_path, objective):
+    backbone = "vit" if objective in ("mae", "ijepa") else "resnet"
+    trained = build_ssl(SslParams(backbone=backbone, objective=objective), channels=1, image_size=16).backbone
+    export_encoder(trained, trained.config, tmp_path)
+    baseline = random_encoder(tmp_path, seed=1)
+    assert type(baseline) is type(trained) and baseline.config == trained.config
+    shapes = {name: p.shape for name, p in trained.named_parameters()}
+    assert {name: p.shape for name, p in baseline.named_parameters()} == shapes
+    assert sum(p.numel() for p in baseline.parameters()) == sum(p.numel() for p in trained.parameters())
+    trained_weights = dict(trained.named_parameters())
+    assert any(not torch.equal(p, trained_weights[name]) for name, p in baseline.named_parameters())
+    again = random_encoder(tmp_path, seed=1)  # seeded: the same baseline every run
+    assert all(torch.equal(a, b) for a, b in zip(baseline.parameters(), again.parameters(), strict=True))
 
 
 class Constant(torch.nn.Module):

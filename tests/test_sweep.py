@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from runtime.profiles import profile_params
-from runtime.sweep import points, refusal
+from runtime.sweep import points, ranking, refusal
 from tests.conftest import run
 from tests.test_pipeline import mlflow_client
 
@@ -27,6 +27,21 @@ def test_a_point_the_stages_would_refuse_is_named_with_the_reason():
     assert "needs backbone: vit" in refusal(["ssl.objective=mae", "ssl.backbone=resnet"], current)
     assert refusal(["ssl.objective=colorization", "prepare.source=cifar10"], current) is None
     assert refusal(["ssl.objective=jigsaw"], current) is None
+
+
+def finished(name, backbone, probe_top1, random_top1):
+    """An experiment as `experiments()` reads it from `dvc exp show --json`."""
+    probe = {"probe_top1": probe_top1, "random_encoder.probe_top1": random_top1, "raw_pixels.probe_top1": 0.9}
+    return {"name": name, "params": {"params/ssl.yaml:backbone": backbone, "params/ssl.yaml:objective": name},
+            "metrics": {"metrics/probe.json": probe, "metrics/ssl.json": {"images_per_s": 100.0}}}
+
+
+def test_each_ranked_row_has_its_own_random_baseline_and_each_backbone_its_line():
+    table = ranking([finished("ijepa", "vit", 0.80, 0.74), finished("simclr", "resnet", 0.97, 0.78), finished("mae", "vit", 0.85, 0.72)])
+    assert table["experiment"].tolist() == ["simclr", "mae", "ijepa", "(raw pixels)", "(random resnet)", "(random vit)"]
+    assert table["random_same_arch"].tolist()[:3] == [0.78, 0.72, 0.74]
+    lines = table.set_index("experiment")["probe_top1"]
+    assert lines["(random vit)"] == 0.72 and lines["(random resnet)"] == 0.78 and lines["(raw pixels)"] == 0.9  # the best vit's
 
 
 @pytest.mark.slow
@@ -49,7 +64,8 @@ def test_a_queued_sweep_runs_on_dvcs_queue_and_ranks_against_the_baselines(repo_
     table = pd.read_csv(repo / "ranking.csv")
     assert table["experiment"].tolist()[0].startswith("rotation-"), ranked
     assert table.loc[0, "rank"] == 1 and 0 < table.loc[0, "probe_top1"] <= 1 and table.loc[0, "ssl_images_per_s"] > 0
-    assert table["experiment"].tolist()[1:] == ["(raw pixels)", "(random encoder)"]
+    assert table["experiment"].tolist()[1:] == ["(raw pixels)", "(random resnet)"]
+    assert table.loc[0, "random_same_arch"] == table.loc[2, "probe_top1"]  # one experiment: its own baseline
     assert (repo / "ranking.png").stat().st_size > 0
     # its MLflow runs are in this checkout's store, not in the queue's deleted copy
     client = mlflow_client(repo)
