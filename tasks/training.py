@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ from tasks.data import EpochBatches
 from tasks.device import Distributed, autocast, channels_last, pick_device
 from tasks.errors import StageError
 from tasks.params import TrainParams
+
+REDRAW_SECONDS = 1.0  # the progress bar on a terminal
+LOGGED_REDRAW_SECONDS = 30.0  # into a log file or a pipe, where each redraw is kept: ~40 lines for a 20-minute stage
 
 
 class NonFiniteLoss(StageError, RuntimeError):
@@ -235,7 +239,7 @@ class Trainer:
         started = window_start
         bar = tqdm(
             total=self.steps, initial=self.start_step, desc=self.desc, unit="step",
-            disable=not dist.is_main, dynamic_ncols=True, mininterval=1.0,
+            disable=not dist.is_main, dynamic_ncols=True, mininterval=REDRAW_SECONDS if sys.stderr.isatty() else LOGGED_REDRAW_SECONDS,
         )
         for step in range(self.start_step, self.steps):
             torch.manual_seed(step_seed(self.seed, step, dist.rank))
