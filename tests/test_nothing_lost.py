@@ -64,11 +64,18 @@ def restore(repo: Path, files: dict[str, bytes], lock: str) -> None:
 STARTED: list[subprocess.Popen] = []
 
 
+def as_a_terminal_runs_it() -> None:
+    """Ctrl-C at its default, as in a terminal's foreground job, even where the tests were started
+    with it ignored (`cmd &` in a script without job control; Python then never raises
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], repo: Path, log: Path, **env: str | None) -> subprocess.Popen:
     """A command in a session of its own (as a terminal would run it), its output in `log`."""
     with open(log, "w") as out:
         STARTED.append(subprocess.Popen(args, cwd=repo, env=run_env(**env), stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True))
+                                        start_new_session=True, preexec_fn=as_a_terminal_runs_it))
     return STARTED[-1]
 
 
