@@ -18,6 +18,7 @@ interrupt) and the pipeline run is brought up to date.
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -42,9 +43,17 @@ class InputsChanged(StageError):
     """The stage's params or deps changed while it ran: its outputs would carry the wrong label."""
 
 
+STOPPED_BY: list[int] = []  # the signals that stopped this stage process (runtime.stage_process)
+
+
 def end(run: StageRun, exc: BaseException | None) -> None:
     """End `run`, which raised `exc` (None: it succeeded); raises what the stage's own error does
-    not say: a tracking failure, changed inputs, a tracking server that stopped answering."""
+    not say: a tracking failure, changed inputs, a tracking server that stopped answering, or a
+    Ctrl-C or SIGTERM whose exception Python dropped on the way."""
+    stopped = None
+    if exc is None and STOPPED_BY:  # stopped, though Python dropped the exception on the way
+        number = STOPPED_BY[0]
+        exc = stopped = KeyboardInterrupt() if number == signal.SIGINT else TerminationSignal(number)
     try:
         tracker = run.tracker  # a tracking failure (e.g. server unreachable) fails the stage
         tracker.flush()
@@ -54,6 +63,8 @@ def end(run: StageRun, exc: BaseException | None) -> None:
     changed = changed_inputs(run) if exc is None else []
     if exc is not None or changed or tracker.unreachable:
         failed(run, tracker, exc, changed)
+        if stopped:
+            raise stopped
     else:
         succeeded(run, tracker)
 

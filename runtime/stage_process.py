@@ -21,6 +21,7 @@ from runtime.failures import TRANSIENT_EXIT, disk_full, is_transient
 from runtime.lifetime import end_with_starters
 from runtime.logs import ReportedOnce, warnings_to_run_logs
 from runtime.server import stage_api
+from runtime.stage_end import STOPPED_BY
 from runtime.stage_flow import run_flow
 from runtime.tracking import TrackingUnreachable, check_reachable
 from tasks.artifacts import CHECKPOINTS
@@ -36,7 +37,8 @@ def main(stage: str, flow: Callable) -> None:
     once = ReportedOnce()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(once)
-    signal.signal(signal.SIGTERM, _terminate)  # Prefect's flow engine raises the same while it runs
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _stop)
     try:
         params = load_params(stage)
         end_with_starters(f"stage '{stage}'")
@@ -64,8 +66,12 @@ def main(stage: str, flow: Callable) -> None:
         sys.exit(TRANSIENT_EXIT)
 
 
-def _terminate(number: int, _frame) -> None:
-    raise TerminationSignal(number)
+def _stop(number: int, _frame) -> None:
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (TerminationSignal, as Prefect's flow engine raises
+    it), raised wherever the stage is; and remembered, for Python drops an exception raised inside
+    a weakref callback or `__del__` ("Exception ignored in ..."): the stage's end still knows."""
+    STOPPED_BY.append(number)
+    raise KeyboardInterrupt if number == signal.SIGINT else TerminationSignal(number)
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """The bench: each training stage's speed on this device at a profile's model sizes, against the
 device's own limit. Torch and the compute dependencies only: no Prefect, MLflow or DVC.
 
-For each training stage (ssl, vae, diffusion, distill) and each setup (the device's defaults,
+For each training stage (ssl, vae, diffusion, distill, gan) and each setup (the device's defaults,
 then bf16 autocast, torch.compile and channels-last each flipped):
 - images/s of the project's `Trainer` (augmentation, EMA, clipping, scheduler, hooks, logging)
   and of a bare loop of the same module (forward, backward, optimiser step) on the same batches;
@@ -38,6 +38,7 @@ from tasks.artifacts import freeze
 from tasks.device import autocast, channels_last, uses_bf16
 from tasks.diffusion import build_denoiser_training
 from tasks.distill import distill_method
+from tasks.gan import build_gan_training, update_of
 from tasks.params import TrainParams
 from tasks.ssl import build_ssl
 from tasks.training import Trainer, make_optimizer
@@ -102,9 +103,10 @@ def image_shape(prepare) -> tuple[int, int, int]:
 
 
 def stage_cases(params: dict, device: torch.device, batch_size: int | None = None, batches: int = 2) -> list[Case]:
-    """The four training stages built from a profile's typed params (`{stage: params}`)."""
+    """The five training stages built from a profile's typed params (`{stage: params}`); the GAN's
+    batches are one round of its schedule (critic_steps critic batches, then a generator batch)."""
     channels, height, width = image_shape(params["prepare"])
-    ssl, vae, diffusion, distill = (params[s] for s in ("ssl", "vae", "diffusion", "distill"))
+    ssl, vae, diffusion, distill, gan = (params[s] for s in ("ssl", "vae", "diffusion", "distill", "gan"))
     latent_shape = (vae.latent_channels, height // vae.downsample, width // vae.downsample)
     generator = torch.Generator().manual_seed(0)
 
@@ -141,10 +143,13 @@ def stage_cases(params: dict, device: torch.device, batch_size: int | None = Non
             vae, [channels, height, width], 0, encoder() if vae.perceptual_weight > 0 else None), vae.train),
         ("diffusion", lambda: build_denoiser_training(diffusion, latent_shape[0], NUM_CLASSES), diffusion.train),
         ("distill", distillation, distill_train),
+        ("gan", lambda: build_gan_training(gan, latent_shape, NUM_CLASSES), gan.train),
     ):
         size = batch_size or train.batch_size
         if stage == "ssl" or stage == "vae":
             data = [images(size) for _ in range(batches)]
+        elif stage == "gan":
+            data = [(latents(size), labels(size), update_of(step, gan.critic_steps)) for step in range(gan.critic_steps + 1)]
         elif stage == "distill" and reflow:
             data = [(latents(size), latents(size), labels(size)) for _ in range(batches)]
         else:
@@ -232,10 +237,23 @@ def bare_images_per_s(case: Case, setup: Setup, device: torch.device, warmup: in
     return steps * case.batch_size / (time.perf_counter() - started)
 
 
+class _Total:
+    """FlopCounterMode's module tracker, reduced to the total the bench reads: the tracker's
+    backward hooks fail under `torch.autograd.grad` (the GAN's gradient penalty)."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> None: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
 def training_flops_per_image(case: Case, device: torch.device) -> float:
     """FLOPs of one forward + backward (eager, float32), per image of the batch."""
     module = case.build().to(device).train()
-    with FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _Total()
+    with counter:
         module(case.batches[0])["loss"].backward()
     return counter.get_total_flops() / case.batch_size
 
@@ -355,7 +373,7 @@ def format_row(row: TrainingRow) -> str:
     memory = "" if row.peak_memory_mib is None else f"{row.peak_memory_mib:,.0f}"
     return (
         f"  {row.profile:<8} {row.stage:<9} {row.setup:<18} {row.batch_size:>5} {row.trainer_images_per_s:>10,.0f} "
-        f"{row.bare_images_per_s:>10,.0f} {row.overhead:>8.2f} {row.gflops_per_image:>8.3f} "
+        f"{row.bare_images_per_s:>10,.0f} {row.overhead:>8.2f} {row.gflops_per_image:>8.4f} "
         f"{row.achieved_tflops:>8.3f} {100 * row.mfu:>6.1f}% {memory:>8}"
     )
 

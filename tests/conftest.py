@@ -21,6 +21,10 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 for leaking in ("MLFLOW_TRACKING_URI", PARENT_RUN_ENV):  # tests use their own stores
     os.environ.pop(leaking, None)
+if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    # tests in parallel (pytest-xdist): torch's threads of one would spin at barriers while the
+    # cores run the other's; each worker and the stages it starts get a share of the cores
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +107,24 @@ def pipeline(tmp_path_factory, prefect_api) -> tuple[Path, subprocess.CompletedP
     of it; test_team shares its outputs with other clones."""
     repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
     first = run([sys.executable, "-m", "flows", "run", "--profile", "smoke"], repo)
+    copy_reproduced(repo, tmp_path_factory.getbasetemp() / "reproduced")  # as it was, before any test
     return repo, first
+
+
+def copy_reproduced(repo: Path, dest: Path) -> Path:
+    """`repo` with its outputs, dvc.lock and DVC cache (run cache included), without its MLflow
+    store or DVC's temporary files: a checkout where `dvc repro` has run, as a user's would be."""
+    skipped = {repo / "mlflow.db", repo / ".dvc" / "tmp", repo / "checkpoints"}
+    shutil.copytree(repo, dest, symlinks=True, ignore=lambda folder, names: [
+        name for name in names if Path(folder) / name in skipped])
+    return dest
+
+
+@pytest.fixture
+def reproduced(tmp_path, tmp_path_factory, pipeline) -> Path:
+    """A copy of the session's smoke run as it was when it finished, with a store of its own: a test
+    that changes params reruns only the stages they reach; the rest comes from DVC's cache."""
+    return copy_reproduced(tmp_path_factory.getbasetemp() / "reproduced", tmp_path / "repo")
 
 
 @pytest.fixture

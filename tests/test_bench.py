@@ -28,7 +28,7 @@ def test_bench_measures_every_training_stage_and_sampler_with_torch_alone(tmp_pa
     assert result["peak_tflops"] > 0 and result["peak_dtype"] == "float32"
     rows = result["training"]
     assert [(row["stage"], row["variant"]) for row in rows] == [
-        (stage, variant) for stage in ("ssl", "vae", "diffusion", "distill") for variant in ("defaults", "channels_last")
+        (stage, variant) for stage in ("ssl", "vae", "diffusion", "distill", "gan") for variant in ("defaults", "channels_last")
     ]
     assert {row["setup"] for row in rows} == {"fp32 NHWC", "fp32 NCHW"}
     for row in rows:

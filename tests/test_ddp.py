@@ -76,16 +76,17 @@ def test_more_processes_than_gpus_is_refused_by_name(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_process_ssl_stage_through_dvc_repro_matches_one_process(repo_copy):
+def test_two_process_ssl_stage_through_dvc_repro_matches_one_process(reproduced):
     def ssl_run(processes: int) -> dict:
-        run([sys.executable, "-m", "flows", "profile", "smoke", "--set", f"ssl.train.processes={processes}"], repo_copy)
-        done = run(["dvc", "repro", "ssl"], repo_copy)
-        assert "stale" not in run(["dvc", "status", "ssl"], repo_copy).stdout
-        return done, json.loads((repo_copy / "metrics" / "ssl.json").read_text())
+        run([sys.executable, "-m", "flows", "profile", "smoke", "--set", f"ssl.train.processes={processes}"], reproduced)
+        done = run(["dvc", "repro", "ssl"], reproduced)
+        assert "stale" not in run(["dvc", "status", "ssl"], reproduced).stdout
+        return done, json.loads((reproduced / "metrics" / "ssl.json").read_text())
 
     done, two = ssl_run(2)
     assert "2 processes under torchrun" in done.stderr + done.stdout
-    _, one = ssl_run(1)
+    done, one = ssl_run(1)  # the smoke run's own: back from DVC's run cache
+    assert "Stage 'ssl' is cached - skipping run" in done.stdout, done.stdout
     # Exactly: the same global batch (split 2 x 32 over the ranks) gives the same number of steps
     # and the same schedule. Only approximately: the kNN top-1 of the encoder, since each rank draws
     # its own augmentations (the seed takes the rank) and gloo ranks on CPU normalise with their own

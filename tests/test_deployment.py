@@ -150,6 +150,7 @@ def test_the_servers_ui_calls_its_own_api(prefect_api):
         assert json.load(response)["api_url"] == prefect_api  # not port 4200's
 
 
+@pytest.mark.slow
 def test_the_run_form_offers_each_choice_as_a_drop_down(served):
     _, _, deployment = served
     properties = deployment.parameter_openapi_schema["properties"]
@@ -161,6 +162,7 @@ def test_the_run_form_offers_each_choice_as_a_drop_down(served):
     assert properties["overrides"]["type"] == "array" and properties["overrides"]["default"] == []
 
 
+@pytest.mark.slow
 def test_a_value_off_the_form_is_refused_and_a_bad_override_fails_the_run_with_its_reason(served):
     repo, serve, _ = served
     with pytest.raises(Exception, match="nope"):  # the API checks the form's schema

@@ -211,19 +211,19 @@ def test_edm_params_build_the_objective_and_the_sampler():
 
 
 @pytest.mark.slow
-def test_dvc_repro_of_an_edm_teacher_scores_heun_the_reverse_sde_and_consistency_students(repo_copy: Path):
+def test_dvc_repro_of_an_edm_teacher_scores_heun_the_reverse_sde_and_consistency_students(reproduced: Path):
     """Off by default, on by params: `diffusion.formulation=edm`, `distill.method=consistency` and
     `fid.samplers=[heun,sde]`, then `dvc repro fid`. The FID table and chart have the Heun teacher,
     the reverse-SDE teacher and the consistency students."""
     run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "diffusion.formulation=edm",
-         "--set", "distill.method=consistency", "--set", "fid.samplers=[heun,sde]"], repo_copy)
-    run(["dvc", "repro", "fid"], repo_copy)
-    students = json.loads((repo_copy / "artifacts" / "distill" / "students.json").read_text())
+         "--set", "distill.method=consistency", "--set", "fid.samplers=[heun,sde]"], reproduced)
+    run(["dvc", "repro", "fid"], reproduced)
+    students = json.loads((reproduced / "artifacts" / "distill" / "students.json").read_text())
     assert students["method"] == "consistency", students
-    fid = json.loads((repo_copy / "metrics" / "fid.json").read_text())
+    fid = json.loads((reproduced / "metrics" / "fid.json").read_text())
     for prefix in ("teacher", "teacher_sde", "student"):
         assert any(key.startswith(f"fid.{prefix}.steps_") for key in fid), (prefix, sorted(fid))
-    with open(repo_copy / "plots" / "fid" / "fid_vs_nfe.csv") as handle:
+    with open(reproduced / "plots" / "fid" / "fid_vs_nfe.csv") as handle:
         lines = {point["generator"] for point in csv.DictReader(handle)}
     assert {"teacher (heun)", "teacher (sde)", "student"} <= lines, lines
-    assert run(["dvc", "status", "fid"], repo_copy).stdout.strip().endswith("up to date.")
+    assert run(["dvc", "status", "fid"], reproduced).stdout.strip().endswith("up to date.")

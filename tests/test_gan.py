@@ -101,15 +101,15 @@ def test_five_critic_steps_then_one_generator_step():
 
 
 @pytest.mark.slow
-def test_dvc_repro_gan_then_fid_scores_the_gan_and_every_sampler_on_one_chart(repo_copy):
-    """`dvc repro gan`, then `dvc repro fid`: the GAN has a row, each of fid.samplers that applies
-    to the (smoke: DDPM) teacher has its rows, and the FID-vs-NFE chart holds them all."""
-    run(["dvc", "repro", "gan"], repo_copy)
+def test_the_smoke_run_scores_the_gan_and_every_sampler_on_one_chart(reproduced):
+    """The session's smoke run (gan and fid among its stages): the GAN has a row, each of
+    fid.samplers that applies to the (smoke: DDPM) teacher has its rows, and the FID-vs-NFE chart
+    holds them all."""
+    repo_copy = reproduced
     gan = json.loads((repo_copy / "metrics" / "gan.json").read_text())
     assert gan["steps"] > 0 and gan["generator_steps"] == gan["steps"] // 6 and gan["train_seconds"] > 0
     assert (repo_copy / "plots" / "gan" / "samples.png").is_file()
     assert (repo_copy / "artifacts" / "gan" / "generator.safetensors").is_file()
-    run(["dvc", "repro", "fid"], repo_copy)
     fid = json.loads((repo_copy / "metrics" / "fid.json").read_text())
     assert {"fid.gan", "kid.gan", "images_per_s.gan", "train_seconds.gan", "train_seconds.teacher"} <= set(fid)
     for prefix in ("teacher", "teacher_ancestral", "student"):  # smoke: ddim is the teacher's own sampler

@@ -103,14 +103,14 @@ KD_METRICS = {
 
 
 @pytest.mark.slow
-def test_dvc_repro_kd_reports_teacher_and_students_and_tracks_them(repo_copy, tmp_path):
-    """`dvc repro kd` on the smoke profile: metrics/kd.json and the stage's MLflow run hold the
-    named metrics; the distilled student loads back through `models:/`; a probe rerun that refits
-    the same probe (another knn_k) leaves kd up to date."""
+def test_dvc_repro_kd_reports_teacher_and_students_and_tracks_them(reproduced):
+    """`dvc repro --force --single-item kd` in the smoke run: metrics/kd.json and the stage's MLflow
+    run hold the named metrics; the distilled student loads back through `models:/`; a probe rerun
+    that refits the same probe (another knn_k) leaves kd up to date."""
     from mlflow import MlflowClient
 
-    repo = repo_copy
-    done = run(["dvc", "repro", "kd"], repo)
+    repo = reproduced
+    done = run(["dvc", "repro", "--force", "--single-item", "kd"], repo)
     assert "Running stage 'kd'" in done.stdout
     metrics = json.loads((repo / "metrics" / "kd.json").read_text())
     assert set(metrics) == KD_METRICS, metrics

@@ -84,3 +84,22 @@ def test_code_edited_after_the_process_loaded_it_fails_the_stage(in_tmp):
     with pytest.raises(InputsChanged, match=r"tasks/probe.py changed after this process loaded it"):
         run_probe(lambda: Path("tasks/probe.py").write_text("x = 1\n"))
     nothing_in_place()
+
+
+def test_a_ctrl_c_whose_exception_python_dropped_still_stops_the_stage(in_tmp, monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside a weakref callback ("Exception ignored in"):
+    the stage's signal handler remembers it, and the stage's end refuses to put outputs in place."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    from runtime.stage_end import STOPPED_BY
+    from runtime.tracking import tracking_uri
+
+    stage_folder([])
+    monkeypatch.setattr("runtime.stage_end.STOPPED_BY", [*STOPPED_BY, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt), StageRun("probe", load_params("probe")) as run:
+        (run.outputs.artifacts / "report.json").write_text("{}")
+        run_id = run.tracker.run_id
+    nothing_in_place()
+    assert MlflowClient(tracking_uri()).get_run(run_id).info.status == "KILLED"

@@ -45,8 +45,8 @@ def test_each_ranked_row_has_its_own_random_baseline_and_each_backbone_its_line(
 
 
 @pytest.mark.slow
-def test_a_queued_sweep_runs_on_dvcs_queue_and_ranks_against_the_baselines(repo_copy):
-    repo = repo_copy
+def test_a_queued_sweep_runs_on_dvcs_queue_and_ranks_against_the_baselines(reproduced):
+    repo = reproduced
     run(["dvc", "repro", "probe"], repo)
     run(["git", "add", "-A"], repo)  # dvc.lock, metrics and plots: the baseline the experiments start from
     run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "baseline"], repo)

@@ -5,7 +5,6 @@ run cache a third clone restores every stage from, and a worker in the second cl
 deployment runs of the pipeline one at a time."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import yaml
 from runtime.dag import stages
 from runtime.server import answers, free_port
 from runtime.team import POOL, REMOTE, Services, add_remote, stop_session
-from tests.conftest import copy_repo, run
+from tests.conftest import copy_repo, run, run_env
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 FLOW_RUN_SECONDS = 900
@@ -200,7 +199,7 @@ def test_a_worker_in_a_second_clone_runs_deployment_runs_there_one_at_a_time(sha
     with open(log, "wb") as out:
         worker = subprocess.Popen(
             [sys.executable, "-m", "flows", "team", "worker"], cwd=second, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"}, start_new_session=True,
+            env=run_env(PREFECT_WORKER_QUERY_SECONDS="2"), start_new_session=True,
         )
     try:
         knn_k = {"overrides": ["params/probe.yaml:knn_k=7"]}

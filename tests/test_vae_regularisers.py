@@ -250,20 +250,20 @@ def test_vq_refuses_several_processes():
 
 
 @pytest.mark.slow
-def test_each_regulariser_runs_through_dvc_and_diffusion_trains_on_vq_latents(repo_copy: Path):
+def test_each_regulariser_runs_through_dvc_and_diffusion_trains_on_vq_latents(reproduced: Path):
     """`dvc repro diffusion` with a VQ-VAE, then `dvc exp run -S` of the vae stage with MMD: both
     report the prior mismatch, the VQ-VAE its codebook use, and the diffusion stage samples
     through the VQ decoder."""
-    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "vae.regulariser=vq", "--set", "vae.vq.codebook_size=64"], repo_copy)
-    run(["dvc", "repro", "diffusion"], repo_copy)
-    vq = json.loads((repo_copy / "metrics/vae.json").read_text())
+    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "vae.regulariser=vq", "--set", "vae.vq.codebook_size=64"], reproduced)
+    run(["dvc", "repro", "diffusion"], reproduced)
+    vq = json.loads((reproduced / "metrics/vae.json").read_text())
     assert 0 < vq["codebook_usage"] <= 1 and 1 <= vq["perplexity"] <= 64, vq
     assert {"prior_mmd", "prior_mean_norm", "prior_cov_error"} <= vq.keys()
-    assert json.loads((repo_copy / "artifacts/vae/vae.json").read_text())["codebook_size"] == 64
-    assert (repo_copy / "metrics/diffusion.json").exists() and (repo_copy / "plots/diffusion/samples.png").exists()
+    assert json.loads((reproduced / "artifacts/vae/vae.json").read_text())["codebook_size"] == 64
+    assert (reproduced / "metrics/diffusion.json").exists() and (reproduced / "plots/diffusion/samples.png").exists()
 
-    run(["dvc", "exp", "run", "-S", "params/vae.yaml:regulariser=mmd", "vae"], repo_copy)
-    infovae = json.loads((repo_copy / "metrics/vae.json").read_text())
+    run(["dvc", "exp", "run", "-S", "params/vae.yaml:regulariser=mmd", "vae"], reproduced)
+    infovae = json.loads((reproduced / "metrics/vae.json").read_text())
     assert "codebook_usage" not in infovae and infovae["psnr"] > infovae["psnr_mean_image"], infovae
     assert {"prior_mmd", "prior_mean_norm", "prior_cov_error"} <= infovae.keys()
     assert infovae["prior_mmd"] != vq["prior_mmd"]
