@@ -50,21 +50,43 @@ def start_once(kind: str, module: str, invocation: Invocation) -> None:
     output goes to `<kind>-<key>.log` beside its address (removed when empty)."""
     claim = published(kind, invocation, ".started")
     try:
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
         return
-    with open(published(kind, invocation, ".log"), "wb") as log:
-        subprocess.Popen(
-            [sys.executable, "-m", module, str(invocation.pid), repr(invocation.started)],
-            start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )
+    try:
+        with open(published(kind, invocation, ".log"), "wb") as log:
+            helper = subprocess.Popen(
+                [sys.executable, "-m", module, str(invocation.pid), repr(invocation.started)],
+                start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        os.write(fd, str(helper.pid).encode())  # who the waiters wait on (`wait_for`)
+    finally:
+        os.close(fd)
 
 
-def wait_for(path: Path, seconds: float) -> bool:
+def wait_for(kind: str, invocation: Invocation, suffix: str, seconds: float) -> bool:
+    """Wait until the `kind` helper of `invocation` has published its `suffix` file; False after
+    `seconds`, or as soon as the helper that claimed it is gone (its log says why)."""
+    path = published(kind, invocation, suffix)
+    claim = published(kind, invocation, ".started")
     deadline = time.time() + seconds
-    while not path.exists() and time.time() < deadline:
+    while not path.exists() and time.time() < deadline and _alive(claim):
         time.sleep(0.1)
     return path.exists()
+
+
+def _alive(claim: Path) -> bool:
+    """Whether the helper whose PID `claim` holds still runs (True while it is being started)."""
+    import psutil
+
+    try:
+        pid = claim.read_text()
+    except OSError:  # cleaned up: the helper has ended
+        return False
+    try:
+        return not pid or psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
+        return False
 
 
 def invocation_from_argv() -> Invocation:

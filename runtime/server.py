@@ -105,7 +105,7 @@ def _shared_api() -> Api | None:
     except UnsafeHelpersDir as err:
         print(f"warning: not using the shared Prefect server: {err}", file=sys.stderr)
         return None
-    return read_api(address) if wait_for(address, STARTUP_SECONDS) else None
+    return read_api(address) if wait_for("prefect", invocation, ".url", STARTUP_SECONDS) else None
 
 
 def read_api(address: Path) -> Api | None:

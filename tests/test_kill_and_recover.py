@@ -220,7 +220,8 @@ def test_the_stage_host_survives_bad_requests(tmp_path, monkeypatch):
     try:
         monkeypatch.chdir(REPO)  # the host reads dvc.yaml's stages where it starts
         start_once("host", "runtime.host", invocation)
-        assert wait_for(path := socket_path(invocation), STARTUP_SECONDS)
+        assert wait_for("host", invocation, ".sock", STARTUP_SECONDS)
+        path = socket_path(invocation)
         std = [0, 1, 2]
         good = {"stage": "prepare", "argv": [], "cwd": str(tmp_path), "env": {}}
         bad = [
@@ -255,6 +256,26 @@ def test_the_stage_host_survives_bad_requests(tmp_path, monkeypatch):
         time.sleep(0.2)
     assert not path.exists()  # the host went with its invocation
     published("host", invocation, ".log").unlink()
+
+
+def test_a_helper_that_dies_before_it_publishes_is_not_waited_for(tmp_path):
+    """A host or server that fails to start: its waiters go on at once (a stage then runs in a
+    process of its own), rather than for the full startup time each; its log says why."""
+    from runtime.background import published, start_once, wait_for
+    from runtime.invocation import Invocation
+
+    pipeline_run = subprocess.Popen(["sleep", "600"])
+    invocation = Invocation.of(pipeline_run.pid)
+    try:
+        start_once("host", "runtime.no_such_module", invocation)
+        assert not wait_for("host", invocation, ".sock", 600)
+        assert not wait_for("host", invocation, ".sock", 600)  # a later stage of the same run too
+        assert "No module named runtime.no_such_module" in published("host", invocation, ".log").read_text()
+    finally:
+        pipeline_run.kill()
+        pipeline_run.wait()
+        for suffix in (".log", ".started"):
+            published("host", invocation, suffix).unlink(missing_ok=True)
 
 
 # --- transient failures --------------------------------------------------------------------------
