@@ -26,12 +26,17 @@ def run_flow(stage: str, flow, params: BaseModel) -> None:
     Started by the pipeline flow (`PARENT_TASK_RUN_ENV` set), it is a subflow run of the pipeline's
     flow run, tagged with it; its logs then go to the API only, since the pipeline task logs this
     process's console output. Otherwise a flow run of its own. Its last logs are sent before this
-    returns: a stage process forked by the warm host ends with `os._exit`, which runs no exit handlers."""
+    returns: a stage process forked by the warm host ends with `os._exit`, which runs no exit handlers.
+    It sends no heartbeats: their thread costs up to a second's join at the flow's end, and they act
+    only through an automation a user writes; the pipeline's own flow run keeps them."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
     try:
-        if parent := os.environ.get(PARENT_TASK_RUN_ENV):
-            _run_as_subflow(stage, flow, params, parent)
-        else:
-            flow.with_options(flow_run_name=flow_run_name(stage))(params)
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            if parent := os.environ.get(PARENT_TASK_RUN_ENV):
+                _run_as_subflow(stage, flow, params, parent)
+            else:
+                flow.with_options(flow_run_name=flow_run_name(stage))(params)
     finally:
         drain_clients()
 

@@ -55,6 +55,8 @@ def main(stage: str, flow: Callable) -> None:
     except (KeyboardInterrupt, TerminationSignal) as err:
         sys.exit(128 + getattr(err, "signal", signal.SIGINT))
     except Exception as err:
+        if STOPPED_BY:  # Ctrl-C or SIGTERM, its exception turned into another on the way (in Prefect's crash handling)
+            sys.exit(128 + STOPPED_BY[0])
         if full := disk_full(err):
             print(f"error in stage '{stage}':\n{full}", file=sys.stderr)
             sys.exit(2)

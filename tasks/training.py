@@ -130,6 +130,7 @@ class Trainer:
         self.checkpoint = checkpoint
         self.fingerprint = fingerprint
         self.log = log if self.dist.is_main else None
+        self.history: list[list] = []  # [step, metrics] as logged, kept in checkpoints (`_log`)
         self.desc = desc
         self.local_batch = max(1, train.batch_size // self.dist.world)
         if train.channels_last:
@@ -147,7 +148,7 @@ class Trainer:
         self.start_step = self._resume()
 
     # -- checkpoints -------------------------------------------------------------------
-    CHECKPOINT_KEYS = {"step", "fingerprint", "module", "optimizer", "scheduler", "ema"}
+    CHECKPOINT_KEYS = {"step", "fingerprint", "module", "optimizer", "scheduler", "ema", "history"}
 
     def _state(self, step: int) -> dict:
         return {
@@ -157,6 +158,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "history": self.history,
         }
 
     def save(self, step: int) -> None:
@@ -191,6 +193,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.dist.is_main:
             print(f"[{self.desc}] resuming from step {state['step']} of {self.steps} ({self.checkpoint})")
+        for step, metrics in state["history"]:  # the curves of the run that stopped, up to its checkpoint
+            self._log(metrics, step)
         return int(state["step"])
 
     def _set_aside(self, reason: str) -> int:
@@ -211,6 +215,10 @@ class Trainer:
             return  # ignored, never loaded
         if not all(isinstance(state[key], dict) for key in ("module", "optimizer", "scheduler")):
             raise ValueError("its module, optimizer or scheduler state is not a mapping")
+        if not isinstance(state["history"], list) or not all(
+            isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict) for entry in state["history"]
+        ):
+            raise ValueError("its history is not a list of [step, metrics]")
         for name, module in (("module", self.module), ("ema", self.ema)):
             expected = None if module is None else {k: v.shape for k, v in module.state_dict().items()}
             found = state[name]
@@ -271,8 +279,7 @@ class Trainer:
                 metrics["images_per_s"] = len(window) * train.batch_size / max(elapsed, 1e-9)
                 metrics["epoch"] = done / self.steps_per_epoch
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}", refresh=False)  # redrawn at most once a second
-                if self.log:
-                    self.log({f"train/{k}": v for k, v in metrics.items()}, done)
+                self._log({f"train/{k}": v for k, v in metrics.items()}, done)
                 window, window_start = [], time.perf_counter()
             if evaluate is not None and dist.is_main and evaluate_every and done % evaluate_every == 0 and done != self.steps:
                 self._evaluate(evaluate, done)
@@ -298,11 +305,18 @@ class Trainer:
         with torch.no_grad(), autocast(self.device, self.train.precision):
             metrics = evaluate(self.ema.module if self.ema is not None else self.module)
         self.module.train()
-        if self.log and metrics:
-            self.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        if metrics:
+            self._log({f"eval/{k}": v for k, v in metrics.items()}, step)
         if self.dist.is_main and metrics:
             tqdm.write(f"[{self.desc}] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        """Send step metrics to the stage run (rank 0), and keep them for the next checkpoint: a run
+        that resumes from it logs them again, so its curves start at step 0."""
+        if self.log:
+            self.history.append([step, metrics])
+            self.log(metrics, step)
 
     def _read_window(self, names: list[str], window: list[torch.Tensor], first_step: int) -> dict[str, float]:
         """The window's mean of each logged scalar, read back in one transfer with every step's

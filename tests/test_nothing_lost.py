@@ -1,4 +1,4 @@
-"""Nothing lost, through the user's door (`dvc repro` on the smoke run): DVC's run cache holds
+"""Nothing lost, through the user's door (`dvc repro` in a copy of the smoke run): DVC's run cache holds
 every stage run and restores instead of recomputing; whatever ends a stage (Ctrl-C, SIGTERM, a
 `kill -9` of its `dvc`, a tracking server that dies, a full disk) its last good metrics, plots and
 artifacts stay in place, it says so in one line, and no MLflow run stays RUNNING."""
@@ -36,7 +36,7 @@ def snapshot(repo: Path, *paths: str) -> dict[str, bytes]:
 
 @pytest.fixture
 def own_store(tmp_path, monkeypatch) -> str:
-    """A tracking store of the test's own, so the shared smoke run's stays as its tests expect."""
+    """The tracking store the test's commands write to, and it reads."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     store(uri).search_experiments()  # created here: the test's polling never migrates it beside a stage
@@ -81,7 +81,7 @@ def start(args: list[str], repo: Path, log: Path, **env: str | None) -> subproce
 
 @pytest.fixture(autouse=True)
 def none_left_running():
-    """A test that fails half-way leaves no `dvc repro` running in the shared smoke run's copy."""
+    """A test that fails half-way leaves no `dvc repro` running in its copy of the smoke run."""
     yield
     while STARTED:
         process = STARTED.pop()
@@ -113,8 +113,8 @@ def test_every_stage_run_is_in_dvc_run_cache(pipeline):
     assert len(entries) >= len(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]) == 10
 
 
-def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(pipeline, own_store):
-    repo, _ = pipeline
+def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(reproduced, own_store):
+    repo = reproduced
     outputs = ("metrics/probe.json", "plots/probe", "artifacts/probe")
     first, params = snapshot(repo, *outputs), repo / "params" / "probe.yaml"
     good = params.read_text()
@@ -143,10 +143,10 @@ def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(pipelin
     ],
     ids=["ctrl-c", "sigterm", "kill-9-dvc", "kill-9-stage"],
 )
-def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(pipeline, tmp_path, own_store, sig, to, says):
+def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(reproduced, tmp_path, own_store, sig, to, says):
     """Ctrl-C reaches the whole process group; `kill` and `kill -9` reach `dvc`, which dies at once
     (DVC handles neither), and the stage's launcher, seeing it gone, stops the stage and puts back."""
-    repo, _ = pipeline
+    repo = reproduced
     before, lock = snapshot(repo, *SSL_OUTPUTS), (repo / "dvc.lock").read_text()
     dvc = start(["dvc", "repro", "--force", "--single-item", "ssl"], repo, log := tmp_path / "dvc.log")
     wait_until_training(dvc, log)
@@ -177,10 +177,10 @@ def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(pipel
     assert client.get_run(newest.info.run_id).info.status == "KILLED"
 
 
-def test_ctrl_c_in_every_stage_keeps_its_last_good_outputs(pipeline, tmp_path, own_store):
+def test_ctrl_c_in_every_stage_keeps_its_last_good_outputs(reproduced, tmp_path, own_store):
     """Ctrl-C as each stage's flow run begins, prepare to fid: N/N interrupted with one line,
     their outputs as they were, dvc.lock unchanged."""
-    repo, _ = pipeline
+    repo = reproduced
     order = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
     lock, survived = (repo / "dvc.lock").read_text(), []
     for stage in order:
@@ -222,8 +222,8 @@ def mlflow_server(folder: Path, port: int, log: Path) -> subprocess.Popen:
     return server
 
 
-def test_a_tracking_server_that_dies_mid_stage_costs_seconds_and_loses_nothing(pipeline, tmp_path):
-    repo, _ = pipeline
+def test_a_tracking_server_that_dies_mid_stage_costs_seconds_and_loses_nothing(reproduced, tmp_path):
+    repo = reproduced
     before, lock = snapshot(repo, *SSL_OUTPUTS), (repo / "dvc.lock").read_text()
     port = free_port()
     server = mlflow_server(tmp_path / "mlflow", port, tmp_path / "mlflow.log")

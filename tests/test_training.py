@@ -16,12 +16,20 @@ class Killed(Exception):
     pass
 
 
-def test_interrupted_run_resumed_gives_the_same_weights(tmp_path):
-    reference, _ = make_trainer(None, ema_decay=0.9)
+def losses(logged: list) -> dict[int, float]:
+    """{step: train loss} of the logged rows of step metrics."""
+    return {step: metrics["train/loss"] for metrics, step in logged if "train/loss" in metrics}
+
+
+def test_interrupted_run_resumed_gives_the_same_weights_and_curves(tmp_path):
+    """A resumed run logs the stopped run's curves up to its checkpoint again (its stage run's
+    plots and MLflow run start at step 0), then goes on as the uninterrupted run did."""
+    reference_log, resumed_log = [], []
+    reference, _ = make_trainer(None, log=lambda *row: reference_log.append(row), ema_decay=0.9, checkpoint_every=7)
     expected = reference.fit(reference.next_batch)
 
     checkpoint = tmp_path / "state.pt"
-    first, _ = make_trainer(checkpoint, ema_decay=0.9, checkpoint_every=7)
+    first, _ = make_trainer(checkpoint, ema_decay=0.9, checkpoint_every=7, log=lambda *row: None)
 
     def dies_at_step_17(step):
         if step == 17:
@@ -31,9 +39,10 @@ def test_interrupted_run_resumed_gives_the_same_weights(tmp_path):
     with pytest.raises(Killed):
         first.fit(dies_at_step_17)
     assert checkpoint.exists()
-    second, _ = make_trainer(checkpoint, ema_decay=0.9, checkpoint_every=7)
+    second, _ = make_trainer(checkpoint, ema_decay=0.9, checkpoint_every=7, log=lambda *row: resumed_log.append(row))
     assert second.start_step == 14
     resumed = second.fit(second.next_batch)
+    assert losses(resumed_log) == pytest.approx(losses(reference_log))  # the same steps, the same values
     for name, tensor in expected.module.state_dict().items():
         assert torch.equal(tensor, resumed.module.state_dict()[name]), name
     for name, tensor in expected.ema.state_dict().items():

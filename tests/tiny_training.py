@@ -33,7 +33,7 @@ def dataset(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, inputs @ torch.randn(8, 4, generator=generator)
 
 
-def make_trainer(checkpoint: Path | None, dist: Distributed | None = None, **train) -> tuple[Trainer, EpochBatches]:
+def make_trainer(checkpoint: Path | None, dist: Distributed | None = None, log=None, **train) -> tuple[Trainer, EpochBatches]:
     dist = dist or Distributed()
     torch.manual_seed(0)
     params = TrainParams(**{"epochs": 8, "batch_size": 32, "lr": 2e-2, "log_every": 2, **train})
@@ -41,7 +41,7 @@ def make_trainer(checkpoint: Path | None, dist: Distributed | None = None, **tra
     batches = EpochBatches(len(inputs), params.batch_size, seed=1, rank=dist.rank, world=dist.world)
     trainer = Trainer(
         Regression(), params, steps_per_epoch=batches.steps_per_epoch, seed=1,
-        checkpoint=checkpoint, fingerprint="tiny", dist=dist, device=torch.device("cpu"),
+        checkpoint=checkpoint, fingerprint="tiny", log=log, dist=dist, device=torch.device("cpu"),
     )
     trainer.next_batch = lambda step: (inputs[batches(step)], targets[batches(step)])
     return trainer, batches
