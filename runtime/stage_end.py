@@ -7,10 +7,12 @@ under a running stage would label its outputs with inputs they did not come from
 
 A stage that succeeded (`succeeded`): `metrics` (with `wall_seconds`, the stage's own work without
 tracking) become metrics/<stage>.json, the logged step metrics plots/<stage>/train.csv and
-eval.csv, the outputs are renamed into place, the MLflow run gets the metrics, the DVC hash of each
-out (`dvc.out.<path>`, what a later pipeline run that reuses them links to), the plots and the
-models; it ends FINISHED, the stage's resumable checkpoint is removed and the pipeline run is
-brought up to date. One that did not (`failed`: an error, an interrupt, changed inputs, a tracking
+eval.csv; the MLflow run gets the metrics, the DVC hash of each out (`dvc.out.<path>`, what a later
+pipeline run that reuses them links to), the plots and the models, all from the outputs' temporary
+places, and ends FINISHED; only then are the outputs renamed into place (a tracking server that
+stops answering before fails the stage with nothing changed), the stage's resumable checkpoint
+removed and the pipeline run brought up to date (a server gone by then only skips that, with a
+warning). One that did not (`failed`: an error, an interrupt, changed inputs, a tracking
 server that stopped answering): nothing is put in place, its MLflow run ends FAILED (KILLED for an
 interrupt) and the pipeline run is brought up to date.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sys
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -27,9 +30,10 @@ from typing import TYPE_CHECKING
 from prefect.exceptions import TerminationSignal
 
 from runtime.dag import changed_deps, dvc_hash, stage_outs
+from runtime.failures import is_transient
 from runtime.mlflow_models import network_files
 from runtime.tracking import OUT_TAG, StageTracker, TrackingUnreachable, tracking_uri
-from tasks.artifacts import artifacts_dir, checkpoint_path, plots_dir, without_float_noise
+from tasks.artifacts import checkpoint_path, without_float_noise
 from tasks.errors import StageError
 from tasks.params import ParamsError, flatten, load_params, params_path
 
@@ -82,28 +86,46 @@ def failed(run: StageRun, tracker: StageTracker, exc: BaseException | None, chan
             "started with, so nothing was put in place (dvc.lock keeps the last good run); run the stage again"
         )
     if exc is None:
-        raise TrackingUnreachable(
-            f"the MLflow tracking server {tracking_uri()} stopped answering while the stage ran "
-            f"({type(tracker.unreachable).__name__}), so its run {tracker.run_id} lacks metrics; nothing was "
-            "put in place. Start the server again (or unset MLFLOW_TRACKING_URI) and rerun the stage"
-        ) from tracker.unreachable
+        raise unreachable(tracker)
+
+
+def unreachable(tracker: StageTracker) -> TrackingUnreachable:
+    """The error of a stage whose tracking server stopped answering while it ran."""
+    error = TrackingUnreachable(
+        f"the MLflow tracking server {tracking_uri()} stopped answering while the stage ran "
+        f"({type(tracker.unreachable).__name__}), so its run {tracker.run_id} lacks metrics; nothing was "
+        "put in place. Start the server again (or unset MLFLOW_TRACKING_URI) and rerun the stage"
+    )
+    error.__cause__ = tracker.unreachable
+    return error
 
 
 def succeeded(run: StageRun, tracker: StageTracker) -> None:
     run.metrics = without_float_noise(run.metrics)
     run.outputs.metrics = run.metrics
     run.curves.write(run.outputs.plots)
+    try:
+        tracker.log_metrics(run.metrics)
+        tracker.flush()
+        if tracker.unreachable is not None:
+            raise unreachable(tracker)
+        tracker.set_tags({f"{OUT_TAG}{out}": dvc_hash(run.outputs.staged(Path(out))) for out in stage_outs(run.stage)})
+        tracker.log_artifacts(run.outputs.plots, "plots")
+        for name, kind, network, with_files, example, params in run.models:
+            tracker.log_model(name, kind, network_files(run.outputs.artifacts, network) + with_files, example, params)
+        tracker.finish("FINISHED")
+    except BaseException:
+        run.outputs.discard()
+        raise
     run.outputs.commit()
-    tracker.log_metrics(run.metrics)
-    tracker.flush()
-    tracker.set_tags({f"{OUT_TAG}{out}": dvc_hash(Path(out)) for out in stage_outs(run.stage)})
-    tracker.log_artifacts(plots_dir(run.stage), "plots")
-    for name, kind, network, with_files, example, params in run.models:
-        files = network_files(artifacts_dir(run.stage), network) + with_files
-        tracker.log_model(name, kind, files, example, params)
-    tracker.finish("FINISHED")
     shutil.rmtree(checkpoint_path(run.stage).parent, ignore_errors=True)
-    update_pipeline(run, "FINISHED")
+    try:
+        update_pipeline(run, "FINISHED")
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        print(f"warning: stage '{run.stage}' is done, but MLflow ({tracking_uri()}) stopped answering before its "
+              f"pipeline run was brought up to date ({type(err).__name__}); the next stage's end does it", file=sys.stderr)
 
 
 def changed_inputs(run: StageRun) -> list[str]:

@@ -176,6 +176,10 @@ class StageOutputs:
     def plots(self) -> Path:
         return self._tmp["plots"]
 
+    def staged(self, final: Path) -> Path:
+        """Where the output root `final` (artifacts/<stage> or plots/<stage>) is written until `commit`."""
+        return {path: self._tmp[key] for key, path in self._final.items()}[Path(final)]
+
     def commit(self) -> None:
         """Put every output in place: metrics last, so their presence means a complete stage."""
         for key, final in self._final.items():

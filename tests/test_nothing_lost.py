@@ -225,6 +225,7 @@ def mlflow_server(folder: Path, port: int, log: Path) -> subprocess.Popen:
 def test_a_tracking_server_that_dies_mid_stage_costs_seconds_and_loses_nothing(reproduced, tmp_path):
     repo = reproduced
     before, lock = snapshot(repo, *SSL_OUTPUTS), (repo / "dvc.lock").read_text()
+    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "ssl.train.epochs=100"], repo)  # long enough to die in
     port = free_port()
     server = mlflow_server(tmp_path / "mlflow", port, tmp_path / "mlflow.log")
     try:
@@ -244,6 +245,28 @@ def test_a_tracking_server_that_dies_mid_stage_costs_seconds_and_loses_nothing(r
     assert "stage 'ssl' failed: nothing was changed, its last good outputs are in place" in text
     assert snapshot(repo, *SSL_OUTPUTS) == before
     assert (repo / "dvc.lock").read_text() == lock
+
+
+def test_a_tracking_server_that_dies_as_the_stage_ends_puts_nothing_in_place(in_tmp, tmp_path, monkeypatch):
+    """After the last step, before the outputs go in place: the stage's records are all sent first,
+    so it fails with nothing changed (it used to put its outputs in place, then fail)."""
+    from runtime.stage import StageRun
+    from runtime.tracking import TrackingUnreachable
+    from tasks.params import load_params
+
+    (in_tmp / "params").mkdir()
+    (in_tmp / "params" / "probe.yaml").write_text("knn_k: 20\n")
+    (in_tmp / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"probe": {"cmd": "true", "outs": ["artifacts/probe"]}}}))
+    server = mlflow_server(tmp_path / "mlflow", port := free_port(), tmp_path / "mlflow.log")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri := f"http://127.0.0.1:{port}")
+    said = f"the MLflow tracking server {uri} stopped answering"
+    with pytest.raises(TrackingUnreachable, match=said), StageRun("probe", load_params("probe")) as stage:
+        (stage.outputs.artifacts / "report.json").write_text("{}")
+        stage.metrics["probe_top1"] = 0.5
+        assert stage.tracker.run_id  # its MLflow run started
+        os.killpg(server.pid, signal.SIGKILL)  # its last step done
+        server.wait()
+    assert not any((in_tmp / folder).exists() for folder in ("artifacts/probe", "plots/probe", "metrics/probe.json"))
 
 
 @pytest.fixture
