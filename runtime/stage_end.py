@@ -114,8 +114,11 @@ def succeeded(run: StageRun, tracker: StageTracker) -> None:
         for name, kind, network, with_files, example, params in run.models:
             tracker.log_model(name, kind, network_files(run.outputs.artifacts, network) + with_files, example, params)
         tracker.finish("FINISHED")
-    except BaseException:
-        run.outputs.discard()
+    except BaseException as err:
+        if is_transient(err):  # the server is gone: nothing more can be recorded
+            run.outputs.discard()
+        else:  # e.g. a model that does not run on its example: the run ends FAILED
+            failed(run, tracker, err, [])
         raise
     run.outputs.commit()
     shutil.rmtree(checkpoint_path(run.stage).parent, ignore_errors=True)

@@ -103,3 +103,21 @@ def test_a_ctrl_c_whose_exception_python_dropped_still_stops_the_stage(in_tmp, m
         run_id = run.tracker.run_id
     nothing_in_place()
     assert MlflowClient(tracking_uri()).get_run(run_id).info.status == "KILLED"
+
+
+def test_a_model_that_does_not_log_puts_nothing_in_place_and_fails_the_run(in_tmp):
+    """The run's records are sent before the outputs go in place: one that cannot be (here a model
+    whose files are missing) leaves nothing changed and the MLflow run FAILED."""
+    import numpy as np
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from runtime.tracking import tracking_uri
+
+    stage_folder([])
+    with pytest.raises(MlflowException, match="not-exported.safetensors"), StageRun("probe", load_params("probe")) as run:
+        (run.outputs.artifacts / "report.json").write_text("{}")
+        run.log_model("probe", "classifier", np.zeros((1, 4), np.float32), network="not-exported")
+        run_id = run.tracker.run_id
+    nothing_in_place()
+    assert MlflowClient(tracking_uri()).get_run(run_id).info.status == "FAILED"
