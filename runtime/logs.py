@@ -9,7 +9,7 @@ import warnings
 
 from prefect.exceptions import TerminationSignal
 
-from runtime.failures import disk_full
+from runtime.failures import causes, disk_full
 from tasks.errors import StageError
 
 INTERRUPTED = ("aborted by an interrupt signal", "aborted by a termination signal")  # Prefect's crash messages
@@ -18,8 +18,9 @@ INTERRUPTED = ("aborted by an interrupt signal", "aborted by a termination signa
 class ReportedOnce(logging.Filter):
     """Prefect logs a failing task's and flow's exception with its traceback, then again in each
     final state: for a StageError, a message meant for the user, and a full disk, `main` prints it
-    once instead; an interrupt, the launcher reports (`runtime.outcome`). Records repeating
-    `messages` (reported already) are left out too."""
+    once instead; an interrupt, the launcher reports (`runtime.outcome`), and so an error raised
+    while handling one too (Prefect's crash handling can fail on it). Records repeating `messages`
+    (reported already) are left out too."""
 
     def __init__(self, *messages: str):
         super().__init__()
@@ -28,7 +29,9 @@ class ReportedOnce(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (KeyboardInterrupt, TerminationSignal)) or any(m in record.getMessage() for m in INTERRUPTED):
+        if any(isinstance(cause, (KeyboardInterrupt, TerminationSignal)) for cause in causes(error)) or any(
+            m in record.getMessage() for m in INTERRUPTED
+        ):
             return False
         if error is not None and self._reported_by_main(error):
             return False

@@ -278,6 +278,32 @@ def test_a_helper_that_dies_before_it_publishes_is_not_waited_for(tmp_path):
             published("host", invocation, suffix).unlink(missing_ok=True)
 
 
+def test_an_error_raised_while_handling_ctrl_c_is_left_out_of_the_run_logs():
+    """Prefect's crash handling can fail on a Ctrl-C (`ValueError: Task run is not set`): the
+    launcher says the stage was interrupted in one line, so that traceback is left out; other
+    errors' stay."""
+    import logging
+
+    from runtime.logs import ReportedOnce
+
+    def record_of(error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Crash detected!", None, sys.exc_info())
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("Task run is not set")  # noqa: B904 (as Prefect raises it, its context the interrupt)
+    except ValueError as err:
+        crashed = err
+    once = ReportedOnce()
+    assert not once.filter(record_of(crashed))
+    assert once.filter(record_of(ValueError("a bug")))
+
+
 # --- transient failures --------------------------------------------------------------------------
 
 def test_a_failure_is_transient_by_its_exception_types(monkeypatch):
