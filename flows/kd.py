@@ -1,7 +1,7 @@
-"""kd: knowledge distillation (Hinton et al. 2015) of the pipeline's classifier, the frozen encoder
-and its linear probe, into a small CNN; the student trained twice with the same seed and budget,
-with the soft term and on the labels alone; top-1 on the test split, parameters and images/s of
-teacher and students."""
+"""kd: knowledge distillation (Hinton et al. 2015) of a classifier (a wider CNN trained on the labels
+first, or the pipeline's frozen encoder and its linear probe) into a small CNN; the student trained
+twice with the same seed and budget, with the soft term and on the labels alone; top-1 on the test
+split, parameters and images/s of teacher and students."""
 
 from prefect import flow
 
@@ -11,11 +11,12 @@ from runtime.stage_process import main
 from tasks.data import load_split
 from tasks.kd import (
     export_student,
-    load_teacher,
+    load_probe_teacher,
+    logits_of,
     parameters,
     top1_and_speed,
     top1_gain,
-    train_student,
+    train_cnn,
 )
 from tasks.params import KdParams
 from tasks.training import TrainingContext
@@ -25,20 +26,25 @@ from tasks.training import TrainingContext
 def kd(params: KdParams) -> None:
     with StageRun("kd", params) as run:
         train = load_split("train", run.device)
-        teacher, teacher_logits = load_teacher(len(train), run.device)
-        train_task = stage_task(train_student, name="train")
+        train_task = stage_task(train_cnn, name="train")
+        results = {}
+        if params.teacher == "cnn":
+            results["teacher"] = train_task(params, train, TrainingContext.of(run), "teacher")
+            teacher = results["teacher"].module.student.eval()
+            teacher_logits = logits_of(teacher, train, params.batch_size)
+        else:
+            teacher, teacher_logits = load_probe_teacher(len(train), run.device)
         alphas = {"with_kd": params.alpha, "without_kd": 0.0}  # the second: the labels alone
-        results = {
-            name: train_task(params, train, teacher_logits, alpha, TrainingContext.of(run), name) for name, alpha in alphas.items()
-        }
+        for name, alpha in alphas.items():
+            results[name] = train_task(params, train, TrainingContext.of(run), name, teacher_logits, alpha)
         if not run.is_main:
             return
-        run.curves.combine("students", list(alphas))  # plots/kd/students.csv: a line per student
+        run.curves.combine("students", [*alphas, "teacher"])  # plots/kd/students.csv: a line per network
         test = load_split("test", run.device)
         measure = stage_task(top1_and_speed, name="evaluate")
         run.metrics["teacher.top1"], run.metrics["teacher.images_per_s"] = measure(teacher, test, params.batch_size)
         run.metrics["teacher.parameters"] = parameters(teacher)
-        students = {name: result.module.student.eval() for name, result in results.items()}
+        students = {name: results[name].module.student.eval() for name in alphas}
         for name, student in students.items():
             run.metrics[f"student.{name}.top1"], run.metrics[f"student.{name}.images_per_s"] = measure(student, test, params.batch_size)
         run.metrics["student.parameters"] = parameters(students["with_kd"])

@@ -54,14 +54,19 @@ def distillation_loss(
 
 class KnowledgeDistillation(nn.Module):
     """Trains `student` on batches of (images, labels, the teacher's logits of those images);
-    alpha 0 is plain supervised training."""
+    alpha 0 is plain supervised training. A batch of (images, labels) alone, with no teacher,
+    trains on the labels' cross-entropy (how the kd stage trains its CNN teacher)."""
 
     def __init__(self, student: nn.Module, temperature: float, alpha: float):
         super().__init__()
         self.student, self.temperature, self.alpha = student, temperature, alpha
 
-    def forward(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images, labels, teacher_logits = batch
+    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        images, labels, *teacher = batch
         logits = self.student(images).float()
+        if not teacher:
+            cross_entropy = F.cross_entropy(logits, labels)
+            return {"loss": cross_entropy, "cross_entropy": cross_entropy}
+        [teacher_logits] = teacher
         loss, cross_entropy, soft = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
         return {"loss": loss, "cross_entropy": cross_entropy, "soft_kl": soft}

@@ -61,14 +61,14 @@ def progressive_students(
 def reflow_student(
     teacher: Denoiser, params: DistillParams, num_classes: int, training: TrainingContext, batch_size: int = 500
 ) -> tuple[list[Student], list[TrainResult]]:
-    """A copy of the teacher trained on straight paths from noise to the teacher's guided samples;
-    it samples with Euler at every count in student_steps, unguided. Any deterministic teacher
+    """A copy of the teacher trained on straight paths from noise to the teacher's guided samples
+    (drawn with reflow.sampler); it samples with Euler at every count in student_steps, unguided. Any deterministic teacher
     works: an EDM teacher's student is a rectified flow (the flow params' default t) that starts from
     the teacher's U-Net weights."""
     reflow = params.reflow
     torch.manual_seed(params.seed)
     labels = balanced_labels(reflow.pairs, num_classes, training.device)
-    teacher_net, sampler = teacher.sampling()
+    teacher_net, sampler = (teacher if reflow.sampler == "own" else teacher.with_net(teacher.net, "heun")).sampling()
     noise, samples = [], []
     for chunk in tqdm(labels.split(batch_size), desc="distill/reflow pairs", disable=not training.is_main):
         with autocast(training.device):

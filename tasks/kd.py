@@ -1,6 +1,6 @@
-"""Knowledge distillation of the pipeline's classifier: the teacher (the frozen encoder and its
-linear probe), its logits on the training images (the probe on the encoder stage's embeddings),
-students trained by the one loop, their export, and top-1 and images/s end to end from images."""
+"""Knowledge distillation of a classifier: the teachers (a wider CNN trained on the labels, or the
+frozen encoder and its linear probe) and their logits on the training images, CNNs trained by the one
+loop, the student's export, and top-1 and images/s end to end from images."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from models.kd import KnowledgeDistillation, StudentCNN
 from models.knn import share
 from tasks.artifacts import artifacts_dir, load_network, save_network
-from tasks.data import ImageSplit
+from tasks.data import ImageSplit, load_manifest
 from tasks.device import autocast
 from tasks.encoder import load_embeddings, load_encoder
 from tasks.params import KdParams
@@ -24,8 +24,8 @@ from tasks.training import TrainingContext, TrainResult
 NAME = "student"  # student.safetensors + student.json
 
 
-def load_teacher(train_size: int, device: torch.device | str) -> tuple[nn.Module, torch.Tensor]:
-    """The teacher, images -> logits (encoder, then probe; frozen), and its logits of the
+def load_probe_teacher(train_size: int, device: torch.device | str) -> tuple[nn.Module, torch.Tensor]:
+    """The probe teacher, images -> logits (encoder, then probe; frozen), and its logits of the
     `train_size` training images: the probe on the encoder stage's training embeddings, the same
     features it was fitted on."""
     encoder, probe = load_encoder(artifacts_dir("encoder"), device), load_probe(artifacts_dir("probe"), device)
@@ -38,25 +38,38 @@ def parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def train_student(
-    params: KdParams, train: ImageSplit, teacher_logits: torch.Tensor, alpha: float, context: TrainingContext, name: str
+def train_cnn(
+    params: KdParams, train: ImageSplit, context: TrainingContext, name: str,
+    teacher_logits: torch.Tensor | None = None, alpha: float = 0.0,
 ) -> TrainResult:
-    """A student trained on the training images with the distillation loss at `alpha` (0: the
-    labels alone), from the seed's initial weights; its step metrics are logged as `<name>/<metric>`
-    (plots/kd/<name>.csv), its checkpoint is checkpoints/kd/<name>.pt."""
+    """A CNN trained on the training images from the seed's initial weights: the student (student_widths,
+    `train`) with the distillation loss at `alpha` (0: the labels alone) against `teacher_logits`, or
+    with no teacher logits the cnn teacher (teacher_widths, teacher_train) on the labels. Its step
+    metrics are logged as `<name>/<metric>` (plots/kd/students.csv), its checkpoint is
+    checkpoints/kd/<name>.pt."""
     torch.manual_seed(params.seed)
-    student = StudentCNN(train.images.shape[1], train.images.shape[-1], teacher_logits.shape[1], params.student_widths)
+    widths, budget = (params.teacher_widths, params.teacher_train) if teacher_logits is None else (params.student_widths, params.train)
+    network = StudentCNN(train.images.shape[1], train.images.shape[-1], len(load_manifest()["class_names"]), widths)
     log = context.log
     named = dataclasses.replace(context, log=log and (
         lambda metrics, step: log({f"{name}/{key.removeprefix('train/')}": value for key, value in metrics.items()}, step)
     ))
-    trainer, batches = named.trainer(KnowledgeDistillation(student, params.temperature, alpha), params.train, len(train), params.seed, name)
+    trainer, batches = named.trainer(KnowledgeDistillation(network, params.temperature, alpha), budget, len(train), params.seed, name)
 
-    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(step: int) -> tuple[torch.Tensor, ...]:
         rows = batches(step)
-        return train.floats(rows), train.labels[rows], teacher_logits[rows]
+        return train.floats(rows), train.labels[rows], *([] if teacher_logits is None else [teacher_logits[rows]])
 
     return trainer.fit(batch)
+
+
+@torch.no_grad()
+def logits_of(classifier: nn.Module, split: ImageSplit, batch_size: int) -> torch.Tensor:
+    """The classifier's float32 logits of every image in `split`, in order."""
+    with autocast(split.images.device):
+        return torch.cat([
+            classifier(split.floats(slice(start, start + batch_size))).float() for start in range(0, len(split), batch_size)
+        ])
 
 
 @torch.no_grad()

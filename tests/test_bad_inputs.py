@@ -329,9 +329,8 @@ def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
         ("artifacts/vae/train_latents.npy", lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)), "gan",
          "artifacts/vae/train_latents.npy: its per-channel mean and std are not the shift and scale in latents.json"),
         ("artifacts/ssl/objective.pt", None, "encoder", "artifacts/ssl/objective.pt: does not load"),
-        ("artifacts/encoder/train_embeddings.npy", with_value((0, 0), np.inf), "kd",
-         "artifacts/encoder/train_embeddings.npy: 1 of its"),
-        ("artifacts/probe/probe.safetensors", None, "kd", "artifacts/probe/probe.safetensors: does not load"),
+        ("artifacts/prepare/train_labels.npy", with_value(0, 11), "kd",  # what its cnn teacher and students train on
+         "artifacts/prepare/train_labels.npy: 1 label(s) outside [0, 10), e.g. 11; manifest.json says 10 classes"),
         ("artifacts/vae/vae.safetensors", None, "distill", "artifacts/vae/vae.safetensors: does not load"),
         ("artifacts/diffusion/denoiser.safetensors", None, "distill",
          "artifacts/diffusion/denoiser.safetensors: does not load"),
@@ -339,7 +338,7 @@ def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
         ("artifacts/gan/generator.safetensors", None, "fid", "artifacts/gan/generator.safetensors: does not load"),
     ],
     ids=["label-11-to-vae", "nan-embeddings-to-probe", "null-class-labels-to-diffusion", "nan-latents-to-diffusion",
-         "channels-last-latents-to-gan", "ssl-state-to-encoder", "inf-embeddings-to-kd", "probe-to-kd", "vae-to-distill",
+         "channels-last-latents-to-gan", "ssl-state-to-encoder", "label-11-to-kd", "vae-to-distill",
          "denoiser-to-distill", "students-to-fid", "generator-to-fid"],
 )
 def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_writer(

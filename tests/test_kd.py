@@ -23,6 +23,10 @@ def test_alpha_zero_is_the_plain_cross_entropy():
     loss, cross_entropy, soft = distillation_loss(student, teacher, labels, temperature=4.0, alpha=0.0)
     assert torch.equal(loss, F.cross_entropy(student, labels)) and torch.equal(cross_entropy, loss)
     assert soft > 0  # computed (and logged) all the same
+    network = StudentCNN(1, 8, 10, [4])
+    images = torch.rand(16, 1, 8, 8)
+    no_teacher = KnowledgeDistillation(network, temperature=4.0, alpha=0.9)((images, labels))  # the cnn teacher's training
+    assert set(no_teacher) == {"loss", "cross_entropy"} and torch.equal(no_teacher["loss"], F.cross_entropy(network(images), labels))
 
 
 def test_the_soft_term_is_the_mean_kl_from_the_softened_teacher_pair_by_pair():
@@ -115,11 +119,13 @@ def test_dvc_repro_kd_reports_teacher_and_students_and_tracks_them(reproduced):
     metrics = json.loads((repo / "metrics" / "kd.json").read_text())
     assert set(metrics) == KD_METRICS, metrics
     assert 0.5 < metrics["teacher.top1"] <= 1 and metrics["student.with_kd.top1"] > 0.3 and metrics["student.without_kd.top1"] > 0.3
+    assert metrics["teacher.top1"] > metrics["student.without_kd.top1"]  # the cnn teacher knows more than the student learns alone
     assert metrics["student.parameters"] < metrics["teacher.parameters"]
-    assert metrics["kd_gain"] == pytest.approx(metrics["student.with_kd.top1"] - metrics["student.without_kd.top1"])
+    # from the counts of correct images, so within the top-1s' rounding of their difference
+    assert metrics["kd_gain"] == pytest.approx(metrics["student.with_kd.top1"] - metrics["student.without_kd.top1"], abs=1e-4)
     curves = (repo / "plots" / "kd" / "students.csv").read_text().splitlines()
     assert curves[0].startswith("series,step,loss,cross_entropy,soft_kl")
-    for name in ("with_kd", "without_kd"):  # a curve per student, each from its first logged step
+    for name in ("with_kd", "without_kd", "teacher"):  # a curve per network, each from its first logged step
         assert [row for row in curves if row.startswith(f"{name},")][0].startswith(f"{name},5,")
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")

@@ -256,8 +256,8 @@ def test_dvc_plots_show_draws_the_curves_and_the_sample_figures(pipeline):
         assert len(steps) > 3 and steps == sorted(set(steps)), (stage, steps)
     knn = specs["plots/ssl/eval.csv"]["data"]["values"]
     assert float(knn[-1]["knn_top1"]) == pytest.approx(metrics(repo, "ssl")["knn_top1"], rel=1e-4)
-    students = specs["plots/kd/students.csv"]["data"]["values"]  # a line per student
-    assert {r["series"] for r in students} == {"with_kd", "without_kd"}
+    students = specs["plots/kd/students.csv"]["data"]["values"]  # a line per network
+    assert {r["series"] for r in students} == {"with_kd", "without_kd", "teacher"}
 
     run(["dvc", "plots", "show"], repo)  # the page
     page = (repo / "dvc_plots" / "index.html").read_text()

@@ -12,13 +12,16 @@ from tests.conftest import run
 from tests.test_pipeline import mlflow_client
 
 
-def test_all_objectives_are_eleven_points_and_the_patch_token_ones_get_a_vit():
+def test_all_objectives_are_eleven_points_and_the_patch_token_ones_get_the_vit_recipe():
     grid = points(["ssl.objective=all"])
     assert len(grid) == 11
-    assert ["ssl.objective=mae", "ssl.backbone=vit"] in grid and ["ssl.objective=ijepa", "ssl.backbone=vit"] in grid
+    recipe = ["ssl.backbone=vit", "ssl.vit.pool=mean", "ssl.train.lr=0.001"]
+    assert ["ssl.objective=mae", *recipe] in grid and ["ssl.objective=ijepa", *recipe] in grid
     assert ["ssl.objective=simclr"] in grid
-    crossed = points(["ssl.objective=mae,simclr", "params/ssl.yaml:backbone=resnet,vit"])
-    assert len(crossed) == 4 and ["ssl.objective=mae", "params/ssl.yaml:backbone=resnet"] in crossed  # chosen, not replaced
+    crossed = points(["ssl.objective=mae,simclr", "params/ssl.yaml:backbone=resnet,vit", "ssl.train.lr=0.002"])
+    assert len(crossed) == 4 and ["ssl.objective=simclr", "params/ssl.yaml:backbone=vit", "ssl.train.lr=0.002"] in crossed
+    chosen = ["ssl.objective=mae", "params/ssl.yaml:backbone=resnet", "ssl.train.lr=0.002", "ssl.vit.pool=mean"]
+    assert chosen in crossed  # what the point sets is kept, the rest of the recipe added
 
 
 def test_a_point_the_stages_would_refuse_is_named_with_the_reason():
