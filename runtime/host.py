@@ -2,7 +2,8 @@
 
 Every stage process would otherwise spend ~8 s here importing torch, Prefect and MLflow before
 doing any work. The host imports them once (the rest of the stages' modules while it waits for
-requests), then forks a fresh child per stage: the child takes
+requests, once a first stage has ended: a lone stage's run never needs them), then forks a fresh
+child per stage: the child takes
 over the caller's working directory, environment and stdin/stdout/stderr (passed over a Unix
 socket) and runs `python -m flows.<stage>` as it would have, with its own Prefect flow run and
 MLflow run; its exit code goes back to the caller. The host never touches a GPU before forking
@@ -176,8 +177,9 @@ def _check_request(request: object, stages: list[str]) -> None:
         raise BadRequest("env that is not a mapping of strings to strings")
 
 
-def _serve_one(conn: socket.socket, stages: list[str]) -> None:
-    """Fork a child for the request on `conn`, or log why not and drop the connection."""
+def _serve_one(conn: socket.socket, stages: list[str], ended: threading.Event) -> None:
+    """Fork a child for the request on `conn` (`ended` is set when it ends), or log why not and drop
+    the connection."""
     try:
         request, fds = _read_request(conn, stages)
     except Exception as err:  # the host serves the next request whatever this one was
@@ -194,6 +196,7 @@ def _serve_one(conn: socket.socket, stages: list[str]) -> None:
     def report() -> None:
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
+        ended.set()
         with suppress(OSError):  # the caller is gone
             conn.sendall(struct.pack("!i", code if code >= 0 else 128 - code))  # a signal: 128 + its number
         conn.close()
@@ -205,8 +208,9 @@ def _serve_one(conn: socket.socket, stages: list[str]) -> None:
 
 def serve_while(invocation: Invocation) -> None:
     """Import what every stage needs, start taking stages, and import the rest (each stage's flow,
-    torch._dynamo, mlflow.pyfunc; MLflow's map of installed packages) between requests; run
-    stages until the invocation ends."""
+    torch._dynamo, mlflow.pyfunc; MLflow's map of installed packages) between requests once a
+    stage has ended, so that a run of one stage (`dvc repro -s`) spends no CPU on them beside it;
+    run stages until the invocation ends."""
     import yaml
 
     for module in CORE:
@@ -214,6 +218,7 @@ def serve_while(invocation: Invocation) -> None:
     stages = list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])
     rest = [partial(importlib.import_module, module) for module in [f"flows.{stage}" for stage in stages] + LATER]
     rest.append(_map_installed_packages)
+    ended = threading.Event()
     path = socket_path(invocation)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -223,14 +228,15 @@ def serve_while(invocation: Invocation) -> None:
         listener.listen()
         unpublished.rename(path)  # published only once it accepts
         while invocation.alive():
-            listener.settimeout(0 if rest else 1)
+            warm = rest and ended.is_set()
+            listener.settimeout(0 if warm else 1)
             try:
                 conn, _ = listener.accept()
             except (BlockingIOError, TimeoutError):
-                if rest:
+                if warm:
                     rest.pop(0)()
                 continue
-            _serve_one(conn, stages)
+            _serve_one(conn, stages, ended)
     finally:
         listener.close()
         clean_up("host", invocation, ".sock")

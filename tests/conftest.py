@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,34 @@ def copy_repo(dest: Path) -> Path:
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
     return dest
+
+
+def processes_in(repo: Path) -> list:
+    """Processes (psutil) whose working directory is in `repo`: a run's, the stage host included."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cwd"]):
+        if process.info["cwd"] and Path(process.info["cwd"]).is_relative_to(repo):
+            found.append(process)
+    return found
+
+
+def wait_or_show_stacks(process: subprocess.Popen, repo: Path, seconds: float) -> int:
+    """`process.wait(seconds)`; past that, fail with the Python stacks (py-spy) of it, what it
+    started and every process in `repo`: where a hung run waits."""
+    import psutil
+
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        stuck = {process.pid, *(p.pid for p in processes_in(repo))}
+        with suppress(psutil.Error):
+            stuck.update(p.pid for p in psutil.Process(process.pid).children(recursive=True))
+        dumps = [subprocess.run([str(BIN / "py-spy"), "dump", "--pid", str(pid)], capture_output=True, text=True)
+                 for pid in sorted(stuck)]
+        raise AssertionError(f"{process.args} still running after {seconds} s; its processes' stacks:\n"
+                             + "\n".join(dump.stdout + dump.stderr for dump in dumps)) from None
 
 
 def run_env(**env: str | None) -> dict[str, str]:

@@ -142,6 +142,7 @@ def smoke_run(served):
     return repo, flow_run
 
 
+@pytest.mark.slow  # a Prefect server
 def test_the_servers_ui_calls_its_own_api(prefect_api):
     import json
     import urllib.request

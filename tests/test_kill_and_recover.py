@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from runtime.server import free_port
-from tests.conftest import BIN, REPO, run
+from tests.conftest import BIN, REPO, processes_in, run
 
 GONE_SECONDS = 20  # how long the processes of a killed run may take to notice
 
@@ -52,15 +52,6 @@ def running(processes) -> list[str]:
                 found.append(" ".join(process.cmdline()))
         except psutil.Error:
             pass
-    return found
-
-
-def processes_in(repo: Path) -> list[psutil.Process]:
-    """Processes whose working directory is in `repo` (a killed run's would be)."""
-    found = []
-    for process in psutil.process_iter(["cwd"]):
-        if process.info["cwd"] and Path(process.info["cwd"]).is_relative_to(repo):
-            found.append(process)
     return found
 
 
@@ -175,6 +166,7 @@ def test_helpers_meet_in_a_private_directory(own_tmp):
         helpers_dir()
 
 
+@pytest.mark.slow  # a Prefect server
 def test_a_published_server_address_is_checked_before_use(tmp_path, prefect_api):
     from runtime.server import AUTH_ENV, Api, read_api
 

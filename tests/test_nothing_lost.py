@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from runtime.server import free_port
-from tests.conftest import copy_repo, run, run_env
+from tests.conftest import copy_repo, run, run_env, wait_or_show_stacks
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_an_interrupted_stage_keeps_its_last_good_outputs_and_says_so_once(repro
     else:  # the stage's own process, as the out-of-memory killer would: it holds the stage's lock
         holder = (repo / "checkpoints" / ".ssl.lock").read_text()
         os.kill(int(holder.split()[1]), sig)
-    dvc.wait(timeout=120)
+    wait_or_show_stacks(dvc, repo, 120)
     assert wait_for(lambda: says in log.read_text()), log.read_text()[-3000:]
     assert wait_for(lambda: snapshot(repo, *SSL_OUTPUTS) == before), sorted(snapshot(repo, *SSL_OUTPUTS))
     text = log.read_text()
@@ -191,7 +191,7 @@ def test_ctrl_c_in_every_stage_keeps_its_last_good_outputs(reproduced, tmp_path,
         while "Beginning flow run" not in log.read_text() and dvc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         os.killpg(dvc.pid, signal.SIGINT)
-        dvc.wait(timeout=300)
+        wait_or_show_stacks(dvc, repo, 300)
         text = log.read_text()
         says = f"stage '{stage}' was interrupted (SIGINT, Ctrl-C): nothing was changed"
         if text.count(says) == 1 and "Traceback" not in text and snapshot(repo, *outputs) == before:

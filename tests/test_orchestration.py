@@ -146,6 +146,7 @@ def test_a_plain_dvc_repro_shares_one_prefect_server_and_stops_it(repo_copy, tmp
     assert not published() - before  # the server and the stage host went with dvc
 
 
+@pytest.mark.slow  # a Prefect server
 def test_the_per_invocation_prefect_server_refuses_a_client_without_its_auth_string(prefect_api):
     """Any local user can reach 127.0.0.1: the API answers only the auth string it was started
     with (a random one per server); its health check stays open."""
