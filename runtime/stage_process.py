@@ -4,12 +4,14 @@ flow's task run when that started it), and turn errors into one message and an e
 
 from __future__ import annotations
 
+import _imp
 import fcntl
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -68,10 +70,19 @@ def main(stage: str, flow: Callable) -> None:
         sys.exit(TRANSIENT_EXIT)
 
 
-def _stop(number: int, _frame) -> None:
+def _stop(number: int, frame) -> None:
     """Ctrl-C (KeyboardInterrupt) or SIGTERM (TerminationSignal, as Prefect's flow engine raises
     it), raised wherever the stage is; and remembered, for Python drops an exception raised inside
-    a weakref callback or `__del__` ("Exception ignored in ..."): the stage's end still knows."""
+    a weakref callback or `__del__` ("Exception ignored in ..."): the stage's end still knows.
+    Not inside importlib's own locking, though: raised between its taking an import lock and its
+    `try`, the exception leaves the lock held for good, and the next import in another thread
+    (the MLflow tracker's, Prefect's event loop's) waits forever, and so does the stage's end (a
+    Ctrl-C test hung so, about once in a hundred). There the signal comes again 10 ms later."""
+    if _imp.lock_held() or (frame is not None and frame.f_code.co_filename == "<frozen importlib._bootstrap>"):
+        again = threading.Timer(0.01, os.kill, (os.getpid(), number))
+        again.daemon = True
+        again.start()
+        return
     STOPPED_BY.append(number)
     raise KeyboardInterrupt if number == signal.SIGINT else TerminationSignal(number)
 

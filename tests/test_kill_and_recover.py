@@ -1,7 +1,8 @@
 """Kills and failures: a `kill -9` of `dvc`, of the pipeline flow or of a lone stage leaves no
 process running and nothing put in place, and a rerun picks up from the checkpoint; two runs of
 one stage never share its checkpoint; the helpers meet in a private directory, check what they
-read and survive bad requests; a failure is transient by its exception types."""
+read and survive bad requests; a Ctrl-C never leaves an import lock held; a failure is transient by
+its exception types."""
 
 from __future__ import annotations
 
@@ -295,6 +296,32 @@ def test_an_error_raised_while_handling_ctrl_c_is_left_out_of_the_run_logs():
     assert not once.filter(record_of(crashed))
     assert once.filter(record_of(ValueError("a bug")))
 
+
+
+def test_a_ctrl_c_inside_the_import_machinery_is_taken_once_it_is_done(monkeypatch):
+    """Raised between importlib's taking the global import lock and its `try`, a KeyboardInterrupt
+    would leave the lock held, and the next import in another thread would wait forever (a
+    stage's tracker did, in a Ctrl-C test). The stage's handler lets the import machinery finish
+    and takes the Ctrl-C 10 ms later."""
+    import _imp
+
+    from runtime import stage_process
+
+    monkeypatch.setattr(stage_process, "STOPPED_BY", [])
+    previous = signal.signal(signal.SIGINT, stage_process._stop)
+    try:
+        _imp.acquire_lock()  # where the signal lands
+        try:
+            stage_process._stop(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pytest.fail("raised while importlib held its lock")
+        finally:
+            _imp.release_lock()
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(5)  # the Ctrl-C comes again
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stage_process.STOPPED_BY == [signal.SIGINT]
 
 # --- transient failures --------------------------------------------------------------------------
 
