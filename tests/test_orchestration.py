@@ -26,7 +26,6 @@ def test_stage_order_is_dvc_yamls_dag(monkeypatch):
     assert order.index("diffusion") < order.index("distill") < order.index("fid")
 
 
-
 def test_dvc_reads_dvc_yaml_and_dvc_lock_with_the_c_yaml_loader():
     """Every dvc command parses dvc.yaml and dvc.lock (DVC's `parse_yaml`, ruamel.yaml's safe
     loader): in C, four times as fast as the pure-Python loader ruamel.yaml 0.19 falls back to."""
@@ -36,6 +35,7 @@ def test_dvc_reads_dvc_yaml_and_dvc_lock_with_the_c_yaml_loader():
     assert YAML(typ="safe").Parser.__name__ == "CParser"
     assert parse_yaml((REPO / "dvc.yaml").read_text(), "dvc.yaml")["stages"].keys() == set(
         yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
 
 def test_overrides_take_dvc_and_dotted_forms_and_refuse_unknown_stages():
     from runtime.profiles import profile_params, set_overrides
