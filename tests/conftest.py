@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,22 @@ if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
     # tests in parallel (pytest-xdist): torch's threads of one would spin at barriers while the
     # cores run the other's; each worker and the stages it starts get a share of the cores
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+FILE_ORDER = [
+    "test_pipeline.py",  # runs the session's smoke run, whose outputs later files copy (`smoke_snapshot`)
+    "test_deployment.py", "test_kill_and_recover.py",  # beside it on another worker: they need none of it
+    "test_nothing_lost.py", "test_bad_inputs.py", "test_team.py", "test_orchestration.py",
+    "test_vae_regularisers.py", "test_edm.py", "test_ddp.py", "test_sweep.py",
+]
+"""The test files that run pipelines, longest first (the rest follow in their own order): with
+`--dist loadfile --no-loadscope-reorder` each worker takes the next file as it runs short, so the
+workers end together, and no worker waits on the smoke run that another one is making."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(FILE_ORDER)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FILE_ORDER)))
 
 
 @pytest.fixture(autouse=True)
@@ -129,15 +147,55 @@ def run(args: list[str], cwd: Path, check: bool = True, **env: str | None) -> su
     return done
 
 
+def shared_tmp(tmp_path_factory) -> Path:
+    """The session's temporary folder that every pytest-xdist worker shares (each has its own below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def held(lock: Path) -> Iterator[None]:
+    """An exclusive lock on the file `lock` (created if need be), shared by the session's workers."""
+    with open(lock, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory, prefect_api) -> tuple[Path, subprocess.CompletedProcess]:
-    """The smoke pipeline, run once per session as the Prefect flow (`python -m flows run`) in a fresh
-    copy of the repo: (the copy, the command's output). test_pipeline inspects it, then reruns parts
-    of it; test_team shares its outputs with other clones."""
+    """The smoke pipeline run as the Prefect flow (`python -m flows run`) in a fresh copy of the repo:
+    (the copy, the command's output). test_pipeline inspects it (its Prefect records are on this
+    worker's server), then reruns parts of it. The session's first such run is also `smoke_snapshot`."""
+    return _smoke_run_for_the_snapshot(tmp_path_factory) or _smoke_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def smoke_snapshot(tmp_path_factory, prefect_api) -> Path:
+    """The session's smoke run as it finished (outputs, dvc.lock, DVC cache with its run cache), one
+    for all the workers: read it, or copy it (`reproduced`) to change it. Made by the first worker
+    that needs it (FILE_ORDER gives test_pipeline.py that task); the others wait for it."""
+    _smoke_run_for_the_snapshot(tmp_path_factory)
+    return shared_tmp(tmp_path_factory) / "reproduced"
+
+
+def _smoke_run_for_the_snapshot(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess] | None:
+    """A smoke run whose outputs become `smoke_snapshot` when the session has none yet (None when it
+    has: made by another worker, which holds the lock meanwhile)."""
+    snapshot = shared_tmp(tmp_path_factory) / "reproduced"
+    with held(snapshot.with_suffix(".lock")):
+        if snapshot.exists():
+            return None
+        repo, first = _smoke_run(tmp_path_factory)
+        copy_reproduced(repo, snapshot.with_suffix(".part")).rename(snapshot)  # as it was, before any test
+        return repo, first
+
+
+def _smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    first = run([sys.executable, "-m", "flows", "run", "--profile", "smoke"], repo)
-    copy_reproduced(repo, tmp_path_factory.getbasetemp() / "reproduced")  # as it was, before any test
-    return repo, first
+    return repo, run([sys.executable, "-m", "flows", "run", "--profile", "smoke"], repo)
 
 
 def copy_reproduced(repo: Path, dest: Path) -> Path:
@@ -150,10 +208,10 @@ def copy_reproduced(repo: Path, dest: Path) -> Path:
 
 
 @pytest.fixture
-def reproduced(tmp_path, tmp_path_factory, pipeline) -> Path:
+def reproduced(tmp_path, smoke_snapshot) -> Path:
     """A copy of the session's smoke run as it was when it finished, with a store of its own: a test
     that changes params reruns only the stages they reach; the rest comes from DVC's cache."""
-    return copy_reproduced(tmp_path_factory.getbasetemp() / "reproduced", tmp_path / "repo")
+    return copy_reproduced(smoke_snapshot, tmp_path / "repo")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from tasks.encoder import backbone_from_ssl, export_encoder, load_embeddings, lo
 from tasks.params import ParamsError, load_params
 from tasks.students import load_students
 from tasks.vae import Latents, LatentScale, load_latents
-from tests.conftest import run
+from tests.conftest import copy_reproduced, run
 from tests.test_pipeline import snapshot
 
 
@@ -314,6 +314,12 @@ def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
 # --- through the door: a spoilt file between two stages of a smoke run ---------------------------
 
 
+@pytest.fixture(scope="module")
+def spoilable(smoke_snapshot, tmp_path_factory) -> Path:
+    """A copy of the session's smoke run for this module's spoilt files (each test puts its file back)."""
+    return copy_reproduced(smoke_snapshot, tmp_path_factory.mktemp("spoilable") / "repo")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "spoilt, change, stage, message",
@@ -342,12 +348,12 @@ def test_a_spoilt_students_index_is_refused_by_name(in_tmp):
          "denoiser-to-distill", "students-to-fid", "generator-to-fid"],
 )
 def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_writer(
-    pipeline, tmp_path, spoilt, change, stage, message,
+    spoilable, tmp_path, spoilt, change, stage, message,
 ):
     """`dvc repro --single-item <stage>` after another stage's output was spoilt: the stage exits 2
     with one message naming the file and the stage that writes it, no traceback, and its last
     good outputs in place."""
-    repo, _ = pipeline
+    repo = spoilable
     outputs = (f"metrics/{stage}.json", f"plots/{stage}", f"artifacts/{stage}")
     good, before = (repo / spoilt).read_bytes(), snapshot(repo, *outputs)
     try:
@@ -360,7 +366,7 @@ def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_write
         after = snapshot(repo, *outputs)
     finally:
         (repo / spoilt).write_bytes(good)
-        restore(repo, before, outputs)  # the session's other tests share this run
+        restore(repo, before, outputs)  # the module's other tests share this run
     writer = spoilt.split("/")[1]
     assert done.returncode != 0 and "exited with 2" in done.stderr, done.stderr[-3000:]
     assert done.stderr.count(message) == 1, done.stderr[-3000:]

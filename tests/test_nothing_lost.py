@@ -107,8 +107,8 @@ def wait_for(condition, seconds: float = PUT_BACK_SECONDS) -> bool:
     return condition()
 
 
-def test_every_stage_run_is_in_dvc_run_cache(pipeline):
-    repo, _ = pipeline
+def test_every_stage_run_is_in_dvc_run_cache(smoke_snapshot):
+    repo = smoke_snapshot
     entries = {entry.parent.name for entry in (repo / ".dvc" / "cache" / "runs").glob("*/*/*") if entry.is_file()}
     assert len(entries) >= len(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]) == 10
 

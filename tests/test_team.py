@@ -19,7 +19,7 @@ import yaml
 from runtime.dag import stages
 from runtime.server import answers, free_port
 from runtime.team import POOL, REMOTE, Services, add_remote, stop_session
-from tests.conftest import copy_repo, run, run_env
+from tests.conftest import copy_repo, copy_reproduced, run, run_env
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 FLOW_RUN_SECONDS = 900
@@ -140,10 +140,10 @@ def test_team_up_tracks_two_clones_in_one_mlflow_server_and_down_stops_everythin
 
 
 @pytest.fixture(scope="module")
-def shared(pipeline, tmp_path_factory):
-    """Clone A (the session's smoke pipeline run) commits its results and the team's DVC remote, and
-    pushes; clone B is a `git clone` of A that pulls."""
-    first, _ = pipeline
+def shared(smoke_snapshot, tmp_path_factory):
+    """Clone A (a copy of the session's smoke pipeline run) commits its results and the team's DVC
+    remote, and pushes; clone B is a `git clone` of A that pulls."""
+    first = copy_reproduced(smoke_snapshot, tmp_path_factory.mktemp("clones") / "first")
     remote = tmp_path_factory.mktemp("dvc-remote")
     run(["dvc", "remote", "add", "--default", "--force", "team", str(remote)], first)
     subprocess.run([*GIT, "add", "-A"], cwd=first, check=True)
