@@ -1,6 +1,7 @@
 """Hand-designed pretext tasks beside rotation, whose targets come from the image itself: jigsaw
-puzzles, inpainting a hidden block, colorization from lightness. Each is one objective over the
-shared base; the dense ones decode the backbone's feature map back to pixels."""
+puzzles, inpainting a hidden block, denoising a corrupted image, colorization from lightness. Each
+is one objective over the shared base; the dense ones decode the backbone's feature map back to
+pixels."""
 
 from __future__ import annotations
 
@@ -159,6 +160,38 @@ class Inpainting(SSLObjective):
         features = self.backbone.feature_map(images * (1 - masks))
         reconstructed = self.head(features)
         return {"loss": masked_region_loss(reconstructed, images, masks), "feature_std": feature_std(features.mean(dim=(2, 3)))}
+
+
+class DenoisingAutoencoder(SSLObjective):
+    """Vincent et al., 2008 and 2010 (denoising autoencoders): corrupt each view, with additive
+    Gaussian noise or by masking a fixed fraction of its pixels to 0 (the data's middle grey, all
+    channels of a pixel at once), encode the corrupted image, decode the whole image, and pay an L2
+    loss against the clean view on every pixel. The backbone never sees the clean view."""
+
+    colour_augmented = False
+
+    def __init__(self, backbone: nn.Module, augment: TwoViews, corruption: str, sigma: float, mask_fraction: float, decoder_dim: int):
+        config = backbone.config
+        super().__init__(backbone, augment, pixel_decoder(backbone.out_dim, decoder_dim, config["in_channels"], config["image_size"]))
+        self.corruption = corruption
+        self.sigma = sigma
+        self.mask_fraction = mask_fraction
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.denoising_loss(self.augment.view(images))
+
+    def corrupt(self, images: torch.Tensor) -> torch.Tensor:
+        """The noisy input: x + N(0, sigma^2 I), or x with round(mask_fraction * H * W) pixels of
+        each image, chosen at random, set to 0."""
+        if self.corruption == "gaussian":
+            return images + self.sigma * torch.randn_like(images)
+        batch, _, height, width = images.shape
+        hidden = torch.rand(batch, height * width, device=images.device).argsort(dim=1) < round(self.mask_fraction * height * width)
+        return images * ~hidden.view(batch, 1, height, width)
+
+    def denoising_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone.feature_map(self.corrupt(images))
+        return {"loss": F.mse_loss(self.head(features), images), "feature_std": feature_std(features.mean(dim=(2, 3)))}
 
 
 AB_RANGE = 110.0  # CIE Lab's a and b of sRGB colours lie within +-110

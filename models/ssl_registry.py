@@ -7,12 +7,12 @@ from torch import nn
 from models.augment import TwoViews
 from models.ssl import BYOL, CPC, DINO, MoCoV2, Rotation, SimCLR, SSLObjective
 from models.ssl_masked import IJEPA, MAE
-from models.ssl_pretext import Colorization, Inpainting, Jigsaw
+from models.ssl_pretext import Colorization, DenoisingAutoencoder, Inpainting, Jigsaw
 
 OBJECTIVES: dict[str, type[SSLObjective]] = {
     "simclr": SimCLR, "moco": MoCoV2, "byol": BYOL, "dino": DINO, "rotation": Rotation,
     "mae": MAE, "ijepa": IJEPA, "jigsaw": Jigsaw, "cpc": CPC,
-    "inpainting": Inpainting, "colorization": Colorization,
+    "inpainting": Inpainting, "dae": DenoisingAutoencoder, "colorization": Colorization,
 }
 
 

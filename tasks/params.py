@@ -204,6 +204,15 @@ class InpaintingParams(Strict):
     decoder_dim: int = Field(64, ge=8, description="width of the light decoder back to pixels")
 
 
+class DaeParams(Strict):
+    """Vincent et al. 2008 (masking noise) and 2010 (stacked DAEs: Gaussian noise too), a conv decoder from the feature map, L2 against the clean image on every pixel."""
+
+    corruption: Literal["gaussian", "masking"] = Field("gaussian", description="additive isotropic Gaussian, which Vincent et al. 2010 name a natural choice for real-valued inputs (pixels are, on every source), or masking: a fixed fraction of each image's pixels set to 0, the [-1, 1] data's middle grey (Vincent et al. 2008)")
+    sigma: float = Field(0.5, gt=0, le=2, description="the Gaussian noise's std on the [-1, 1] pixel scale: a quarter of the range, so a pixel alone no longer tells its value and the decoder needs its context, while strokes stay legible")
+    mask_fraction: float = Field(0.25, gt=0, lt=1, description="masking noise: the share of each image's pixels set to 0, a common choice: most of the image stays to infer the rest from")
+    decoder_dim: int = Field(64, ge=8, description="width of the light decoder back to pixels")
+
+
 class ColorizationParams(Strict):
     """Zhang et al. 2016: per-pixel classification of quantised ab colour from lightness, with class rebalancing (colour sources only)."""
 
@@ -231,7 +240,7 @@ class SslParams(Strict):
     backbone: Literal["resnet", "vit"] = "resnet"
     resnet: ResNetParams = ResNetParams()
     vit: ViTParams = ViTParams()
-    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw", "cpc", "inpainting", "colorization"] = "simclr"
+    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw", "cpc", "inpainting", "dae", "colorization"] = "simclr"
     simclr: SimCLRParams = SimCLRParams()
     moco: MoCoParams = MoCoParams()
     byol: BYOLParams = BYOLParams()
@@ -242,6 +251,7 @@ class SslParams(Strict):
     jigsaw: JigsawParams = JigsawParams()
     cpc: CPCParams = CPCParams()
     inpainting: InpaintingParams = InpaintingParams()
+    dae: DaeParams = DaeParams()
     colorization: ColorizationParams = ColorizationParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams(epochs=2, batch_size=256, lr=4e-3, weight_decay=1e-4, log_every=20)

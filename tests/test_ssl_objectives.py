@@ -1,5 +1,5 @@
 """The SSL objectives beyond the contrastive and distillation ones (MAE, I-JEPA, jigsaw, CPC,
-inpainting, colorization): each against the property that defines it in its paper, their params
+inpainting, the denoising autoencoder, colorization): each against the property that defines it in its paper, their params
 checks, and each trained by the real loop and exported as a frozen encoder."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from torch import nn
 
 from models.augment import TwoViews
 from models.backbones import build_backbone
@@ -19,6 +20,7 @@ from models.ssl_losses import cpc_infonce
 from models.ssl_masked import MAE, masked_patch_loss, patch_pixels, random_masking
 from models.ssl_pretext import (
     Colorization,
+    DenoisingAutoencoder,
     Inpainting,
     Jigsaw,
     ab_bins,
@@ -229,6 +231,47 @@ def test_inpainting_encoder_never_sees_the_hidden_block(digits):
     assert (seen[0][hidden.expand_as(seen[0])] == 0).all()
 
 
+# -- denoising autoencoder -----------------------------------------------------------------
+
+
+class Outputs(nn.Module):
+    """A decoder that ignores the features and outputs a fixed image."""
+
+    def __init__(self, image: torch.Tensor):
+        super().__init__()
+        self.image = image
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.image
+
+
+@pytest.mark.parametrize("corruption", ["gaussian", "masking"])
+def test_dae_target_is_the_clean_image_which_the_backbone_never_sees(corruption):
+    dae = DenoisingAutoencoder(tiny_resnet(), augment(), corruption=corruption, sigma=0.5, mask_fraction=0.25, decoder_dim=8)
+    clean = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1  # no pixel exactly 0
+    seen = []
+    dae.backbone.stem.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    torch.manual_seed(0)
+    loss = dae.denoising_loss(clean)["loss"]
+    noisy = seen[0]
+    torch.manual_seed(0)
+    torch.testing.assert_close(dae.corrupt(clean), noisy)  # the one corruption, drawn from the seed
+    if corruption == "gaussian":
+        assert (noisy - clean).std().item() == pytest.approx(0.5, rel=0.05)
+    else:  # exactly a quarter of each image's pixels set to 0, the rest untouched
+        hidden = noisy != clean
+        assert hidden.sum(dim=(1, 2, 3)).tolist() == [64] * 8 and (noisy[hidden] == 0).all()
+    # the loss, by hand: the decoder's output from the noisy image's features, against the clean image
+    torch.testing.assert_close(loss, F.mse_loss(dae.head(dae.backbone.feature_map(noisy)), clean))
+    dae.head = Outputs(clean)  # a decoder that returns the clean image: nothing left to learn
+    torch.manual_seed(0)
+    assert dae.denoising_loss(clean)["loss"].item() == 0
+    dae.head = Outputs(noisy)  # one that returns what the backbone saw: pays for the noise
+    torch.manual_seed(0)
+    torch.testing.assert_close(dae.denoising_loss(clean)["loss"], (noisy - clean).pow(2).mean())
+    assert (noisy - clean).pow(2).mean() > 0.05
+
+
 # -- colorization --------------------------------------------------------------------------
 
 
@@ -273,19 +316,20 @@ TINY = {  # each new objective at a size that trains in a second
     "jigsaw": {"jigsaw": {"num_permutations": 10, "hidden_dim": 16}},
     "cpc": {"cpc": {"context_dim": 16, "context_layers": 1}},
     "inpainting": {"inpainting": {"decoder_dim": 8}},
+    "dae": {"dae": {"decoder_dim": 8}},
     "colorization": {"colorization": {"decoder_dim": 8, "bin_size": 20.0}},
 }
 
 
-@pytest.mark.parametrize("name, colour", [("simclr", True), ("mae", False), ("ijepa", False), ("inpainting", False), ("colorization", False)])
+@pytest.mark.parametrize("name, colour", [("simclr", True), ("mae", False), ("ijepa", False), ("inpainting", False), ("dae", False), ("colorization", False)])
 def test_pixel_and_colour_targets_train_on_crops_and_flips_only(name, colour):
-    """Colour jitter and grayscale would change what MAE, I-JEPA, inpainting and colorization
-    predict (the pixels, the colours): their papers augment by cropping and flipping only."""
+    """Colour jitter and grayscale would change what MAE, I-JEPA, inpainting, the DAE and
+    colorization predict (the pixels, the colours): their papers augment by cropping and flipping only."""
     import kornia.augmentation as K
 
     from tasks.ssl import build_ssl
 
-    params = SslParams.model_validate({"objective": name, "backbone": "resnet" if name in ("simclr", "inpainting", "colorization") else "vit",
+    params = SslParams.model_validate({"objective": name, "backbone": "resnet" if name in ("simclr", "inpainting", "dae", "colorization") else "vit",
                                        "vit": {"dim": 16, "depth": 1, "heads": 2}, **TINY.get(name, {})})
     steps = build_ssl(params, 3, 16).augment.pipeline
     assert any(isinstance(step, (K.ColorJitter, K.RandomGrayscale)) for step in steps) == colour

@@ -12,9 +12,9 @@ from tests.conftest import run
 from tests.test_pipeline import mlflow_client
 
 
-def test_all_objectives_are_eleven_points_and_the_patch_token_ones_get_the_vit_recipe():
+def test_all_objectives_are_twelve_points_and_the_patch_token_ones_get_the_vit_recipe():
     grid = points(["ssl.objective=all"])
-    assert len(grid) == 11
+    assert len(grid) == 12
     recipe = ["ssl.backbone=vit", "ssl.vit.pool=mean", "ssl.train.lr=0.001"]
     assert ["ssl.objective=mae", *recipe] in grid and ["ssl.objective=ijepa", *recipe] in grid
     assert ["ssl.objective=simclr"] in grid
@@ -53,8 +53,8 @@ def test_a_queued_sweep_runs_on_dvcs_queue_and_ranks_against_the_baselines(repro
     run(["dvc", "repro", "probe"], repo)
     run(["git", "add", "-A"], repo)  # dvc.lock, metrics and plots: the baseline the experiments start from
     run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "baseline"], repo)
-    queued = run([sys.executable, "-m", "flows", "sweep", "ssl.objective=rotation,colorization", "--start"], repo).stdout
-    assert "queued rotation-" in queued and "skipped ssl.objective=colorization" in queued, queued
+    queued = run([sys.executable, "-m", "flows", "sweep", "ssl.objective=dae,colorization", "--start"], repo).stdout
+    assert "queued dae-" in queued and "skipped ssl.objective=colorization" in queued, queued
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = run(["dvc", "queue", "status"], repo).stdout
@@ -65,7 +65,7 @@ def test_a_queued_sweep_runs_on_dvcs_queue_and_ranks_against_the_baselines(repro
 
     ranked = run([sys.executable, "-m", "flows", "rank", "--csv", "ranking.csv", "--plot", "ranking.png"], repo).stdout
     table = pd.read_csv(repo / "ranking.csv")
-    assert table["experiment"].tolist()[0].startswith("rotation-"), ranked
+    assert table["experiment"].tolist()[0].startswith("dae-"), ranked
     assert table.loc[0, "rank"] == 1 and 0 < table.loc[0, "probe_top1"] <= 1 and table.loc[0, "ssl_images_per_s"] > 0
     assert table["experiment"].tolist()[1:] == ["(raw pixels)", "(random resnet)"]
     assert table.loc[0, "random_same_arch"] == table.loc[2, "probe_top1"]  # one experiment: its own baseline
