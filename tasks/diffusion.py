@@ -25,6 +25,7 @@ from models.diffusion import (
     EDMPrecond,
     RectifiedFlow,
 )
+from models.dit import DiT, DiTConfig
 from models.samplers import (
     KarrasSchedule,
     consistency,
@@ -50,10 +51,18 @@ SAMPLERS = {
     "consistency": {"multistep": consistency},  # consistency-distilled students (tasks/distill.py)
 }
 DETERMINISTIC = {"ddpm": "ddim", "edm": "heun"}  # each formulation's invertible sampler; the flow's are both
+BACKBONES = {"unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig)}  # diffusion.backbone: the net and its config
+
+
+def build_net(backbone: str, config: dict) -> UNet | DiT:
+    """The denoiser network `backbone` ("unet" or "dit") from its config's fields."""
+    net_class, config_class = BACKBONES[backbone]
+    return net_class(config_class(**config))
 
 
 def build_denoiser_training(params: DiffusionParams, latent_channels: int, num_classes: int) -> DenoiserTraining:
-    net = UNet(UNetConfig(in_channels=latent_channels, num_classes=num_classes, **params.unet.model_dump()))
+    config = getattr(params, params.backbone).model_dump()
+    net = build_net(params.backbone, {"in_channels": latent_channels, "num_classes": num_classes, **config})
     if params.formulation == "flow":
         objective = RectifiedFlow(params.flow.time_mean, params.flow.time_std, params.label_dropout)
     elif params.formulation == "edm":
@@ -66,9 +75,9 @@ def build_denoiser_training(params: DiffusionParams, latent_channels: int, num_c
 
 @dataclass
 class Denoiser:
-    """A trained U-Net and what sampling it takes: the formulation, sampler and latent shape."""
+    """A trained network (U-Net or DiT) and what sampling it takes: the formulation, sampler and latent shape."""
 
-    net: UNet
+    net: UNet | DiT
     formulation: str  # "flow", "ddpm", "edm", or "consistency" (a student)
     sampler: str  # a key of SAMPLERS[formulation]
     latent_shape: tuple[int, ...]
@@ -76,14 +85,14 @@ class Denoiser:
     edm: dict[str, float | None] = field(default_factory=dict)  # EDM's (and consistency's) sigma_data, schedule, churn
 
     @classmethod
-    def from_params(cls, net: UNet, params: DiffusionParams, latent_shape: tuple[int, ...]) -> Denoiser:
+    def from_params(cls, net: UNet | DiT, params: DiffusionParams, latent_shape: tuple[int, ...]) -> Denoiser:
         formulation = params.formulation
         sampler = getattr(params, formulation).sampler
         flow_time = params.flow.model_dump(include={"time_mean", "time_std"}) if formulation == "flow" else {}
         edm = params.edm.model_dump(exclude={"p_mean", "p_std", "sampler"}) if formulation == "edm" else {}
         return cls(net, formulation, sampler, tuple(latent_shape), flow_time, edm)
 
-    def with_net(self, net: UNet, sampler: str | None = None) -> Denoiser:
+    def with_net(self, net: UNet | DiT, sampler: str | None = None) -> Denoiser:
         return dataclasses.replace(self, net=net, sampler=sampler or self.sampler)
 
     def sampling(self) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
@@ -143,9 +152,11 @@ def invert_and_regenerate(
 
 
 def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") -> None:
-    """<name>.safetensors and <name>.json: everything `load_denoiser` rebuilds it from."""
+    """<name>.safetensors and <name>.json: everything `load_denoiser` rebuilds it from. The
+    network's config sits under its backbone's name ("unet" or "dit"), which "backbone" names."""
+    backbone = next(name for name, (net_class, _) in BACKBONES.items() if isinstance(denoiser.net, net_class))
     config = {
-        "unet": dataclasses.asdict(denoiser.net.config), "formulation": denoiser.formulation,
+        "backbone": backbone, backbone: dataclasses.asdict(denoiser.net.config), "formulation": denoiser.formulation,
         "sampler": denoiser.sampler, "latent_shape": list(denoiser.latent_shape), "flow_time": denoiser.flow_time,
         "edm": denoiser.edm,
     }
@@ -153,8 +164,16 @@ def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") ->
 
 
 def load_denoiser(folder: Path | str, device: torch.device | str = "cpu", name: str = "denoiser") -> Denoiser:
-    """Rebuild a frozen denoiser (eval mode, no grads) from <name>.json + <name>.safetensors."""
-    net, config = load_network(folder, name, lambda config: UNet(UNetConfig(**config["unet"])), device)
+    """Rebuild a frozen denoiser (eval mode, no grads) from <name>.json + <name>.safetensors; a
+    file without "backbone" (written before the DiT) holds a U-Net."""
+
+    def build(config: dict) -> UNet | DiT:
+        backbone = config.get("backbone", "unet")
+        if backbone not in BACKBONES or backbone not in config:
+            raise unreadable(Path(folder) / f"{name}.json", f"backbone {backbone!r} without its config")
+        return build_net(backbone, config[backbone])
+
+    net, config = load_network(folder, name, build, device)
     if missing := [key for key in ("formulation", "sampler", "latent_shape", "flow_time") if key not in config]:
         raise unreadable(Path(folder) / f"{name}.json", f"missing key(s) {', '.join(missing)}")
     if config["formulation"] in ("edm", "consistency") and not config.get("edm"):

@@ -380,6 +380,23 @@ class UNetParams(Strict):
         return self
 
 
+class DiTParams(Strict):
+    """A DiT-S/2-shaped model (Peebles & Xie 2023's DiT-S/2: patch 2, 12 blocks of width 384 with 6
+    heads, MLP ratio 4) scaled down for a CPU: 4 blocks of width 128 with 4 heads."""
+
+    patch_size: int = Field(2, ge=1, le=16, description="side of a token's square patch of the latent grid (DiT-S/2's 2); it must divide the grid (4x4 on the default and smoke profiles)")
+    dim: int = Field(128, ge=8, le=2048, description="token width (DiT-S's 384, scaled down for a CPU)")
+    depth: int = Field(4, ge=1, le=48, description="transformer blocks (DiT-S's 12, scaled down for a CPU)")
+    heads: int = Field(4, ge=1, le=32, description="attention heads (DiT-S's 6, scaled down for a CPU)")
+    mlp_ratio: int = Field(4, ge=1, le=8, description="MLP hidden width / dim (the paper's 4)")
+
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self) -> DiTParams:
+        if self.dim % self.heads or self.dim % 4:
+            raise ValueError("dit.dim must be a multiple of 4 (the 2-D sin-cos positions) and of dit.heads")
+        return self
+
+
 class FlowParams(Strict):
     time_mean: float = Field(0.0, description="logit-normal t: sigmoid(N(time_mean, time_std^2))")
     time_std: float = Field(1.0, gt=0)
@@ -410,13 +427,15 @@ class EDMParams(Strict):
 
 
 class DiffusionParams(Strict):
-    """A class-conditional U-Net denoiser over the VAE's latents: rectified flow, DDPM or EDM, with CFG."""
+    """A class-conditional denoiser (a U-Net or a DiT) over the VAE's latents: rectified flow, DDPM or EDM, with CFG."""
 
     formulation: Literal["flow", "ddpm", "edm"] = Field("flow", description="flow: v-prediction, logit-normal t; ddpm: eps-prediction, cosine schedule; edm: preconditioned x0-prediction, log-normal sigma")
     flow: FlowParams = FlowParams()
     ddpm: DDPMParams = DDPMParams()
     edm: EDMParams = EDMParams()
+    backbone: Literal["unet", "dit"] = Field("unet", description="the denoiser network: unet (the unet block), or dit, a Diffusion Transformer (Peebles & Xie 2023; the dit block)")
     unet: UNetParams = UNetParams()
+    dit: DiTParams = DiTParams()
     label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
     train: TrainParams = TrainParams(epochs=8, batch_size=128, lr=1e-3, ema_decay=0.995, log_every=20)
     sample_steps: int = Field(32, ge=1, le=1000, description="sampler steps of the sample grids")

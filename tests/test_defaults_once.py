@@ -19,6 +19,7 @@ from models.backbones import BACKBONES
 from models.kd import StudentCNN
 from models.ssl_registry import OBJECTIVES
 from tasks import params as P
+from tasks.diffusion import BACKBONES as DENOISER_BACKBONES
 from tasks.diffusion import SAMPLERS, build_denoiser_training
 from tasks.gan import build_gan_training
 from tasks.ssl import build_ssl
@@ -48,6 +49,9 @@ def test_registries_and_the_params_literals_name_the_same_choices():
     for name in [*OBJECTIVES, *BACKBONES]:  # each choice has its own params block
         assert issubclass(P.SslParams.model_fields[name].annotation, P.Strict), name
     assert set(SAMPLERS) - {"consistency"} == allowed(P.DiffusionParams, "formulation")
+    assert set(DENOISER_BACKBONES) == allowed(P.DiffusionParams, "backbone")
+    for name in DENOISER_BACKBONES:
+        assert issubclass(P.DiffusionParams.model_fields[name].annotation, P.Strict), name
     for formulation, block in [("flow", P.FlowParams), ("ddpm", P.DDPMParams), ("edm", P.EDMParams)]:
         assert set(SAMPLERS[formulation]) == allowed(block, "sampler"), formulation
     teacher_samplers = set().union(*(SAMPLERS[f] for f in ("flow", "ddpm", "edm")))
@@ -115,9 +119,11 @@ def test_each_objective_builds_and_trains_from_the_params_defaults(objective):
         build_ssl(on_resnet, 3, 16)
 
 
+@pytest.mark.parametrize("backbone", sorted(allowed(P.DiffusionParams, "backbone")))
 @pytest.mark.parametrize("formulation", sorted(allowed(P.DiffusionParams, "formulation")))
-def test_each_denoiser_builds_and_trains_from_the_params_defaults(formulation):
-    training = build_denoiser_training(P.DiffusionParams(formulation=formulation), latent_channels=4, num_classes=10)
+def test_each_denoiser_builds_and_trains_from_the_params_defaults(formulation, backbone):
+    params = P.DiffusionParams(formulation=formulation, backbone=backbone)
+    training = build_denoiser_training(params, latent_channels=4, num_classes=10)
     latents, labels = torch.randn(2, 4, 4, 4), torch.tensor([0, 9])
     assert torch.isfinite(training((latents, labels))["loss"])
 

@@ -1,4 +1,4 @@
-"""The generative models/ half: U-Net, diffusion objectives, samplers, distillation, VAE, FID.
+"""The generative models/ half: U-Net, DiT, diffusion objectives, samplers, distillation, VAE, FID.
 
 Denoisers are checked against closed forms where one exists (a Gaussian's exact denoiser) and
 trained where the objective itself is under test (a small MLP on a 2-D Gaussian mixture).
@@ -20,12 +20,13 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from models.diffusion import DDPM, CosineSchedule, DenoiserTraining, RectifiedFlow, drop_labels
 from models.distill import ProgressiveDistillation, ReflowTraining, make_reflow_pairs
+from models.dit import DiT, DiTConfig
 from models.fid import FeatureExtractor, feature_statistics, frechet_distance
 from models.samplers import ddim, ddpm_ancestral, euler, guided, heun
 from models.unet import UNet, UNetConfig, timestep_embedding
 from models.vae import VAE, PatchDiscriminator, VAEConfig, VAETraining
-from tasks.params import UNetParams
-from tests.defaults import vae_training
+from tasks.params import DiTParams, UNetParams
+from tests.defaults import defaults, vae_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -309,6 +310,74 @@ def test_unet_output_matches_input_shape(grid):
     assert output.shape == x.shape
     output.square().mean().backward()
     assert all(param.grad is not None for param in net.parameters())
+
+
+# -- DiT -----------------------------------------------------------------------------------
+
+
+def tiny_dit(**changes) -> DiT:
+    torch.manual_seed(0)
+    return DiT(DiTConfig(in_channels=4, num_classes=10, **defaults(DiTParams, **{"dim": 32, "depth": 2, "heads": 2, **changes})))
+
+
+def test_every_dit_block_is_the_identity_at_init_and_the_dit_outputs_zero():
+    """adaLN-Zero (Peebles & Xie 2023): the modulation MLP starts at zero, so every gate is 0 and
+    each block returns its input exactly; the final layer starts at zero too."""
+    net = DiT(DiTConfig(in_channels=4, num_classes=10, **DiTParams().model_dump()))
+    torch.manual_seed(1)
+    tokens, condition = 3 * torch.randn(5, 4, net.config.dim), torch.randn(5, net.config.dim)
+    for block in net.blocks:
+        assert torch.equal(block(tokens, condition), tokens)
+    x = torch.randn(5, 4, 4, 4)
+    output = net(x, torch.rand(5), torch.tensor([0, 3, 9, net.null_label, 1]))
+    assert output.shape == x.shape and torch.equal(output, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize(("patch_size", "grid"), [(1, 4), (2, 4), (2, 8), (4, 8)])
+def test_dit_unpatchify_puts_each_token_back_where_patchify_took_it(patch_size, grid):
+    """With no blocks, tokens never mix: changing one input patch changes that output patch only.
+    Rebuilt from its config's JSON, it is the same net."""
+    net = tiny_dit(patch_size=patch_size, depth=0)
+    nn.init.normal_(net.output.weight)  # the zero-initialised output layer, made to pass tokens on
+    config = json.loads(json.dumps(dataclasses.asdict(net.config)))
+    assert DiT(DiTConfig(**config)).config == net.config
+    x, t, labels = torch.randn(2, 4, grid, grid), torch.rand(2), torch.tensor([1, 10])
+    changed = x.clone()
+    changed[:, :, :patch_size, -patch_size:] += 1  # the top-right patch
+    difference = (net(changed, t, labels) - net(x, t, labels)).abs().sum(dim=(0, 1))
+    inside = torch.zeros(grid, grid, dtype=torch.bool)
+    inside[:patch_size, -patch_size:] = True
+    assert difference[inside].min() > 0 and difference[~inside].max() == 0
+    if patch_size > 1:
+        with pytest.raises(ValueError, match="not a multiple of DiT patch_size"):
+            net(torch.randn(1, 4, grid + 1, grid + 1), t[:1], labels[:1])
+
+
+def test_dit_learns_class_conditioning_from_its_zero_start():
+    """At init every class (and the null class) gets the same output, zero; a few optimiser steps
+    towards a target per class, from one input, open the gates: the classes' outputs part."""
+    net = tiny_dit()
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x, t = torch.randn(1, 4, 4, 4).expand(4, -1, -1, -1), torch.full((4,), 0.5)
+    labels = torch.tensor([0, 1, 2, 3])  # the label is all that tells the targets apart
+    target = labels.float().view(-1, 1, 1, 1).expand_as(x) - 1.5
+    probe_labels = torch.tensor([0, 3, net.null_label])
+
+    def probe() -> torch.Tensor:
+        with torch.no_grad():
+            return net(x[:3], t[:3], probe_labels)
+
+    assert torch.equal(probe(), torch.zeros(3, 4, 4, 4))
+    losses = []
+    for _ in range(60):
+        loss = F.mse_loss(net(x, t, labels), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0], losses
+    class_0, class_3, null = probe()
+    assert (class_3 - class_0).mean() > 2.5 and not torch.allclose(null, class_0)
 
 
 # -- VAE -----------------------------------------------------------------------------------

@@ -4,11 +4,14 @@ The real stage runs are checked in test_pipeline.py (one `dvc repro` of the smok
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from models.diffusion import DDPM, RectifiedFlow
+from models.dit import DiT, DiTConfig
 from models.fid import FeatureExtractor
 from models.unet import UNet, UNetConfig
 from models.vae import VAE, VAEConfig
@@ -27,6 +30,7 @@ from tasks.fid import FidScorer, inception_weights
 from tasks.params import (
     DiffusionParams,
     DistillParams,
+    DiTParams,
     FidParams,
     ParamsError,
     ProgressiveParams,
@@ -59,6 +63,18 @@ def tiny_unet(in_channels: int = 2, num_classes: int = 3) -> UNet:
     config = UNetConfig(in_channels, num_classes, **defaults(UNetParams, channels=8, channel_mults=(1, 2), attention_heads=2))
     return UNet(config)
 
+
+def tiny_dit(in_channels: int = 2, num_classes: int = 3) -> DiT:
+    """A small DiT whose zero-initialised layers (adaLN-Zero's modulations, the output) are drawn at
+    random: a net at init outputs zero whatever it is given, which would hide a wrong reload."""
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(in_channels, num_classes, **defaults(DiTParams, dim=16, depth=2, heads=2)))
+    for linear in [block.modulation[1] for block in net.blocks] + [net.final_modulation[1], net.output]:
+        nn.init.normal_(linear.weight, std=0.1)
+    return net
+
+
+TINY_NETS = {"unet": tiny_unet, "dit": tiny_dit}
 
 
 
@@ -120,6 +136,15 @@ def test_the_formulation_param_picks_the_objective():
     ddpm = build_denoiser_training(DiffusionParams(formulation="ddpm", label_dropout=0.2), 4, 10)
     assert isinstance(ddpm.objective, DDPM) and ddpm.objective.label_dropout == 0.2
     assert ddpm.net.config.num_classes == 10 and ddpm.net.null_label == 10
+    assert isinstance(ddpm.net, UNet)
+
+
+def test_the_backbone_param_picks_the_network():
+    dit = build_denoiser_training(DiffusionParams(backbone="dit", dit={"depth": 2}), latent_channels=4, num_classes=10)
+    assert isinstance(dit.net, DiT) and dit.net.null_label == 10
+    assert dit.net.config == DiTConfig(4, 10, **defaults(DiTParams, depth=2))
+    with pytest.raises(ParamsError, match="heads"):
+        validate("diffusion", {"backbone": "dit", "dit": {"dim": 96, "heads": 5}})
 
 
 EDM_SETTINGS = {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "churn": None}
@@ -129,17 +154,34 @@ EDM_SETTINGS = {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho":
     ("formulation", "sampler"),
     [("flow", "euler"), ("flow", "heun"), ("ddpm", "ddim"), ("ddpm", "ancestral"), ("edm", "heun"), ("edm", "sde")],
 )
-def test_exported_denoiser_samples_identically(tmp_path, formulation, sampler):
+@pytest.mark.parametrize("backbone", list(TINY_NETS))
+def test_exported_denoiser_samples_identically(tmp_path, formulation, sampler, backbone):
     edm = EDM_SETTINGS if formulation == "edm" else {}
-    denoiser = Denoiser(tiny_unet().eval(), formulation, sampler, (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0}, edm)
+    denoiser = Denoiser(TINY_NETS[backbone]().eval(), formulation, sampler, (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0}, edm)
     labels = balanced_labels(12, 3)
     before = denoiser.sample(labels, steps=3, guidance=2.0, seed=7)
     export_denoiser(denoiser, tmp_path, "teacher")
     loaded = load_denoiser(tmp_path, name="teacher")
     assert (loaded.formulation, loaded.sampler, loaded.latent_shape) == (formulation, sampler, (2, 4, 4))
+    assert type(loaded.net) is type(denoiser.net) and loaded.net.config == denoiser.net.config
     assert torch.equal(loaded.sample(labels, steps=3, guidance=2.0, seed=7), before)
     if sampler not in ("ancestral", "sde"):  # deterministic samplers: the batching does not change a sample
         torch.testing.assert_close(loaded.sample(labels, 3, 2.0, seed=7, batch_size=5), before)
+
+
+def test_a_denoiser_file_names_its_backbone_and_one_without_it_holds_a_unet(tmp_path):
+    export_denoiser(Denoiser(tiny_dit(), "flow", "euler", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0}), tmp_path)
+    config = json.loads((tmp_path / "denoiser.json").read_text())
+    assert config["backbone"] == "dit" and "unet" not in config
+    export_denoiser(Denoiser(tiny_unet(), "flow", "euler", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0}), tmp_path)
+    config = json.loads((tmp_path / "denoiser.json").read_text())
+    assert config["backbone"] == "unet"
+    del config["backbone"]  # as the files written before the DiT are
+    (tmp_path / "denoiser.json").write_text(json.dumps(config))
+    assert isinstance(load_denoiser(tmp_path).net, UNet)
+    (tmp_path / "denoiser.json").write_text(json.dumps({**config, "backbone": "dit"}))
+    with pytest.raises(StageError, match="backbone 'dit' without its config"):
+        load_denoiser(tmp_path)
 
 
 def test_balanced_labels_and_class_grid_have_a_row_per_class():
@@ -166,8 +208,9 @@ def distill_params(**changes) -> DistillParams:
     )
 
 
-def test_progressive_rounds_halve_the_steps_and_each_student_starts_from_its_teacher(in_tmp):
-    teacher = Denoiser(tiny_unet().requires_grad_(False), "ddpm", "ddim", (2, 4, 4))
+@pytest.mark.parametrize("backbone", list(TINY_NETS))
+def test_progressive_rounds_halve_the_steps_and_each_student_starts_from_its_teacher(in_tmp, backbone):
+    teacher = Denoiser(TINY_NETS[backbone]().requires_grad_(False), "ddpm", "ddim", (2, 4, 4))
     latents, labels = torch.randn(16, 2, 4, 4), balanced_labels(16, 3)
     students, results = progressive_students(teacher, distill_params(), latents, labels, TrainingContext("distill"))
     assert [s.steps for s in students] == [2, 1] and len(results) == 2  # rounds 4 -> 2 -> 1
