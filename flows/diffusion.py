@@ -1,5 +1,5 @@
-"""diffusion: a class-conditional U-Net over the VAE's scaled latents, trained as a rectified flow
-or DDPM with label dropout for classifier-free guidance; its EMA weights are exported and sampled
+"""diffusion: a class-conditional U-Net (or DiT, `backbone: dit`) over the VAE's scaled latents,
+trained as a rectified flow, DDPM or EDM with label dropout for classifier-free guidance; its EMA weights are exported and sampled
 into a per-class grid at each guidance scale, decoded by the VAE."""
 
 import torch

@@ -97,7 +97,7 @@ class Denoiser:
 
     def sampling(self) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
         """(what the sampler calls, the sampler(net, noise, labels, steps, guidance)): for EDM the
-        preconditioned U-Net (a consistency student's with its boundary condition), and its sampler
+        preconditioned network (a consistency student's with its boundary condition), and its sampler
         bound to the stored schedule (and churn)."""
         sampler = SAMPLERS[self.formulation][self.sampler]
         if self.formulation not in ("edm", "consistency"):

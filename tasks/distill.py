@@ -64,7 +64,7 @@ def reflow_student(
     """A copy of the teacher trained on straight paths from noise to the teacher's guided samples
     (drawn with reflow.sampler); it samples with Euler at every count in student_steps, unguided. Any deterministic teacher
     works: an EDM teacher's student is a rectified flow (the flow params' default t) that starts from
-    the teacher's U-Net weights."""
+    the teacher's network weights."""
     reflow = params.reflow
     torch.manual_seed(params.seed)
     labels = balanced_labels(reflow.pairs, num_classes, training.device)

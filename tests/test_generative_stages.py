@@ -1,10 +1,14 @@
 """The generative stages' task modules: artifacts that rebuild their models from files alone,
 latent scaling, sampling, both distillation methods on a tiny teacher, and FID scoring.
-The real stage runs are checked in test_pipeline.py (one `dvc repro` of the smoke profile)."""
+The real stage runs are checked in test_pipeline.py (one `dvc repro` of the smoke profile); a DiT
+teacher's here, rerunning that run's diffusion and later stages."""
 
 from __future__ import annotations
 
 import json
+import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +57,7 @@ from tasks.vae import (
     load_latents,
     load_vae,
 )
+from tests.conftest import run
 from tests.defaults import defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -301,3 +306,25 @@ def test_inception_fid_is_skipped_with_a_reason_and_never_downloaded(tmp_path):
     assert inception_weights(FidParams(inception=False)) is None
     with pytest.warns(UserWarning, match="Inception-v3 FID skipped"):
         assert inception_weights(FidParams(inception_weights=str(tmp_path / "missing.pth"))) is None
+
+
+@pytest.mark.slow
+def test_dvc_repro_of_a_dit_teacher_distils_and_scores_its_students(reproduced: Path):
+    """`diffusion.backbone=dit` on the smoke profile, then `dvc repro fid`: the DiT teacher trains,
+    its progressive students (DiTs too) distil from it, and fid scores them all."""
+    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "diffusion.backbone=dit"], reproduced)
+    run(["dvc", "repro", "fid"], reproduced)
+    artifacts = reproduced / "artifacts"
+    denoiser = json.loads((artifacts / "diffusion" / "denoiser.json").read_text())
+    assert denoiser["backbone"] == "dit" and "unet" not in denoiser, denoiser
+    students = json.loads((artifacts / "distill" / "students.json").read_text())
+    for student in students["students"]:
+        assert json.loads((artifacts / "distill" / f"{student['name']}.json").read_text())["backbone"] == "dit"
+    diffusion = json.loads((reproduced / "metrics" / "diffusion.json").read_text())
+    assert diffusion["parameters"] > 0 and math.isfinite(diffusion["train_seconds"])
+    fid = json.loads((reproduced / "metrics" / "fid.json").read_text())
+    scores = {key: value for key, value in fid.items() if key.startswith(("fid.teacher", "fid.student"))}
+    assert any(key.startswith("fid.student.") for key in scores) and all(map(math.isfinite, scores.values())), fid
+    best_teacher = min(value for key, value in scores.items() if key.startswith("fid.teacher."))
+    assert best_teacher < fid["fid.prior_vs_test"], fid  # the trained DiT beats sampling the latents' Gaussian
+    assert run(["dvc", "status", "fid"], reproduced).stdout.strip().endswith("up to date.")
