@@ -12,6 +12,7 @@ from tasks.artifacts import artifacts_dir
 from tasks.diffusion import (
     Denoiser,
     build_denoiser_training,
+    check_latent_grid,
     class_grid,
     export_denoiser,
     load_denoiser,
@@ -26,6 +27,7 @@ from tasks.vae import decoder_files, load_decoder, load_latents
 def train_denoiser(params: DiffusionParams, run: StageRun) -> TrainResult:
     latents = load_latents(artifacts_dir("vae"), run.device)
     scaled, labels = latents.scaled(), latents.labels
+    check_latent_grid(params, tuple(scaled.shape[1:]))
     torch.manual_seed(params.seed)
     training = build_denoiser_training(params, scaled.shape[1], latents.num_classes)
     trainer, batches = TrainingContext.of(run).trainer(training, params.train, len(scaled), params.seed, params.formulation)

@@ -41,7 +41,7 @@ from tasks.artifacts import load_network, save_network, unreadable
 from tasks.data import EpochBatches
 from tasks.device import autocast
 from tasks.images import grid, to_uint8
-from tasks.params import DiffusionParams
+from tasks.params import DiffusionParams, ParamsError
 from tasks.vae import LatentDecoder
 
 SAMPLERS = {
@@ -58,6 +58,16 @@ def build_net(backbone: str, config: dict) -> UNet | DiT:
     """The denoiser network `backbone` ("unet" or "dit") from its config's fields."""
     net_class, config_class = BACKBONES[backbone]
     return net_class(config_class(**config))
+
+
+def check_latent_grid(params: DiffusionParams, latent_shape: tuple[int, ...]) -> None:
+    """Refuse, before any training, a DiT whose patch does not divide the (C, H, W) latent grid."""
+    height, width = latent_shape[-2:]
+    if params.backbone == "dit" and (height % params.dit.patch_size or width % params.dit.patch_size):
+        raise ParamsError(
+            f"params/diffusion.yaml: dit.patch_size {params.dit.patch_size} does not divide the {height}x{width} "
+            "latent grid (prepare.image_size / vae.downsample)"
+        )
 
 
 def build_denoiser_training(params: DiffusionParams, latent_channels: int, num_classes: int) -> DenoiserTraining:

@@ -24,6 +24,7 @@ from tasks.diffusion import (
     Denoiser,
     balanced_labels,
     build_denoiser_training,
+    check_latent_grid,
     class_grid,
     export_denoiser,
     load_denoiser,
@@ -150,6 +151,10 @@ def test_the_backbone_param_picks_the_network():
     assert dit.net.config == DiTConfig(4, 10, **defaults(DiTParams, depth=2))
     with pytest.raises(ParamsError, match="heads"):
         validate("diffusion", {"backbone": "dit", "dit": {"dim": 96, "heads": 5}})
+    check_latent_grid(DiffusionParams(backbone="dit"), (4, 4, 4))
+    check_latent_grid(DiffusionParams(dit={"patch_size": 3}), (4, 4, 4))  # the U-Net takes any grid
+    with pytest.raises(ParamsError, match="dit.patch_size 3 does not divide the 4x4 latent grid"):
+        check_latent_grid(DiffusionParams(backbone="dit", dit={"patch_size": 3}), (4, 4, 4))
 
 
 EDM_SETTINGS = {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "churn": None}
