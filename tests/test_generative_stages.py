@@ -254,8 +254,9 @@ def test_reflow_trains_one_student_that_samples_unguided_at_every_step_count(in_
     assert loaded[0].denoiser is loaded[1].denoiser  # one file, loaded once
 
 
-def test_reflow_from_an_edm_teacher_trains_a_rectified_flow_student(in_tmp):
-    teacher = Denoiser(tiny_unet().requires_grad_(False), "edm", "heun", (2, 4, 4), edm=EDM_SETTINGS)
+@pytest.mark.parametrize("backbone", list(TINY_NETS))
+def test_reflow_from_an_edm_teacher_trains_a_rectified_flow_student(in_tmp, backbone):
+    teacher = Denoiser(TINY_NETS[backbone]().requires_grad_(False), "edm", "heun", (2, 4, 4), edm=EDM_SETTINGS)
     students, _ = reflow_student(teacher, distill_params(), num_classes=3, training=TrainingContext("distill"), batch_size=8)
     student = students[0].denoiser
     assert (student.formulation, student.sampler, student.edm) == ("flow", "euler", {})
