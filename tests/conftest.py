@@ -34,7 +34,7 @@ FILE_ORDER = [
     "test_pipeline.py",  # runs the session's smoke run, whose outputs later files copy (`smoke_snapshot`)
     "test_deployment.py", "test_kill_and_recover.py",  # beside it on another worker: they need none of it
     "test_nothing_lost.py", "test_bad_inputs.py", "test_team.py", "test_orchestration.py",
-    "test_vae_regularisers.py", "test_edm.py", "test_ddp.py", "test_sweep.py",
+    "test_vae_regularisers.py", "test_edm.py", "test_generative_stages.py", "test_ddp.py", "test_sweep.py",
 ]
 """The test files that run pipelines, longest first (the rest follow in their own order): with
 `--dist loadfile --no-loadscope-reorder` each worker takes the next file as it runs short, so the
