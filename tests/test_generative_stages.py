@@ -83,7 +83,6 @@ def tiny_dit(in_channels: int = 2, num_classes: int = 3) -> DiT:
 TINY_NETS = {"unet": tiny_unet, "dit": tiny_dit}
 
 
-
 # -- VAE -------------------------------------------------------------------------------------
 
 
