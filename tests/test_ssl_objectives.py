@@ -1,6 +1,7 @@
 """The SSL objectives beyond the contrastive and distillation ones (MAE, I-JEPA, jigsaw, CPC,
-inpainting, the denoising autoencoder, colorization): each against the property that defines it in its paper, their params
-checks, and each trained by the real loop and exported as a frozen encoder."""
+inpainting, the denoising autoencoder, colorization): each against the property that defines it
+in its paper, their params checks, and each trained by the real loop and exported as a frozen
+encoder."""
 
 from __future__ import annotations
 
