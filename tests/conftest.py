@@ -178,13 +178,17 @@ def smoke_snapshot(tmp_path_factory, prefect_api) -> Path:
     for all the workers: read it, or copy it (`reproduced`) to change it. Made by the first worker
     that needs it (FILE_ORDER gives test_pipeline.py that task); the others wait for it."""
     _smoke_run_for_the_snapshot(tmp_path_factory)
+    return _snapshot_path(tmp_path_factory)
+
+
+def _snapshot_path(tmp_path_factory) -> Path:
     return shared_tmp(tmp_path_factory) / "reproduced"
 
 
 def _smoke_run_for_the_snapshot(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess] | None:
     """A smoke run whose outputs become `smoke_snapshot` when the session has none yet (None when it
     has: made by another worker, which holds the lock meanwhile)."""
-    snapshot = shared_tmp(tmp_path_factory) / "reproduced"
+    snapshot = _snapshot_path(tmp_path_factory)
     with held(snapshot.with_suffix(".lock")):
         if snapshot.exists():
             return None

@@ -297,7 +297,6 @@ def test_an_error_raised_while_handling_ctrl_c_is_left_out_of_the_run_logs():
     assert once.filter(record_of(ValueError("a bug")))
 
 
-
 def test_a_ctrl_c_inside_the_import_machinery_is_taken_once_it_is_done(monkeypatch):
     """Raised between importlib's taking the global import lock and its `try`, a KeyboardInterrupt
     would leave the lock held, and the next import in another thread would wait forever (a
@@ -322,6 +321,7 @@ def test_a_ctrl_c_inside_the_import_machinery_is_taken_once_it_is_done(monkeypat
     finally:
         signal.signal(signal.SIGINT, previous)
     assert stage_process.STOPPED_BY == [signal.SIGINT]
+
 
 # --- transient failures --------------------------------------------------------------------------
 
