@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 RUN_AND_LIST_IMPORTS = (
@@ -15,6 +17,7 @@ RUN_AND_LIST_IMPORTS = (
 )
 
 
+@pytest.mark.slow  # `python -m flows bench`: every training stage, in a process of its own
 def test_bench_measures_every_training_stage_and_sampler_with_torch_alone(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(

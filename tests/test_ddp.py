@@ -33,6 +33,7 @@ def rank_loss(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_two_rank_nt_xent_is_the_one_process_loss_of_the_global_batch(tmp_path):
     z1, z2 = (z.clone().requires_grad_() for z in embeddings())
     expected = nt_xent(z1, z2, TEMPERATURE)

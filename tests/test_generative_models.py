@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from models.diffusion import DDPM, CosineSchedule, DenoiserTraining, RectifiedFlow, drop_labels
 from models.distill import ProgressiveDistillation, ReflowTraining, make_reflow_pairs
@@ -521,6 +519,9 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
 
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
 def test_torchmetrics_fid_with_the_wrapper_matches_frechet_distance():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     torch.manual_seed(0)
     extractor, images = feature_extractor(), digits_in_unit_range()
     real, fake = images[:900], (images[900:] + 0.1 * torch.randn_like(images[900:])).clamp(0, 1)

@@ -53,6 +53,7 @@ def test_committed_params_are_the_default_profile():
         assert yaml.safe_load((REPO / "params" / f"{stage}.yaml").read_text()) == values, stage
 
 
+@pytest.mark.slow  # a stage process
 def test_a_bad_params_file_stops_the_stage_before_any_work(tmp_path):
     (tmp_path / "params").mkdir()
     (tmp_path / "params" / "prepare.yaml").write_text("source: digits\nimage_size: -1\nextra: 1\n")

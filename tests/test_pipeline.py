@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -563,6 +562,8 @@ def test_reruns_skip_what_is_up_to_date_link_what_they_reused_and_compare_shows_
     assert len(pipeline_runs(repo)) == earlier + 2
 
     out = run([sys.executable, "-m", "flows", "compare", "--csv", "runs.csv"], repo).stdout
+    import pandas as pd
+
     table = pd.read_csv(repo / "runs.csv")
     assert "fid_student_4" in out and set(table["status"]) <= {"FINISHED", "FAILED"}
     table = table[table["status"] == "FINISHED"]  # the failed runs of the tests above show too

@@ -108,6 +108,7 @@ print(raw.images.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - be
 """
 
 
+@pytest.mark.slow  # a process of its own, whose peak memory it reads
 def test_a_large_image_in_a_folder_costs_memory_for_its_own_decoding_only(tmp_path):
     """Each image is brought to image_size as it is read: one 4000x4000 PNG among 60 small ones
     costs about one decoded copy of it (48 MB, 192 MB as floats while resized), not 61."""

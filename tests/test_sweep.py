@@ -3,7 +3,6 @@
 import sys
 import time
 
-import pandas as pd
 import pytest
 
 from runtime.profiles import profile_params
@@ -64,6 +63,8 @@ def test_a_queued_sweep_runs_on_dvcs_queue_and_ranks_against_the_baselines(repro
     assert "Success" in status, status
 
     ranked = run([sys.executable, "-m", "flows", "rank", "--csv", "ranking.csv", "--plot", "ranking.png"], repo).stdout
+    import pandas as pd
+
     table = pd.read_csv(repo / "ranking.csv")
     assert table["experiment"].tolist()[0].startswith("dae-"), ranked
     assert table.loc[0, "rank"] == 1 and 0 < table.loc[0, "probe_top1"] <= 1 and table.loc[0, "ssl_images_per_s"] > 0

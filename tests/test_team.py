@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import psutil
 import pytest
 import yaml
@@ -39,6 +38,7 @@ def metrics_shown(repo: Path) -> dict:
     return json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)[""]["data"]
 
 
+@pytest.mark.slow  # `python -m flows team`
 def test_team_commands_say_what_they_need_and_start_nothing_without_it(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     team = [sys.executable, "-m", "flows", "team"]
@@ -58,6 +58,7 @@ def test_team_commands_say_what_they_need_and_start_nothing_without_it(tmp_path)
     assert not (tmp_path / "state" / "services.json").exists()
 
 
+@pytest.mark.slow  # dvc push and pull
 def test_an_object_tampered_with_on_the_team_remote_is_refused_by_a_pull(tmp_path):
     """`team up`'s remote has `verify true`: a fresh clone pulling an output whose object was changed
     on the remote fails naming it; without verify DVC would check the changed file out."""
@@ -131,6 +132,8 @@ def test_team_up_tracks_two_clones_in_one_mlflow_server_and_down_stops_everythin
         assert len(list((state / "mlflow" / "artifacts").rglob("samples.png"))) == 2  # the server's artifact root
 
         run([sys.executable, "-m", "flows", "compare", "--csv", "runs.csv"], second, **env)
+        import pandas as pd
+
         assert sorted(pd.read_csv(second / "runs.csv")["run"]) == sorted(r.info.run_name for r in parents)
     finally:
         run([*team, "down", "--state", str(state)], first)
