@@ -1,6 +1,7 @@
 """diffusion: a class-conditional U-Net (or DiT, `backbone: dit`) over the VAE's scaled latents,
-trained as a rectified flow, DDPM or EDM with label dropout for classifier-free guidance; its EMA weights are exported and sampled
-into a per-class grid at each guidance scale, decoded by the VAE."""
+trained as a rectified flow, DDPM or EDM with label dropout for classifier-free guidance (with
+`repa.weight` > 0, also aligned to the frozen SSL encoder's embeddings: REPA); its EMA weights are
+exported and sampled into a per-class grid at each guidance scale, decoded by the VAE."""
 
 import torch
 from prefect import flow
@@ -18,6 +19,7 @@ from tasks.diffusion import (
     load_denoiser,
     step_rows,
 )
+from tasks.encoder import load_embeddings
 from tasks.images import captioned, save_png
 from tasks.params import DiffusionParams
 from tasks.training import TrainingContext, TrainResult
@@ -28,10 +30,12 @@ def train_denoiser(params: DiffusionParams, run: StageRun) -> TrainResult:
     latents = load_latents(artifacts_dir("vae"), run.device)
     scaled, labels = latents.scaled(), latents.labels
     check_latent_grid(params, tuple(scaled.shape[1:]))
+    # REPA's targets: the frozen SSL encoder's embeddings of the same training images, in the same (prepared) order
+    targets = [load_embeddings(artifacts_dir("encoder"), "train", len(scaled), run.device)] if params.repa.weight > 0 else []
     torch.manual_seed(params.seed)
-    training = build_denoiser_training(params, scaled.shape[1], latents.num_classes)
+    training = build_denoiser_training(params, scaled.shape[1], latents.num_classes, *(t.shape[1] for t in targets))
     trainer, batches = TrainingContext.of(run).trainer(training, params.train, len(scaled), params.seed, params.formulation)
-    return trainer.fit(step_rows(batches, scaled, labels))
+    return trainer.fit(step_rows(batches, scaled, labels, *targets))
 
 
 @flow(name="diffusion", log_prints=True)

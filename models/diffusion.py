@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from models.repa import HiddenTap, RepaAlignment
+
 
 def drop_labels(labels: torch.Tensor, null_label: int, probability: float) -> torch.Tensor:
     """Each label replaced by the null class with the given probability."""
@@ -153,16 +155,24 @@ class EDM:
 
 
 class DenoiserTraining(nn.Module):
-    """What the training loop trains: forward((latents, labels)) -> {"loss": the batch mean}."""
+    """What the training loop trains: forward((latents, labels)) -> {"loss": the batch mean}. With
+    `alignment`, the batch also holds the SSL embeddings of the latents' clean images and the loss adds
+    REPA's alignment term (models/repa.py), weighted; "diffusion" and "alignment" are logged apart."""
 
-    def __init__(self, net: nn.Module, objective: RectifiedFlow | DDPM | EDM):
+    def __init__(self, net: nn.Module, objective: RectifiedFlow | DDPM | EDM, alignment: RepaAlignment | None = None):
         super().__init__()
         self.net = net
         self.objective = objective
+        self.alignment = alignment
 
-    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        latents, labels = batch
-        return {"loss": self.objective(self.net, latents, labels).mean()}
+    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        latents, labels, *embeddings = batch
+        if self.alignment is None:
+            return {"loss": self.objective(self.net, latents, labels).mean()}
+        tap = HiddenTap(self.net, self.alignment.depth)
+        diffusion = self.objective(tap, latents, labels).mean()
+        alignment = self.alignment(tap.hidden, *embeddings).mean()
+        return {"loss": diffusion + self.alignment.weight * alignment, "diffusion": diffusion, "alignment": alignment}
 
     def compile(self, **kwargs) -> None:
         """torch.compile the network; the objective's sampling of t and noise stays eager."""

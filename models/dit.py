@@ -105,7 +105,15 @@ class DiT(nn.Module):
         for linear in [block.modulation[1] for block in self.blocks] + [self.final_modulation[1], self.output]:
             zero_init(linear)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def hidden_width(self, depth: int) -> int:
+        """Width of the tokens after block `depth`, which REPA aligns: every block's is dim."""
+        return self.config.dim
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, hidden_depth: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The output; with `hidden_depth`, (the output, the tokens after that block (1-based)
+        mean-pooled, (N, dim)) for REPA."""
         n, channels, height, width = x.shape
         patch = self.config.patch_size
         if height % patch or width % patch:
@@ -114,9 +122,12 @@ class DiT(nn.Module):
         tokens = self.patchify(x).flatten(2).transpose(1, 2)  # (n, rows * cols, dim)
         tokens = tokens + sincos_positions(rows, cols, self.config.dim, x.device).to(tokens.dtype)
         c = self.time_mlp(timestep_embedding(t, self.config.dim)) + self.class_embedding(labels)
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks, 1):
             tokens = block(tokens, c)
+            if index == hidden_depth:
+                hidden = tokens.mean(1)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         out = self.output(modulate(self.final_norm(tokens), shift, scale))  # (n, tokens, patch * patch * channels)
         out = out.view(n, rows, cols, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(n, channels, height, width)
+        out = out.reshape(n, channels, height, width)
+        return out if hidden_depth is None else (out, hidden)

@@ -161,18 +161,38 @@ class UNet(nn.Module):
         output_conv = zero_init(nn.Conv2d(width, config.in_channels, 3, padding=1))
         self.output = nn.Sequential(group_norm(width, groups), nn.SiLU(), output_conv)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def residual_blocks(self) -> list[ResBlock]:
+        """The ResBlocks in the order the input meets them: down, middle, up."""
+        return [module for module in self.modules() if isinstance(module, ResBlock)]
+
+    def hidden_width(self, depth: int) -> int:
+        """Channels of the features after residual block `depth` (1-based), which REPA aligns."""
+        return self.residual_blocks()[depth - 1].conv2.out_channels
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, hidden_depth: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The output; with `hidden_depth`, (the output, the features after that residual block
+        (1-based) mean-pooled over the grid, (N, channels)) for REPA."""
+        tapped = self.residual_blocks()[hidden_depth - 1] if hidden_depth else None
         embedding = self.time_mlp(timestep_embedding(t, self.config.channels)) + self.class_embedding(labels)
         h = self.input(x)
         skips = [h]
         for layer in self.down:
             h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
+            if layer is tapped:
+                hidden = h.mean((2, 3))
         for layer in self.middle:
             h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
+            if layer is tapped:
+                hidden = h.mean((2, 3))
         for layer in self.up:
             if isinstance(layer, Upsample):
                 h = layer(h, skips[-1].shape[-2:])
             else:
                 h = layer(torch.cat([h, skips.pop()], dim=1), embedding)
-        return self.output(h)
+            if layer is tapped:
+                hidden = h.mean((2, 3))
+        output = self.output(h)
+        return output if tapped is None else (output, hidden)

@@ -26,6 +26,7 @@ from models.diffusion import (
     RectifiedFlow,
 )
 from models.dit import DiT, DiTConfig
+from models.repa import RepaAlignment
 from models.samplers import (
     KarrasSchedule,
     consistency,
@@ -70,7 +71,11 @@ def check_latent_grid(params: DiffusionParams, latent_shape: tuple[int, ...]) ->
         )
 
 
-def build_denoiser_training(params: DiffusionParams, latent_channels: int, num_classes: int) -> DenoiserTraining:
+def build_denoiser_training(
+    params: DiffusionParams, latent_channels: int, num_classes: int, embedding_dim: int | None = None
+) -> DenoiserTraining:
+    """The net and its objective; with repa.weight > 0, REPA's projector onto the SSL encoder's
+    `embedding_dim`-wide embeddings too."""
     config = getattr(params, params.backbone).model_dump()
     net = build_net(params.backbone, {"in_channels": latent_channels, "num_classes": num_classes, **config})
     if params.formulation == "flow":
@@ -80,7 +85,13 @@ def build_denoiser_training(params: DiffusionParams, latent_channels: int, num_c
         objective = EDM(edm.p_mean, edm.p_std, edm.sigma_data, params.label_dropout)
     else:
         objective = DDPM(label_dropout=params.label_dropout)
-    return DenoiserTraining(net, objective)
+    repa = params.repa
+    if repa.weight == 0:
+        return DenoiserTraining(net, objective)
+    if embedding_dim is None:
+        raise ValueError("repa.weight > 0 needs the SSL embeddings' width")
+    alignment = RepaAlignment(net.hidden_width(repa.depth), embedding_dim, repa.projector_dim, repa.depth, repa.weight)
+    return DenoiserTraining(net, objective, alignment)
 
 
 @dataclass
