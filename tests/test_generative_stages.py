@@ -1,10 +1,11 @@
 """The generative stages' task modules: artifacts that rebuild their models from files alone,
 latent scaling, sampling, both distillation methods on a tiny teacher, and FID scoring.
 The real stage runs are checked in test_pipeline.py (one `dvc repro` of the smoke profile); a DiT
-teacher's here, rerunning that run's diffusion and later stages."""
+teacher's with REPA here, rerunning that run's diffusion and later stages."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import sys
@@ -314,14 +315,19 @@ def test_inception_fid_is_skipped_with_a_reason_and_never_downloaded(tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_of_a_dit_teacher_distils_and_scores_its_students(reproduced: Path):
-    """`diffusion.backbone=dit` on the smoke profile, then `dvc repro fid`: the DiT teacher trains,
-    its progressive students (DiTs too) distil from it, and fid scores them all."""
-    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "diffusion.backbone=dit"], reproduced)
+def test_dvc_repro_of_a_dit_teacher_with_repa_distils_and_scores_its_students(reproduced: Path):
+    """`diffusion.backbone=dit` with REPA (`diffusion.repa.weight=0.5`) on the smoke profile, then
+    `dvc repro fid`: the DiT teacher trains aligned to the SSL encoder's embeddings, its progressive
+    students (DiTs too, without a projector) distil from it, and fid scores them all."""
+    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "diffusion.backbone=dit",
+         "--set", "diffusion.repa.weight=0.5"], reproduced)
     run(["dvc", "repro", "fid"], reproduced)
     artifacts = reproduced / "artifacts"
     denoiser = json.loads((artifacts / "diffusion" / "denoiser.json").read_text())
     assert denoiser["backbone"] == "dit" and "unet" not in denoiser, denoiser
+    with open(reproduced / "plots" / "diffusion" / "train.csv") as handle:
+        logged = list(csv.DictReader(handle))
+    assert float(logged[-1]["alignment"]) < float(logged[0]["alignment"]), (logged[0], logged[-1])
     students = json.loads((artifacts / "distill" / "students.json").read_text())
     for student in students["students"]:
         assert json.loads((artifacts / "distill" / f"{student['name']}.json").read_text())["backbone"] == "dit"
