@@ -37,10 +37,10 @@ FILE_ORDER = [
     "test_vae_regularisers.py", "test_edm.py", "test_generative_stages.py", "test_ddp.py", "test_sweep.py",
     "test_generative_models.py", "test_bench.py", "test_dvc_deps.py", "test_prepare.py", "test_ssl_models.py",
 ]
-"""The test files that run pipelines, longest first, then the longest of the rest (`pytest -m "not
-slow"`'s), which follow in their own order: with `--dist loadfile --no-loadscope-reorder` each
-worker takes the next file as it runs short, so the workers end together, and no worker waits on
-the smoke run that another one is making."""
+"""The test files that run pipelines, longest first, then the fast loop's longest (`-m "not slow"`);
+the rest follow in their own order. With `--dist loadfile --no-loadscope-reorder` each worker takes
+the next file as it runs short, so the workers end together, and no worker waits on the smoke run
+that another one is making."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
