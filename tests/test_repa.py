@@ -13,7 +13,13 @@ import torch.nn.functional as F
 
 from models.diffusion import DDPM, EDM, DenoiserTraining, RectifiedFlow
 from models.repa import RepaAlignment, negative_cosine
-from tasks.diffusion import Denoiser, build_denoiser_training, export_denoiser, load_denoiser
+from tasks.diffusion import (
+    Denoiser,
+    build_denoiser_training,
+    build_net,
+    export_denoiser,
+    load_denoiser,
+)
 from tasks.params import DiffusionParams, validate
 from tests.test_generative_stages import TINY_NETS
 
@@ -132,3 +138,18 @@ def test_repa_depth_must_lie_within_the_backbone():
         with pytest.raises(ValueError, match=f"repa.depth must be at most the {backbone}'s"):
             validate("diffusion", {"backbone": backbone, "repa": {"weight": 0.5, "depth": depth}})
     assert validate("diffusion", {"repa": {"depth": 9}}).repa.weight == 0  # off: any depth
+
+
+@pytest.mark.parametrize(("backbone", "shape"), [
+    ("unet", {"channel_mults": [1], "blocks_per_level": 2}), ("unet", {"channel_mults": [1, 2, 2], "blocks_per_level": 1}),
+    ("dit", {"depth": 3}),
+])
+def test_the_params_count_of_residual_blocks_is_the_built_nets(backbone, shape):
+    """DiffusionParams counts the blocks REPA may tap without building the net (params import no
+    torch): its limit is what the built net has."""
+    params = validate("diffusion", {"backbone": backbone, backbone: shape})
+    net = build_net(backbone, {"in_channels": 2, "num_classes": 3, **getattr(params, backbone).model_dump()})
+    blocks = len(net.blocks) if backbone == "dit" else len(net.residual_blocks())
+    assert validate("diffusion", {"backbone": backbone, backbone: shape, "repa": {"weight": 0.5, "depth": blocks}})
+    with pytest.raises(ValueError, match=f"repa.depth must be at most the {backbone}'s {blocks} residual blocks"):
+        validate("diffusion", {"backbone": backbone, backbone: shape, "repa": {"weight": 0.5, "depth": blocks + 1}})
