@@ -10,23 +10,14 @@ from torch import nn
 
 from models.diffusion import ConsistencyPrecond, EDMPrecond
 from models.distill import ConsistencyDistillation
-from models.dit import DiT, DiTConfig
 from models.samplers import KarrasSchedule, consistency
-from models.unet import UNet, UNetConfig
 from tasks.diffusion import Denoiser, balanced_labels
 from tasks.distill import consistency_student
 from tasks.errors import StageError
-from tasks.params import (
-    ConsistencyParams,
-    DistillParams,
-    DiTParams,
-    EDMParams,
-    TrainParams,
-    UNetParams,
-)
+from tasks.params import ConsistencyParams, DistillParams, EDMParams, TrainParams
 from tasks.students import export_students, load_students
 from tasks.training import TrainingContext
-from tests.defaults import defaults
+from tests.test_generative_stages import TINY_NETS, tiny_unet
 
 SCHEDULE = KarrasSchedule(**EDMParams().model_dump(include={"sigma_min", "sigma_max", "rho"}))  # the default rho-schedule
 
@@ -63,8 +54,7 @@ class RawFor(nn.Module):
 
 
 def test_the_consistency_function_is_the_identity_at_sigma_min():
-    torch.manual_seed(0)
-    net = UNet(UNetConfig(2, 3, **defaults(UNetParams, channels=8, channel_mults=(1, 2), attention_heads=2))).eval()
+    net = tiny_unet().eval()
     x, labels = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         assert torch.equal(ConsistencyPrecond(net, SIGMA_DATA, SIGMA_MIN)(x, torch.full((4,), SIGMA_MIN), labels), x)
@@ -94,13 +84,9 @@ def test_the_distillation_loss_vanishes_for_the_ode_map_and_not_for_another():
     assert ideal < 1e-4 and wrong > 20 * ideal, (ideal, wrong)  # the ideal leaves only Heun error
 
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
+@pytest.mark.parametrize("backbone", list(TINY_NETS))
 def test_consistency_student_is_the_target_network_and_samples_like_any_denoiser(in_tmp, backbone):
-    torch.manual_seed(0)
-    if backbone == "unet":
-        net = UNet(UNetConfig(2, 3, **defaults(UNetParams, channels=8, channel_mults=(1, 2), attention_heads=2)))
-    else:
-        net = DiT(DiTConfig(2, 3, **defaults(DiTParams, dim=16, depth=2, heads=2)))
+    net = TINY_NETS[backbone]()
     edm = {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "churn": None}
     teacher = Denoiser(net.requires_grad_(False), "edm", "heun", (2, 4, 4), edm=edm)
     train = TrainParams(epochs=2, batch_size=8, lr=1e-3, log_every=1)
