@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.augment import TwoViews
-from models.ssl_losses import byol_loss, cpc_infonce, dino_loss, infonce_with_queue, nt_xent
+from models.ssl_losses import (
+    batch_hard_triplet,
+    byol_loss,
+    cpc_infonce,
+    dino_loss,
+    infonce_with_queue,
+    nt_xent,
+)
 
 # -- shared pieces -----------------------------------------------------------------------
 
@@ -116,6 +123,30 @@ class SimCLR(SSLObjective):
         features = self.backbone(views)
         z1, z2 = self.head(features).chunk(2)
         return {"loss": nt_xent(z1, z2, self.temperature), "feature_std": feature_std(features)}
+
+
+class Triplet(SSLObjective):
+    """Schroff et al., 2015 (FaceNet) with Hermans et al., 2017's batch-hard mining: the projections
+    of two views, l2-normalised, the other view as the positive, the nearest other image's view in
+    the batch as the negative, pushed apart by a margin in Euclidean distance."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        augment: TwoViews,
+        proj_hidden_dim: int,
+        proj_dim: int,
+        margin: float,
+        soft_margin: bool,
+    ):
+        super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim))
+        self.margin = margin
+        self.soft_margin = soft_margin
+
+    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(views)
+        z1, z2 = self.head(features).chunk(2)
+        return {"loss": batch_hard_triplet(z1, z2, self.margin, self.soft_margin), "feature_std": feature_std(features)}
 
 
 class KeyQueue(nn.Module):

@@ -82,3 +82,37 @@ def cpc_infonce(predictions: torch.Tensor, candidates: torch.Tensor, positives: 
     """CPC's InfoNCE: each prediction (M, D) is scored by dot product against every candidate patch
     embedding (T, D); its positive is candidates[positives[m]], all the others are its negatives."""
     return F.cross_entropy(predictions @ candidates.T, positives)
+
+
+@torch.no_grad()
+def hardest_negatives(anchors: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Batch-hard mining (Hermans et al., 2017): for each anchor (M, D) the index of the key (K, D)
+    nearest to it in Euclidean distance, leaving out key own[m] (the anchor itself) and
+    positives[m] (its other view). Every key is l2-normalised here, so nearest is most cosine-similar."""
+    similarities = anchors @ keys.T
+    rows = torch.arange(len(anchors), device=anchors.device)
+    excluded = torch.tensor(float("-inf"), device=anchors.device, dtype=similarities.dtype)
+    similarities = similarities.index_put((rows, own), excluded).index_put((rows, positives), excluded)
+    return similarities.argmax(dim=1)
+
+
+def batch_hard_triplet(z1: torch.Tensor, z2: torch.Tensor, margin: float, soft_margin: bool) -> torch.Tensor:
+    """The triplet loss with batch-hard negatives over the 2N embeddings of two views (N, D), each
+    l2-normalised (FaceNet's hypersphere): every embedding is an anchor, the other view of its image
+    its positive (the only one, so also the hardest), the nearest of the remaining 2N - 2 its
+    negative; the loss is max(d(a, p) - d(a, n) + margin, 0) with d the plain Euclidean distance
+    (Hermans et al.: squared distances collapse more easily), or softplus(d(a, p) - d(a, n)) with
+    `soft_margin`, averaged over the anchors. Under torchrun the negatives are mined from every
+    rank's embeddings, as SimCLR's are, and each rank averages over its own anchors."""
+    all1, rank = gather_with_grad(z1)
+    all2, _ = gather_with_grad(z2)
+    keys = F.normalize(torch.cat([all1, all2]), dim=1)
+    anchors = F.normalize(torch.cat([z1, z2]), dim=1)
+    local = torch.arange(len(z1), device=z1.device) + rank * len(z1)
+    own = torch.cat([local, local + len(all1)])
+    positives = own.roll(len(z1))
+    negatives = hardest_negatives(anchors, keys, own, positives)
+    positive_distance = (anchors - keys[positives]).norm(dim=1)
+    negative_distance = (anchors - keys[negatives]).norm(dim=1)
+    gap = positive_distance - negative_distance
+    return (F.softplus(gap) if soft_margin else F.relu(gap + margin)).mean()

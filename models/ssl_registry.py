@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from models.augment import TwoViews
-from models.ssl import BYOL, CPC, DINO, MoCoV2, Rotation, SimCLR, SSLObjective
+from models.ssl import BYOL, CPC, DINO, MoCoV2, Rotation, SimCLR, SSLObjective, Triplet
 from models.ssl_masked import IJEPA, MAE
 from models.ssl_pretext import Colorization, DenoisingAutoencoder, Inpainting, Jigsaw
 
@@ -13,6 +13,7 @@ OBJECTIVES: dict[str, type[SSLObjective]] = {
     "simclr": SimCLR, "moco": MoCoV2, "byol": BYOL, "dino": DINO, "rotation": Rotation,
     "mae": MAE, "ijepa": IJEPA, "jigsaw": Jigsaw, "cpc": CPC,
     "inpainting": Inpainting, "dae": DenoisingAutoencoder, "colorization": Colorization,
+    "triplet": Triplet,
 }
 
 

@@ -102,6 +102,15 @@ class SimCLRParams(Strict):
     temperature: float = Field(0.2, gt=0, le=10)
 
 
+class TripletParams(Strict):
+    """Schroff et al. 2015 (FaceNet: the triplet loss with a margin on l2-normalised embeddings) with Hermans et al. 2017's batch-hard negatives; the two views of an image are the only pair that matches."""
+
+    proj_hidden_dim: int = Field(256, ge=8, description="the projector's hidden layer, as SimCLR's (Hermans et al.: 1024, then batch norm and ReLU, as here)")
+    proj_dim: int = Field(128, ge=8, description="the embedding the loss sees, l2-normalised (FaceNet and Hermans et al.: 128)")
+    margin: float = Field(0.2, gt=0, le=2, description="alpha, the gap each negative must keep beyond the positive (FaceNet: 0.2), in Euclidean distance on the unit sphere, where distances lie in [0, 2]")
+    soft_margin: bool = Field(False, description="softplus(d(a, p) - d(a, n)) in place of the hinge, Hermans et al.'s soft margin: never zero, so easy triplets keep pulling; margin is then unused")
+
+
 class MoCoParams(Strict):
     proj_hidden_dim: int = Field(256, ge=8)
     proj_dim: int = Field(128, ge=8)
@@ -240,7 +249,7 @@ class SslParams(Strict):
     backbone: Literal["resnet", "vit"] = "resnet"
     resnet: ResNetParams = ResNetParams()
     vit: ViTParams = ViTParams()
-    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw", "cpc", "inpainting", "dae", "colorization"] = "simclr"
+    objective: Literal["simclr", "moco", "byol", "dino", "rotation", "mae", "ijepa", "jigsaw", "cpc", "inpainting", "dae", "colorization", "triplet"] = "simclr"
     simclr: SimCLRParams = SimCLRParams()
     moco: MoCoParams = MoCoParams()
     byol: BYOLParams = BYOLParams()
@@ -253,6 +262,7 @@ class SslParams(Strict):
     inpainting: InpaintingParams = InpaintingParams()
     dae: DaeParams = DaeParams()
     colorization: ColorizationParams = ColorizationParams()
+    triplet: TripletParams = TripletParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams(epochs=2, batch_size=256, lr=4e-3, weight_decay=1e-4, log_every=20)
     knn_every_epochs: int = Field(0, ge=0, description="online kNN on val every N epochs; 0 = only at the end")

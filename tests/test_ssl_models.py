@@ -14,8 +14,8 @@ from sklearn.datasets import load_digits
 from models.augment import TwoViews
 from models.backbones import build_backbone
 from models.knn import knn_accuracy, knn_predict
-from models.ssl import BYOL, DINO, KeyQueue, MoCoV2, rotate_four_ways
-from models.ssl_losses import byol_loss, nt_xent
+from models.ssl import BYOL, DINO, KeyQueue, MoCoV2, Triplet, rotate_four_ways
+from models.ssl_losses import batch_hard_triplet, byol_loss, hardest_negatives, nt_xent
 from models.ssl_masked import IJEPA
 from models.ssl_registry import build_objective
 from tasks.params import (
@@ -26,12 +26,13 @@ from tasks.params import (
     MoCoParams,
     ResNetParams,
     SimCLRParams,
+    TripletParams,
     ViTParams,
 )
 from tests.defaults import defaults
 
 BACKBONE_PARAMS = {"resnet": ResNetParams, "vit": ViTParams}
-OBJECTIVE_PARAMS = {"simclr": SimCLRParams, "moco": MoCoParams, "byol": BYOLParams, "dino": DINOParams}
+OBJECTIVE_PARAMS = {"simclr": SimCLRParams, "moco": MoCoParams, "byol": BYOLParams, "dino": DINOParams, "triplet": TripletParams}
 
 
 def tiny_resnet():
@@ -138,6 +139,91 @@ def test_byol_loss_is_zero_for_aligned_and_four_for_opposite_vectors():
     assert byol_loss(-vectors, vectors).item() == pytest.approx(4.0)
 
 
+def on_the_circle(degrees: list[float], lengths: list[float] | None = None) -> torch.Tensor:
+    """2-D embeddings at the given angles (and lengths: the loss normalises them away)."""
+    radians = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    lengths = torch.tensor(lengths or [1.0] * len(degrees), dtype=torch.float64)
+    return torch.stack([radians.cos(), radians.sin()], dim=1) * lengths[:, None]
+
+
+# three images, two views each; view 1 of image i is row i of z1, view 2 row i of z2. Keys are the
+# six views in the loss's order: view 1 of images 0, 1, 2, then view 2 of images 0, 1, 2
+VIEW1_DEGREES, VIEW2_DEGREES = [0, 20, 180], [10, 90, 200]
+# by hand, each anchor's nearest view of another image: image 0's views (0 and 10 degrees) are
+# nearer each other than to anything else, so each picks 20; image 1's view 1 (20) is nearer image
+# 0's view 2 (10) than its own other view (90) is, and that one (90) picks 10 (80 away) over 0 and
+# 180 (90 away); image 2's views (180 and 200) both pick 90
+HARDEST = [1, 3 + 0, 3 + 1, 1, 3 + 0, 3 + 1]  # keys: 20, 10, 90, 20, 10, 90 degrees
+
+
+def test_triplet_hardest_negative_is_the_nearest_view_of_another_image():
+    z1 = on_the_circle(VIEW1_DEGREES, lengths=[5.0, 0.1, 2.0])
+    z2 = on_the_circle(VIEW2_DEGREES, lengths=[0.3, 7.0, 1.0])
+    keys = F.normalize(torch.cat([z1, z2]), dim=1)
+    own, positives = torch.arange(6), torch.tensor([3, 4, 5, 0, 1, 2])
+    assert hardest_negatives(keys, keys, own, positives).tolist() == HARDEST
+    # the same by brute force: the smallest Euclidean distance to a key that is neither itself nor its positive
+    distances = torch.cdist(keys, keys)
+    distances[own, own] = distances[own, positives] = float("inf")
+    assert distances.argmin(dim=1).tolist() == HARDEST
+    # with its positive left in, image 0's views would pick each other: the exclusion matters
+    assert hardest_negatives(keys, keys, own, own)[:1].tolist() == [3]
+
+
+@pytest.mark.parametrize("margin", [0.2, 1.0])
+def test_triplet_loss_is_torchs_triplet_margin_loss_on_the_mined_triplets(margin):
+    z1 = on_the_circle(VIEW1_DEGREES, lengths=[5.0, 0.1, 2.0])
+    z2 = on_the_circle(VIEW2_DEGREES, lengths=[0.3, 7.0, 1.0])
+    keys = F.normalize(torch.cat([z1, z2]), dim=1)
+    positives = keys[[3, 4, 5, 0, 1, 2]]
+    reference = torch.nn.TripletMarginLoss(margin=margin, p=2, eps=0)(keys, positives, keys[HARDEST])
+    torch.testing.assert_close(batch_hard_triplet(z1, z2, margin, soft_margin=False), reference)
+    soft = F.softplus((keys - positives).norm(dim=1) - (keys - keys[HARDEST]).norm(dim=1)).mean()
+    torch.testing.assert_close(batch_hard_triplet(z1, z2, margin, soft_margin=True), soft)
+
+    # a random batch: brute-force mining in float64, then torch's loss on what it mined
+    generator = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 8, generator=generator), torch.randn(16, 8, generator=generator)
+    keys = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    distances = torch.cdist(keys, keys)
+    own, positive_index = torch.arange(32), torch.arange(32).roll(16)
+    distances[own, own] = distances[own, positive_index] = float("inf")
+    mined = distances.argmin(dim=1)
+    reference = torch.nn.TripletMarginLoss(margin=margin, p=2, eps=0)(keys, keys[positive_index], keys[mined])
+    assert batch_hard_triplet(z1, z2, margin, soft_margin=False).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_triplet_loss_is_zero_once_every_positive_beats_every_negative_by_the_margin():
+    # image i's views straddle the axis e_i, 10 degrees apart; every view of another image is 85
+    # degrees or more from them: the gap in distance exceeds the margin 0.2 but not 1.2
+    base = torch.eye(4, dtype=torch.float64)
+    tilt = torch.roll(base, 1, dims=1) * math.tan(math.radians(5))
+    z1 = (base + tilt).requires_grad_()
+    z2 = base - tilt
+    positive_distance = 2 * math.sin(math.radians(5))
+    negative_distance = math.sqrt(2 - math.sin(math.radians(10)))  # the nearest other views: cosine sin(5) cos(5)
+    assert 1.17 < negative_distance - positive_distance < 1.18
+    loss = batch_hard_triplet(z1, z2, margin=0.2, soft_margin=False)
+    assert loss.item() == 0
+    loss.backward()
+    assert (z1.grad == 0).all()  # nothing left to learn
+    assert batch_hard_triplet(z1, z2, margin=1.2, soft_margin=False).item() == pytest.approx(1.2 - (negative_distance - positive_distance))
+    assert batch_hard_triplet(z1, z2, margin=0.2, soft_margin=True).item() > 0  # the soft margin never stops
+
+
+def test_triplet_gradients_reach_the_backbone(digits):
+    torch.manual_seed(0)
+    triplet = Triplet(tiny_resnet(), digits_augment(), **defaults(TripletParams, proj_hidden_dim=16, proj_dim=8))
+    outputs = triplet(digits[:16])
+    assert outputs["loss"] > 0
+    outputs["loss"].backward()
+    # the first layer, below every other; and each block's last norm (zero-initialised, so the
+    # layers before it within the block get their gradient from the second step on)
+    assert triplet.backbone.stem[0].weight.grad.abs().sum() > 0
+    blocks = [module for module in triplet.backbone.modules() if hasattr(module, "bn2")]
+    assert blocks and all(block.bn2.weight.grad.abs().sum() > 0 for block in blocks)
+
+
 # -- objectives ----------------------------------------------------------------------------
 
 
@@ -238,6 +324,7 @@ TINY_HPARAMS = {
     "dino": {"out_dim": 128, "hidden_dim": 64, "bottleneck_dim": 32, "momentum_base": 0.9,
              "teacher_temperature": 0.04, "teacher_warmup_fraction": 0.0},
     "rotation": {},
+    "triplet": {"proj_hidden_dim": 64, "proj_dim": 32},
 }
 
 
