@@ -1,5 +1,6 @@
 """fid: FID and KID against the test split in the frozen SSL encoder's feature space, for every
-generator the run trained: the decoded prior, the GAN (one network call), the teacher with each of
+generator the run trained: the decoded prior, the GAN (one network call), the autoregressive
+prior over VQ-VAE codes when the ar stage trained one (a network call per code), the teacher with each of
 its samplers across step counts, the students at theirs, beside real train images (the floor) and
 VAE reconstructions of the test split. Class-balanced samples; sampling throughput and the
 generators' training seconds for each; one FID-vs-NFE chart, table and sample grids. Then DDIM
@@ -14,6 +15,7 @@ from models.fid import FeatureExtractor
 from runtime.stage import StageRun
 from runtime.stage_flow import stage_task
 from runtime.stage_process import main
+from tasks.ar import has_prior, load_prior, timed_ar_images
 from tasks.artifacts import artifacts_dir, metrics_path, read_json
 from tasks.curves import write_csv
 from tasks.data import load_manifest, load_split
@@ -83,6 +85,12 @@ def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
         "prior_vs_test": {**scorer(decode(decoder.vae, prior_latents)), "nfe": 0},
         "gan": {**scorer(gan_images), "images_per_s": gan_images_per_s, "nfe": 1},
     }
+    if has_prior(artifacts_dir("ar")):  # a VQ-VAE's: the ar stage skips a continuous latent
+        prior, sampling = load_prior(artifacts_dir("ar"), device)
+        ar_images, ar_images_per_s = timed_ar_images(
+            prior, decoder.vae, labels, params.seed, sampling["temperature"], sampling["top_k"], params.batch_size
+        )
+        rows["ar"] = {**scorer(ar_images), "images_per_s": ar_images_per_s, "nfe": prior.config.length}
     grids = {"teacher": {}, "student": {}}
     sampled = [(prefix, n, denoiser, guidance) for prefix, denoiser, steps in teacher_samplers(params, teacher) for n in steps]
     sampled += [("student", s.steps, s.denoiser, s.guidance) for s in students]
@@ -99,9 +107,11 @@ def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
 
 def train_seconds() -> dict[str, float]:
     """Each trained generator's training seconds, from its stage's metrics: the teacher's
-    (diffusion), the students' (distill, on top of the teacher's) and the GAN's."""
-    return {kind: read_json(metrics_path(stage), keys=("train_seconds",))["train_seconds"]
-            for kind, stage in (("teacher", "diffusion"), ("student", "distill"), ("gan", "gan"))}
+    (diffusion), the students' (distill, on top of the teacher's), the GAN's and the AR prior's
+    (when the ar stage trained one)."""
+    generators = [("teacher", "diffusion"), ("student", "distill"), ("gan", "gan")]
+    generators += [("ar", "ar")] if has_prior(artifacts_dir("ar")) else []
+    return {kind: read_json(metrics_path(stage), keys=("train_seconds",))["train_seconds"] for kind, stage in generators}
 
 
 def inversion_errors(params: FidParams, run: StageRun) -> list[dict[str, float]]:
@@ -136,8 +146,9 @@ def series_name(row: str, own_sampler: str) -> str:
 
 
 def nfe_points(rows: dict[str, dict[str, float]], own_sampler: str) -> list[dict[str, float | str]]:
-    """What the FID-vs-NFE chart draws: a point per sampled row (the GAN's at NFE 1), and the floor
-    and the decoded prior (NFE 0) as flat lines across the sampled NFE range."""
+    """What the FID-vs-NFE chart draws: a point per sampled row (the GAN's at NFE 1, the AR prior's at
+    its number of codes), and the floor and the decoded prior (NFE 0) as flat lines across the
+    sampled NFE range."""
     sampled = [(name, row) for name, row in rows.items() if row.get("nfe", 0) > 0]
     points = [{"generator": series_name(name, own_sampler), "nfe": int(row["nfe"]), "fid": row["fid"],
                "images_per_s": row["images_per_s"]} for name, row in sampled]

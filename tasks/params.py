@@ -517,6 +517,31 @@ class GanParams(Strict):
         return self
 
 
+class ArParams(Strict):
+    """A class-conditional autoregressive prior over the VQ-VAE's codes (the transformer of VQGAN,
+    Esser et al. 2021, in miniature): a GPT-style causal decoder over the code grid in raster
+    order. It trains only when vae.regulariser is vq; with a continuous latent the stage writes
+    that it skipped, at no cost."""
+
+    dim: int = Field(128, ge=8, le=4096, description="width of the transformer")
+    depth: int = Field(4, ge=1, le=48, description="transformer blocks (pre-LN, causal self-attention)")
+    heads: int = Field(4, ge=1, le=64, description="attention heads; must divide dim")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the embeddings, attention and MLP outputs in training")
+    temperature: float = Field(1.0, ge=0, le=10, description="sampling temperature; 0 takes the most likely code at each place")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely codes at each place; null: all of the codebook")
+    train: TrainParams = TrainParams(
+        epochs=3, batch_size=128, lr=1e-3, weight_decay=0.01, log_every=20, checkpoint_every=2000, channels_last=False,
+    )
+    samples_per_class: int = Field(8, ge=1, le=64, description="columns of the sample grid")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self) -> ArParams:
+        if self.dim % self.heads:
+            raise ValueError("heads must divide dim")
+        return self
+
+
 class ProgressiveParams(Strict):
     teacher_steps: int = Field(64, ge=2, le=1024, description="DDIM steps of the first round's teacher; a power of two, halved each round")
     label_dropout: float = Field(0.1, ge=0, lt=1, description="null-class share for teacher and student alike: students keep guidance")
@@ -595,6 +620,7 @@ STAGE_PARAMS: dict[str, type[Strict]] = {
     "vae": VaeParams,
     "diffusion": DiffusionParams,
     "gan": GanParams,
+    "ar": ArParams,
     "distill": DistillParams,
     "fid": FidParams,
 }

@@ -1,6 +1,7 @@
 """The VAE's bottleneck regularisers: VQ-VAE's straight-through codebook with its EMA updates and
 restarts, InfoVAE's MMD, and the prior-mismatch report every regulariser gets."""
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -250,17 +251,28 @@ def test_vq_refuses_several_processes():
 
 
 @pytest.mark.slow
-def test_each_regulariser_runs_through_dvc_and_diffusion_trains_on_vq_latents(reproduced: Path):
-    """`dvc repro diffusion` with a VQ-VAE, then `dvc exp run -S` of the vae stage with MMD: both
-    report the prior mismatch, the VQ-VAE its codebook use, and the diffusion stage samples
-    through the VQ decoder."""
+def test_each_regulariser_runs_through_dvc_and_diffusion_and_the_ar_prior_train_on_vq_latents(reproduced: Path):
+    """`dvc repro fid` with a VQ-VAE, then `dvc exp run -S` of the vae stage with MMD: both
+    report the prior mismatch, the VQ-VAE its codebook use; the diffusion stage samples through
+    the VQ decoder, and the ar stage (a skip on the smoke run's KL latent) trains a prior over the
+    codes that beats the unigram baseline and gets its row on the FID-vs-NFE chart at NFE = codes."""
+    assert json.loads((reproduced / "metrics/ar.json").read_text())["skipped"] == 1
+    assert json.loads((reproduced / "artifacts/ar/skipped.json").read_text())["reason"].startswith("vae.regulariser is not vq")
     run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "vae.regulariser=vq", "--set", "vae.vq.codebook_size=64"], reproduced)
-    run(["dvc", "repro", "diffusion"], reproduced)
+    run(["dvc", "repro", "fid"], reproduced)
     vq = json.loads((reproduced / "metrics/vae.json").read_text())
     assert 0 < vq["codebook_usage"] <= 1 and 1 <= vq["perplexity"] <= 64, vq
     assert {"prior_mmd", "prior_mean_norm", "prior_cov_error"} <= vq.keys()
     assert json.loads((reproduced / "artifacts/vae/vae.json").read_text())["codebook_size"] == 64
     assert (reproduced / "metrics/diffusion.json").exists() and (reproduced / "plots/diffusion/samples.png").exists()
+    ar = json.loads((reproduced / "metrics/ar.json").read_text())
+    assert ar["skipped"] == 0 and ar["steps"] > 0 and ar["sampling_images_per_s"] > 0, ar
+    assert ar["bits_per_token"] < ar["unigram_bits_per_token"] < ar["uniform_bits_per_token"] == pytest.approx(6.0), ar
+    fid = json.loads((reproduced / "metrics/fid.json").read_text())
+    assert fid["images_per_s.ar"] > 0 and fid["train_seconds.ar"] == ar["train_seconds"], fid
+    with open(reproduced / "plots/fid/fid_vs_nfe.csv") as handle:
+        [point] = [p for p in csv.DictReader(handle) if p["generator"] == "ar"]
+    assert int(point["nfe"]) == ar["tokens"] and float(point["fid"]) == pytest.approx(fid["fid.ar"], rel=1e-4)
 
     run(["dvc", "exp", "run", "-S", "params/vae.yaml:regulariser=mmd", "vae"], reproduced)
     infovae = json.loads((reproduced / "metrics/vae.json").read_text())
