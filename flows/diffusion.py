@@ -1,7 +1,11 @@
 """diffusion: a class-conditional U-Net (or DiT, `backbone: dit`) over the VAE's scaled latents,
 trained as a rectified flow, DDPM or EDM with label dropout for classifier-free guidance (with
 `repa.weight` > 0, also aligned to the frozen SSL encoder's embeddings: REPA); its EMA weights are
-exported and sampled into a per-class grid at each guidance scale, decoded by the VAE."""
+exported and sampled into a per-class grid at each guidance scale, decoded by the VAE. With
+`classifier.epochs` > 0 a noise-aware classifier of the noised latents is trained after it and
+exported beside it, for classifier guidance (models/guidance.py)."""
+
+import dataclasses
 
 import torch
 from prefect import flow
@@ -20,6 +24,7 @@ from tasks.diffusion import (
     step_rows,
 )
 from tasks.encoder import load_embeddings
+from tasks.guidance import build_classifier_training, export_classifier
 from tasks.images import captioned, save_png
 from tasks.params import DiffusionParams
 from tasks.training import TrainingContext, TrainResult
@@ -38,10 +43,27 @@ def train_denoiser(params: DiffusionParams, run: StageRun) -> TrainResult:
     return trainer.fit(step_rows(batches, scaled, labels, *targets))
 
 
+def train_classifier(params: DiffusionParams, run: StageRun) -> TrainResult:
+    """Classifier guidance's noise-aware classifier on the same latents, noised as the denoiser's
+    formulation noises them; its step metrics go to MLflow as classifier/<metric>."""
+    latents = load_latents(artifacts_dir("vae"), run.device)
+    scaled, labels = latents.scaled(), latents.labels
+    torch.manual_seed(params.seed)
+    training = build_classifier_training(params, scaled.shape[1], latents.num_classes)
+    context = TrainingContext.of(run)
+    log = context.log
+    named = dataclasses.replace(context, log=log and (
+        lambda metrics, step: log({f"classifier.{key.removeprefix('train/')}": value for key, value in metrics.items()}, step)
+    ))
+    trainer, batches = named.trainer(training, params.classifier.train(), len(scaled), params.seed, "classifier")
+    return trainer.fit(step_rows(batches, scaled, labels))
+
+
 @flow(name="diffusion", log_prints=True)
 def diffusion(params: DiffusionParams) -> None:
     with StageRun("diffusion", params) as run:
         result = stage_task(train_denoiser, name="train")(params, run)
+        classifier = stage_task(train_classifier, name="train-classifier")(params, run) if params.classifier.epochs > 0 else None
         if not run.is_main:
             return
         trained = result.ema if result.ema is not None else result.module
@@ -62,6 +84,9 @@ def diffusion(params: DiffusionParams) -> None:
             )
             run.metrics[f"sampling_images_per_s.guidance_{guidance:g}"] = round(images_per_s, 1)
         save_png(captioned(grids), run.outputs.plots / "samples.png")
+        if classifier is not None:
+            export_classifier(classifier.module.classifier, run.outputs.artifacts)
+            run.metrics.update({"classifier.steps": classifier.steps, "classifier.train_seconds": round(classifier.seconds, 2)})
         run.metrics.update(
             steps=result.steps, train_seconds=round(result.seconds, 2), images_per_s=round(result.images_per_s, 1),
             parameters=sum(p.numel() for p in denoiser.net.parameters()),

@@ -4,11 +4,16 @@ prior over VQ-VAE codes when the ar stage trained one (a network call per code),
 its samplers across step counts, the students at theirs, beside real train images (the floor) and
 VAE reconstructions of the test split. Class-balanced samples; sampling throughput and the
 generators' training seconds for each; one FID-vs-NFE chart, table and sample grids. Then DDIM
-inversion: test latents run back to noise and forward again, the error against the steps."""
+inversion: test latents run back to noise and forward again, the error against the steps. And
+whether guided samples show the class they were asked for (CFG, and classifier guidance when the
+diffusion stage trained its classifier), judged by the probe, against the guidance scale."""
+
+import json
 
 import numpy as np
 import torch
 from prefect import flow
+from torch import nn
 from tqdm import tqdm
 
 from models.fid import FeatureExtractor
@@ -30,9 +35,11 @@ from tasks.diffusion import (
 from tasks.encoder import load_encoder
 from tasks.fid import FidScorer, inception_weights
 from tasks.gan import load_generator, timed_gan_images
+from tasks.guidance import classifier_guided, load_classifier, request_accuracy
 from tasks.images import captioned, grid, save_png, steps_caption, to_uint8
 from tasks.params import FidParams
-from tasks.plots import fid_chart, lines
+from tasks.plots import fid_chart, guidance_chart, lines
+from tasks.probe import load_probe
 from tasks.students import load_students
 from tasks.vae import decode, encode_means, load_decoder
 
@@ -59,15 +66,19 @@ def teacher_samplers(params: FidParams, teacher: Denoiser) -> list[tuple[str, De
     return rows
 
 
-def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
+def make_scorer(params: FidParams, device: torch.device) -> FidScorer:
+    """The scorer against the test split, its features computed once for every row."""
+    extractor = FeatureExtractor(load_encoder(artifacts_dir("encoder"), device), tuple(load_manifest()["image_shape"]))
+    return FidScorer(
+        extractor, load_split("test", device).floats(), kid_subset_size=params.kid_subset_size,
+        kid_subsets=params.kid_subsets, inception=inception_weights(params), batch_size=params.batch_size, seed=params.seed,
+    )
+
+
+def score_rows(params: FidParams, run: StageRun, scorer: FidScorer) -> dict[str, dict[str, float]]:
     """{row: {"fid", "kid"[, "fid_inception"][, "images_per_s", "nfe"]}}, saving a grid per sampled row."""
     device, plots = run.device, run.outputs.plots
     train, test = load_split("train", device), load_split("test", device)
-    extractor = FeatureExtractor(load_encoder(artifacts_dir("encoder"), device), tuple(load_manifest()["image_shape"]))
-    scorer = FidScorer(
-        extractor, test.floats(), kid_subset_size=params.kid_subset_size, kid_subsets=params.kid_subsets,
-        inception=inception_weights(params), batch_size=params.batch_size, seed=params.seed,
-    )
     decoder = load_decoder(artifacts_dir("vae"), device)
     teacher = load_denoiser(artifacts_dir("diffusion"), device)
     students, guidance = load_students(artifacts_dir("distill"), device)
@@ -103,6 +114,45 @@ def score_rows(params: FidParams, run: StageRun) -> dict[str, dict[str, float]]:
     for kind, panels in grids.items():
         save_png(captioned(panels), plots / f"samples_{kind}.png")
     return rows
+
+
+def request_points(params: FidParams, run: StageRun, scorer: FidScorer) -> tuple[list[dict], float]:
+    """Does it follow the request? The teacher's own sampler at `guidance.steps`, at each CFG scale
+    and, when the diffusion stage trained a classifier, each classifier guidance scale (with CFG
+    off): a point each with the probe's accuracy of the requested class over `guidance.samples`
+    class-balanced samples (the same labels and noise at every scale), FID, images/s and what a
+    sample cost: denoiser and classifier evaluations (a CFG step 2 denoiser calls, batched; a
+    classifier-guided step 1 denoiser call and 1 classifier forward and backward). Also the probe's
+    accuracy on the real test images (from the probe stage's report), the ceiling. Saves a grid per point."""
+    device, guidance = run.device, params.guidance
+    decoder = load_decoder(artifacts_dir("vae"), device)
+    teacher = load_denoiser(artifacts_dir("diffusion"), device)
+    classifier = load_classifier(artifacts_dir("diffusion"), device)
+    # the project's classifier of real images: the frozen SSL encoder and its linear probe
+    judge = nn.Sequential(load_encoder(artifacts_dir("encoder"), device), load_probe(artifacts_dir("probe"), device)).eval()
+    # the ceiling: the probe's top-1 on the real test split, as the probe stage measured it (the
+    # same encoder and probe on the same images; a pass over the test split saved)
+    real_accuracy = json.loads((artifacts_dir("probe") / "report.json").read_text())["ssl"]["probe_top1"]
+    num_classes = teacher.net.config.num_classes
+    labels = balanced_labels(guidance.samples, num_classes, device)
+    settings = [("cfg", scale, teacher, scale) for scale in guidance.cfg_scales]
+    if classifier is not None:
+        settings += [("classifier", scale, classifier_guided(teacher, classifier, scale), 1.0) for scale in guidance.classifier_scales]
+    calls, points, grids = teacher.evaluations(guidance.steps), [], {}
+    for kind, scale, denoiser, cfg_scale in tqdm(settings, desc="fid/guidance", unit="scale", disable=not run.is_main):
+        images, images_per_s = timed_images(denoiser, decoder, labels, guidance.steps, cfg_scale, params.seed, params.batch_size)
+        point = {
+            "guidance": kind, "scale": scale, "strength": scale - 1 if kind == "cfg" else scale, "steps": guidance.steps,
+            "denoiser_evaluations": calls * (2 if kind == "cfg" and scale != 1 else 1),
+            "classifier_evaluations": calls if kind == "classifier" and scale != 0 else 0,
+            "request_accuracy": request_accuracy(judge, images, labels, params.batch_size),
+            "fid": scorer(images, only=("fid",))["fid"], "images_per_s": images_per_s,
+        }
+        points.append(point)
+        grids[f"{kind} {scale:g}: {point['request_accuracy']:.1%} as asked, FID {point['fid']:.3g}"] = class_rows(
+            images, num_classes, params.samples_per_class)
+    save_png(captioned(grids), run.outputs.plots / "samples_guidance.png")
+    return points, real_accuracy
 
 
 def train_seconds() -> dict[str, float]:
@@ -158,10 +208,30 @@ def nfe_points(rows: dict[str, dict[str, float]], own_sampler: str) -> list[dict
     return sorted(points, key=lambda p: (p["generator"], p["nfe"]))
 
 
+def report_requests(points: list[dict], real_accuracy: float, params: FidParams, run: StageRun) -> None:
+    """request_accuracy.<guidance>.scale_<s>, request_fid.<...> and request_images_per_s.<...> metrics,
+    plots/fid/guidance.csv and guidance.png (accuracy and FID against guidance strength)."""
+    run.metrics["request_accuracy.real_test"] = round(real_accuracy, 5)
+    for point in points:
+        name = f"{point['guidance']}.scale_{point['scale']:g}"
+        run.metrics[f"request_accuracy.{name}"] = round(point["request_accuracy"], 5)
+        run.metrics[f"request_fid.{name}"] = round(point["fid"], 5)
+        run.metrics[f"request_images_per_s.{name}"] = round(point["images_per_s"], 1)
+    write_csv(run.outputs.plots / "guidance.csv",  # dvc.yaml's by_series template: a line per `series`
+              [{"series": p["guidance"], **{k: v for k, v in p.items() if k != "guidance"}} for p in points])
+    chance = 1 / len(load_manifest()["class_names"])
+    title = f"the teacher at {params.guidance.steps} steps, {params.guidance.samples} samples a point, judged by the SSL probe"
+    guidance_chart(points, real_accuracy, chance, title, run.outputs.plots / "guidance.png")
+    print("fid/guidance: " + ", ".join(
+        f"{p['guidance']} {p['scale']:g}: {p['request_accuracy']:.3f} as asked, FID {p['fid']:.3g}" for p in points
+    ) + f" (real test images: {real_accuracy:.3f})")
+
+
 @flow(name="fid", log_prints=True)
 def fid(params: FidParams) -> None:
     with StageRun("fid", params) as run:
-        rows = stage_task(score_rows, name="score")(params, run)
+        scorer = make_scorer(params, run.device)
+        rows = stage_task(score_rows, name="score")(params, run, scorer)
         for name, row in rows.items():
             for metric, value in row.items():
                 if metric != "nfe":
@@ -178,6 +248,7 @@ def fid(params: FidParams) -> None:
         write_csv(run.outputs.plots / "speed.csv", [point for point in points if "images_per_s" in point])
         fid_chart(points, "floor (real train vs test)", "decoded prior", run.outputs.plots / "fid_vs_nfe.png")
         print("fid:\n" + table(rows))
+        report_requests(*stage_task(request_points, name="guidance")(params, run, scorer), params, run)
         inversion = stage_task(inversion_errors, name="invert")(params, run) if params.inversion_steps else []
         for point in inversion:
             run.metrics[f"inversion_mse.steps_{point['steps']}"] = float(f"{point['mse']:.4g}")

@@ -104,6 +104,7 @@ class Denoiser:
     latent_shape: tuple[int, ...]
     flow_time: dict[str, float] = field(default_factory=dict)  # the flow's logit-normal t, for reflow
     edm: dict[str, float | None] = field(default_factory=dict)  # EDM's (and consistency's) sigma_data, schedule, churn
+    guide: Callable[[nn.Module], nn.Module] | None = None  # wraps what the sampler calls (tasks/guidance.py)
 
     @classmethod
     def from_params(cls, net: UNet | DiT, params: DiffusionParams, latent_shape: tuple[int, ...]) -> Denoiser:
@@ -119,7 +120,11 @@ class Denoiser:
     def sampling(self) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
         """(what the sampler calls, the sampler(net, noise, labels, steps, guidance)): for EDM the
         preconditioned network (a consistency student's with its boundary condition), and its sampler
-        bound to the stored schedule (and churn)."""
+        bound to the stored schedule (and churn); wrapped by `guide` when set (classifier guidance)."""
+        net, sampler = self._sampling()
+        return (net if self.guide is None else self.guide(net)), sampler
+
+    def _sampling(self) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
         sampler = SAMPLERS[self.formulation][self.sampler]
         if self.formulation not in ("edm", "consistency"):
             return self.net, sampler

@@ -79,9 +79,12 @@ class FidScorer:
             with autocast(chunk.device):
                 metric.update(chunk, real=real)
 
-    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+    def __call__(self, images: torch.Tensor, only: tuple[str, ...] | None = None) -> dict[str, float]:
+        """The scores of `images`; with `only`, just those metrics (e.g. ("fid",): no KID, no Inception pass)."""
         scores = {}
         for name, metric in self.metrics.items():
+            if only is not None and name not in only:
+                continue
             metric.reset()  # the fake features only
             self._update(metric, images, real=False)
             if name == "kid":

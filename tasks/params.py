@@ -450,6 +450,23 @@ class EDMParams(Strict):
         return self
 
 
+class NoisyClassifierParams(Strict):
+    """Classifier guidance's classifier (Dhariwal & Nichol 2021): the U-Net's down half on latents noised
+    as the teacher's formulation noises them, at levels spread evenly over what its samplers visit
+    (models/guidance.py), trained after the denoiser. epochs 0 trains none: no cost, no file."""
+
+    epochs: float = Field(0.0, ge=0, description="passes over the training latents; 0 (the default) trains no classifier, and fid scores no classifier guidance")
+    channels: int = Field(32, ge=4, le=1024, description="width of its first level")
+    channel_mults: list[int] = Field([1, 2], min_length=1, max_length=6, description="width of each level / channels; each next level halves the grid")
+    blocks_per_level: int = Field(1, ge=1, le=8, description="time-conditioned residual blocks per level")
+    batch_size: int = Field(128, ge=2, le=65536)
+    lr: float = Field(1e-3, gt=0, le=10)
+
+    def train(self) -> TrainParams:
+        """The training loop's params: AdamW at lr, the loop's defaults otherwise, no EMA."""
+        return TrainParams(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, log_every=20)
+
+
 class DiffusionParams(Strict):
     """A class-conditional denoiser (a U-Net or a DiT) over the VAE's latents: rectified flow, DDPM or EDM, with CFG."""
 
@@ -462,6 +479,7 @@ class DiffusionParams(Strict):
     dit: DiTParams = DiTParams()
     label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
     repa: RepaParams = RepaParams()
+    classifier: NoisyClassifierParams = NoisyClassifierParams()
     train: TrainParams = TrainParams(epochs=8, batch_size=128, lr=1e-3, ema_decay=0.995, log_every=20)
     sample_steps: int = Field(32, ge=1, le=1000, description="sampler steps of the sample grids")
     guidance_scales: list[float] = Field([1.0, 2.0, 4.0], min_length=1, description="a sample grid per scale; 1 is the plain conditional model")
@@ -586,6 +604,22 @@ class DistillParams(Strict):
         return self
 
 
+class RequestParams(Strict):
+    """Does a guided sample follow its request? The teacher sampled at each guidance scale, its
+    images classified by the probe on the SSL encoder's features (artifacts/probe), with FID beside."""
+
+    samples: int = Field(2000, ge=10, description="generated images per guidance scale, class-balanced; each judged by the probe")
+    steps: int = Field(8, ge=1, le=1000, description="the teacher's own sampler's steps at every scale")
+    cfg_scales: list[float] = Field([1.0, 2.0, 4.0], min_length=1, description="classifier-free guidance scales w (1: the plain conditional model)")
+    classifier_scales: list[float] = Field([1.0, 3.0, 10.0], description="classifier guidance scales s on the conditional model (0: the plain conditional model), scored when the diffusion stage trained a classifier (diffusion.classifier.epochs > 0)")
+
+    @model_validator(mode="after")
+    def _scales_in_range(self) -> RequestParams:
+        if any(scale < 1 for scale in self.cfg_scales) or any(scale < 0 for scale in self.classifier_scales):
+            raise ValueError("guidance.cfg_scales must be >= 1 and guidance.classifier_scales >= 0")
+        return self
+
+
 class FidParams(Strict):
     """FID and KID against the test split in the frozen SSL encoder's feature space."""
 
@@ -595,6 +629,7 @@ class FidParams(Strict):
         ["euler", "heun", "ddim"],
         description="samplers the teacher is scored with beside its own (rows teacher_<sampler>.steps_N), those that apply to its formulation (flow: euler, heun; ddpm: ddim, ancestral; edm: heun, sde), at the teacher_steps that cost no more network evaluations than its own sampler's most; default: the ODE samplers",
     )
+    guidance: RequestParams = RequestParams()
     inversion_steps: list[int] = Field([4, 16], description="DDIM inversion of `samples` test latents to noise and back with the teacher's deterministic sampler, at each step count; [] skips it")
     kid_subset_size: int = Field(100, ge=2, description="KID subset size, capped by the smaller image set")
     kid_subsets: int = Field(50, ge=1)

@@ -108,3 +108,32 @@ def fid_chart(points: list[dict], floor: str, prior: str, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def guidance_chart(points: list[dict], real_accuracy: float, chance: float, title: str, path: Path) -> None:
+    """Two panels against guidance strength (CFG's w - 1, classifier guidance's s: 0 is the plain
+    conditional model for both), a line per kind of guidance (`points`: {"guidance", "strength",
+    "request_accuracy", "fid"}): the judge's accuracy of the requested class, with its accuracy on
+    real test images and chance as levels, and FID."""
+    fig, (accuracy_ax, fid_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_kind: dict[str, list[dict]] = {}
+    for point in points:
+        by_kind.setdefault(point["guidance"], []).append(point)
+    for kind, group in by_kind.items():
+        group = sorted(group, key=lambda p: p["strength"])
+        strengths = [p["strength"] for p in group]
+        accuracy_ax.plot(strengths, [p["request_accuracy"] for p in group], marker="o", label=kind)
+        fid_ax.plot(strengths, [p["fid"] for p in group], marker="o", label=kind)
+    accuracy_ax.axhline(real_accuracy, color="0.3", linestyle="--", label=f"real test images: {real_accuracy:.3f}")
+    accuracy_ax.axhline(chance, color="0.6", linestyle=":", label=f"chance: {chance:.2f}")
+    accuracy_ax.set_ylabel("share classified as the requested class")
+    accuracy_ax.set_title("does it follow the request? (higher is better)")
+    fid_ax.set_yscale("log")
+    fid_ax.set_ylabel("FID (SSL encoder features)")
+    fid_ax.set_title("FID (lower is better)")
+    for ax in (accuracy_ax, fid_ax):
+        ax.set_xlabel("guidance strength (CFG: w - 1; classifier: s)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
