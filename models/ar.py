@@ -26,7 +26,7 @@ class ArConfig:
     dim: int
     depth: int
     heads: int
-    dropout: float = 0.0
+    dropout: float
 
     @property
     def length(self) -> int:

@@ -87,15 +87,14 @@ class NoiseLevels:
     EDM: ln σ uniform over [σ_min, σ_max]), not over the denoiser's training distribution: the
     guidance is applied at every step of the sampler's grid, the first (pure noise) included."""
 
-    def __init__(
-        self, formulation: str, schedule: CosineSchedule | None = None, sigma_data: float = 1.0,
-        sigma_min: float = 0.002, sigma_max: float = 80.0,
-    ):
+    def __init__(self, formulation: str, schedule: CosineSchedule | None = None, sigmas: dict[str, float] | None = None):
+        """`sigmas`: EDM's sigma_data, sigma_min and sigma_max (its params), for formulation edm only."""
         if formulation not in ("flow", "ddpm", "edm"):
             raise ValueError(f"classifier guidance takes a flow, DDPM or EDM denoiser, not {formulation!r}")
         self.formulation = formulation
         self.schedule = schedule or CosineSchedule()
-        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+        if formulation == "edm":
+            self.sigma_data, self.sigma_min, self.sigma_max = sigmas["sigma_data"], sigmas["sigma_min"], sigmas["sigma_max"]
 
     def sample(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 noised at random levels, the levels (N,))."""

@@ -28,9 +28,7 @@ NAME = "classifier"  # artifacts/diffusion/classifier.{safetensors,json}, when d
 
 def noise_levels(formulation: str, edm: dict | None = None) -> NoiseLevels:
     """The noising of a denoiser's formulation (EDM's with its sigma_data and σ range)."""
-    if formulation != "edm":
-        return NoiseLevels(formulation)
-    return NoiseLevels("edm", sigma_data=edm["sigma_data"], sigma_min=edm["sigma_min"], sigma_max=edm["sigma_max"])
+    return NoiseLevels(formulation, sigmas=edm if formulation == "edm" else None)
 
 
 def build_classifier_training(params: DiffusionParams, latent_channels: int, num_classes: int) -> NoisyClassification:

@@ -32,7 +32,7 @@ from tasks.params import ArParams, ParamsError, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIG = ArConfig(vocab_size=12, num_classes=3, height=3, width=4, dim=32, depth=2, heads=4)
+CONFIG = ArConfig(vocab_size=12, num_classes=3, height=3, width=4, dim=32, depth=2, heads=4, dropout=0.0)
 
 
 def test_the_logits_of_a_code_do_not_change_when_later_codes_change():

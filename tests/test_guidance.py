@@ -69,7 +69,7 @@ def net_and_levels(formulation: str) -> tuple[nn.Module, NoiseLevels, torch.Tens
     """What the sampler calls, the formulation's noise levels and a batch of levels it visits."""
     net = denoiser(formulation).net
     if formulation == "edm":
-        return EDMPrecond(net, 1.0), NoiseLevels("edm"), torch.tensor([80.0, 5.0, 0.5, 0.01])
+        return EDMPrecond(net, 1.0), NoiseLevels("edm", sigmas={"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0}), torch.tensor([80.0, 5.0, 0.5, 0.01])
     return net, NoiseLevels(formulation), torch.tensor([1.0, 0.7, 0.3, 0.05])
 
 

@@ -11,9 +11,9 @@ from tests.conftest import run
 from tests.test_pipeline import mlflow_client
 
 
-def test_all_objectives_are_twelve_points_and_the_patch_token_ones_get_the_vit_recipe():
+def test_all_objectives_are_thirteen_points_and_the_patch_token_ones_get_the_vit_recipe():
     grid = points(["ssl.objective=all"])
-    assert len(grid) == 12
+    assert len(grid) == 13
     recipe = ["ssl.backbone=vit", "ssl.vit.pool=mean", "ssl.train.lr=0.001"]
     assert ["ssl.objective=mae", *recipe] in grid and ["ssl.objective=ijepa", *recipe] in grid
     assert ["ssl.objective=simclr"] in grid
