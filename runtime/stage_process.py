@@ -41,6 +41,7 @@ def main(stage: str, flow: Callable) -> None:
         logging.getLogger(name).addFilter(once)
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, _stop)
+    sys.unraisablehook = _stop_dropped
     try:
         params = load_params(stage)
         end_with_starters(f"stage '{stage}'")
@@ -85,6 +86,18 @@ def _stop(number: int, frame) -> None:
         return
     STOPPED_BY.append(number)
     raise KeyboardInterrupt if number == signal.SIGINT else TerminationSignal(number)
+
+
+def _stop_dropped(unraisable) -> None:
+    """Python's hook for an exception it drops (raised inside a weakref callback or `__del__`):
+    when that is `_stop`'s, the stage would run on to its end unstopped, so the signal comes
+    again 10 ms later, raised wherever the stage is then. Any other goes to the default hook."""
+    if isinstance(unraisable.exc_value, (KeyboardInterrupt, TerminationSignal)) and STOPPED_BY:
+        again = threading.Timer(0.01, os.kill, (os.getpid(), STOPPED_BY[-1]))
+        again.daemon = True
+        again.start()
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 @contextmanager

@@ -323,6 +323,32 @@ def test_a_ctrl_c_inside_the_import_machinery_is_taken_once_it_is_done(monkeypat
     assert stage_process.STOPPED_BY == [signal.SIGINT]
 
 
+def test_a_ctrl_c_that_python_drops_in_a_weakref_callback_comes_again(monkeypatch):
+    """A KeyboardInterrupt raised inside a weakref callback (or `__del__`) is dropped by Python
+    ("Exception ignored in ..."), and the stage would train on to its end (a Ctrl-C test's distill
+    did). The stage's hook for dropped exceptions sends the signal again, raised where it then is."""
+    import weakref
+
+    from runtime import stage_process
+
+    monkeypatch.setattr(stage_process, "STOPPED_BY", [])
+    monkeypatch.setattr(sys, "unraisablehook", stage_process._stop_dropped)
+    previous = signal.signal(signal.SIGINT, stage_process._stop)
+
+    class Held:
+        pass
+
+    held = Held()
+    reference = weakref.ref(held, lambda _: stage_process._stop(signal.SIGINT, None))  # where the signal lands
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            del held  # Python drops the callback's KeyboardInterrupt...
+            time.sleep(5)  # ...and the Ctrl-C comes again
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert reference() is None and stage_process.STOPPED_BY == [signal.SIGINT, signal.SIGINT]
+
+
 # --- transient failures --------------------------------------------------------------------------
 
 def test_a_failure_is_transient_by_its_exception_types(monkeypatch):

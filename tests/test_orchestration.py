@@ -194,4 +194,4 @@ def test_a_stage_run_by_dvc_exp_run_is_named_after_the_stage_and_the_experiment(
         (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["prepare@named-exp"])))
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
     assert flow_run.state.is_completed()
-    assert sorted(task_run.name for task_run in task_runs) == ["fetch-raw", "read-raw", "split"]  # no random suffixes
+    assert sorted(task_run.name for task_run in task_runs) == ["caption", "fetch-raw", "read-raw", "split"]  # no random suffixes
