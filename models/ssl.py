@@ -105,7 +105,23 @@ class MomentumObjective(SSLObjective):
 # -- the objectives ----------------------------------------------------------------------
 
 
-class SimCLR(SSLObjective):
+class ProjectedViews(SSLObjective):
+    """A projection MLP over the backbone's features of two views, and a loss on the two
+    projections (`pair_loss`): SimCLR's and the triplet loss's shape."""
+
+    def __init__(self, backbone: nn.Module, augment: TwoViews, proj_hidden_dim: int, proj_dim: int):
+        super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim))
+
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(views)
+        z1, z2 = self.head(features).chunk(2)
+        return {"loss": self.pair_loss(z1, z2), "feature_std": feature_std(features)}
+
+
+class SimCLR(ProjectedViews):
     """Chen et al., 2020: InfoNCE between the projections of two views, the batch as negatives."""
 
     def __init__(
@@ -116,16 +132,14 @@ class SimCLR(SSLObjective):
         proj_dim: int,
         temperature: float,
     ):
-        super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim))
+        super().__init__(backbone, augment, proj_hidden_dim, proj_dim)
         self.temperature = temperature
 
-    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(views)
-        z1, z2 = self.head(features).chunk(2)
-        return {"loss": nt_xent(z1, z2, self.temperature), "feature_std": feature_std(features)}
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return nt_xent(z1, z2, self.temperature)
 
 
-class Triplet(SSLObjective):
+class Triplet(ProjectedViews):
     """Schroff et al., 2015 (FaceNet) with Hermans et al., 2017's batch-hard mining: the projections
     of two views, l2-normalised, the other view as the positive, the nearest other image's view in
     the batch as the negative, pushed apart by a margin in Euclidean distance."""
@@ -139,14 +153,12 @@ class Triplet(SSLObjective):
         margin: float,
         soft_margin: bool,
     ):
-        super().__init__(backbone, augment, projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim))
+        super().__init__(backbone, augment, proj_hidden_dim, proj_dim)
         self.margin = margin
         self.soft_margin = soft_margin
 
-    def views_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(views)
-        z1, z2 = self.head(features).chunk(2)
-        return {"loss": batch_hard_triplet(z1, z2, self.margin, self.soft_margin), "feature_std": feature_std(features)}
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return batch_hard_triplet(z1, z2, self.margin, self.soft_margin)
 
 
 class KeyQueue(nn.Module):
