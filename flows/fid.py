@@ -1,14 +1,12 @@
 """fid: FID and KID against the test split in the frozen SSL encoder's feature space, for every
 generator the run trained: the decoded prior, the GAN (one network call), the autoregressive
-prior over VQ-VAE codes when the ar stage trained one (a network call per code), the teacher with each of
-its samplers across step counts, the students at theirs, beside real train images (the floor) and
-VAE reconstructions of the test split. Class-balanced samples; sampling throughput and the
+prior over VQ-VAE codes when the ar stage trained one (a network call per code), the teacher
+with each of its samplers across step counts, the students at theirs, beside real train images
+(the floor) and VAE reconstructions of the test split. Class-balanced samples; sampling throughput and the
 generators' training seconds for each; one FID-vs-NFE chart, table and sample grids. Then DDIM
 inversion: test latents run back to noise and forward again, the error against the steps. And
 whether guided samples show the class they were asked for (CFG, and classifier guidance when the
 diffusion stage trained its classifier), judged by the probe, against the guidance scale."""
-
-import json
 
 import numpy as np
 import torch
@@ -132,7 +130,7 @@ def request_points(params: FidParams, run: StageRun, scorer: FidScorer) -> tuple
     judge = nn.Sequential(load_encoder(artifacts_dir("encoder"), device), load_probe(artifacts_dir("probe"), device)).eval()
     # the ceiling: the probe's top-1 on the real test split, as the probe stage measured it (the
     # same encoder and probe on the same images; a pass over the test split saved)
-    real_accuracy = json.loads((artifacts_dir("probe") / "report.json").read_text())["ssl"]["probe_top1"]
+    real_accuracy = read_json(artifacts_dir("probe") / "report.json", keys=("ssl",))["ssl"]["probe_top1"]
     num_classes = teacher.net.config.num_classes
     labels = balanced_labels(guidance.samples, num_classes, device)
     settings = [("cfg", scale, teacher, scale) for scale in guidance.cfg_scales]
