@@ -98,10 +98,13 @@ def fid_chart(points: list[dict], floor: str, prior: str, path: Path) -> None:
         elif name == prior:
             ax.axhline(fid[0], color="0.3", linestyle="--", label=f"{name} (NFE 0): {fid[0]:.3g}")
         else:
-            ax.plot(nfe, fid, marker="*" if len(group) == 1 else "o", markersize=12 if len(group) == 1 else 5,
-                    linestyle="-" if len(group) > 1 else "none", label=name)
+            lone = len(group) == 1  # a one-NFE generator (the GAN, the AR prior): a star over the lines
+            ax.plot(nfe, fid, marker="*" if lone else "o", markersize=14 if lone else 5, linestyle="none" if lone else "-",
+                    markeredgecolor="white" if lone else None, zorder=3 if lone else 2, label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    fids = [p["fid"] for p in points]
+    ax.set_ylim(min(fids) / 1.25, max(fids) * 1.25)  # the band's 0 would stretch a log axis's autoscale to 1e-16
     ax.set_xlabel("network evaluations per sample (NFE; Heun: 2 a step)")
     ax.set_ylabel("FID (SSL encoder features)")
     ax.set_title("FID vs NFE (lower is better)")

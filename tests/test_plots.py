@@ -47,3 +47,18 @@ def test_a_captioned_figure_keeps_each_grid_s_pixels_under_its_caption():
     first_caption = figure[:20, :40, 0]
     assert (first_caption < 128).any()  # dark text above the first grid
     assert captioned({"one": np.zeros((30, 20, 3), np.uint8)}).shape[2] == 3
+
+
+def test_the_fid_chart_s_log_axis_ends_just_below_its_lowest_point_whatever_the_rows_order(monkeypatch, tmp_path):
+    """The floor is a band from 0, which a log axis cannot reach: drawn after a lone marker it once
+    stretched the axis down to 1e-16 and squashed every line into its top tenth."""
+    from tasks import plots
+
+    limits = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: limits.append(fig.axes[0].get_ylim()))
+    rows = [{"generator": "ar", "nfe": 16, "fid": 0.215}, {"generator": "prior", "nfe": 0, "fid": 5.3},
+            {"generator": "floor", "nfe": 0, "fid": 0.0855}, {"generator": "teacher", "nfe": 1, "fid": 1.6},
+            {"generator": "teacher", "nfe": 2, "fid": 0.68}]
+    for order in (rows, rows[::-1]):
+        plots.fid_chart(order, "floor", "prior", tmp_path / "fid.png")
+    assert all(0.05 < bottom < 0.0855 and 5.3 < top < 20 for bottom, top in limits), limits
