@@ -25,7 +25,8 @@ def negative_cosine(projected: torch.Tensor, target: torch.Tensor) -> torch.Tens
 class RepaAlignment(nn.Module):
     """The projector h_phi (the paper's 3-layer MLP with SiLU) from the denoiser's pooled hidden
     features at block `depth` to the encoder's embedding; `alignment(hidden, target)` is the
-    per-sample term, weighted by `weight` in the training loss."""
+    per-sample term, weighted by `weight` in the training loss. The target is the frozen encoder's:
+    no gradient goes back to it (the authors compute it under `torch.no_grad`)."""
 
     def __init__(self, hidden_dim: int, embedding_dim: int, projector_dim: int, depth: int, weight: float):
         super().__init__()
@@ -38,7 +39,7 @@ class RepaAlignment(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return negative_cosine(self.projector(hidden), target)
+        return negative_cosine(self.projector(hidden), target.detach())
 
 
 class HiddenTap(nn.Module):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -205,12 +208,32 @@ def _smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def copy_reproduced(repo: Path, dest: Path) -> Path:
-    """`repo` with its outputs, dvc.lock and DVC cache (run cache included), without its MLflow
-    store or DVC's temporary files: a checkout where `dvc repro` has run, as a user's would be."""
+    """`repo` with its outputs, dvc.lock and DVC cache (run cache included), with an empty MLflow
+    store of its own and without DVC's temporary files: a checkout where `dvc repro` has run, as a
+    user's would be."""
     skipped = {repo / "mlflow.db", repo / ".dvc" / "tmp", repo / "checkpoints"}
     shutil.copytree(repo, dest, symlinks=True, ignore=lambda folder, names: [
         name for name in names if Path(folder) / name in skipped])
+    empty_store(dest / "mlflow.db")
     return dest
+
+
+@functools.cache
+def _empty_store() -> Path:
+    from mlflow import MlflowClient
+
+    path = Path(tempfile.mkdtemp(prefix="mlflow-store-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates its tables
+    atexit.register(shutil.rmtree, path.parent, ignore_errors=True)
+    return path
+
+
+def empty_store(path: Path) -> str:
+    """An empty MLflow SQLite store at `path`, its tracking URI: a copy of one made once per process,
+    instead of the ~2 s of schema migrations a new store costs the first stage that opens it (the
+    session's first smoke run still makes its own, as a user's first run does)."""
+    shutil.copyfile(_empty_store(), path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from tasks.encoder import backbone_from_ssl, export_encoder, load_embeddings, lo
 from tasks.params import ParamsError, load_params
 from tasks.students import load_students
 from tasks.vae import Latents, LatentScale, load_latents
-from tests.conftest import copy_reproduced, run
+from tests.conftest import copy_reproduced, empty_store, run
 from tests.test_pipeline import snapshot
 
 
@@ -362,7 +362,7 @@ def test_a_spoilt_file_between_two_stages_stops_the_next_naming_it_and_its_write
         else:
             spoil_array(repo / spoilt, change)
         done = run(["dvc", "repro", "--single-item", stage], repo, check=False,  # tracked apart from the shared run
-                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+                   MLFLOW_TRACKING_URI=empty_store(tmp_path / "mlflow.db"))
         after = snapshot(repo, *outputs)
     finally:
         (repo / spoilt).write_bytes(good)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from runtime.server import free_port
-from tests.conftest import copy_repo, run, run_env, wait_or_show_stacks
+from tests.conftest import copy_repo, empty_store, run, run_env, wait_or_show_stacks
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +37,8 @@ def snapshot(repo: Path, *paths: str) -> dict[str, bytes]:
 @pytest.fixture
 def own_store(tmp_path, monkeypatch) -> str:
     """The tracking store the test's commands write to, and it reads."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path / "mlflow.db")  # made here: the test's polling never migrates it beside a stage
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    store(uri).search_experiments()  # created here: the test's polling never migrates it beside a stage
     return uri
 
 

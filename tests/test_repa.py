@@ -117,6 +117,22 @@ def test_the_loss_adds_the_weighted_alignment_and_training_aligns_the_projected_
         build_denoiser_training(params, latent_channels=2, num_classes=3)
 
 
+@pytest.mark.parametrize("backbone", list(TINY_NETS))
+def test_the_alignment_s_gradient_reaches_the_denoiser_and_the_projector_never_the_encoder_s_features(backbone):
+    """The frozen encoder's features are the stage's data (its embeddings of the clean images), a
+    target: the alignment term trains the projector and the denoiser's blocks up to its depth."""
+    params = validate("diffusion", {"backbone": backbone, "repa": {"weight": 0.5, "depth": 1, "projector_dim": 32},
+                                    "unet": {"channels": 8, "attention_heads": 2}, "dit": {"dim": 16, "depth": 2, "heads": 2}})
+    training = build_denoiser_training(params, latent_channels=2, num_classes=3, embedding_dim=5)
+    latents, labels, features = batch(embedding_dim=5)
+    features.requires_grad_()
+    torch.manual_seed(0)
+    training((latents, labels, features))["alignment"].backward()
+    assert features.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in training.alignment.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in training.net.parameters())
+
+
 def test_the_projector_stays_out_of_the_exported_denoiser_which_samples_as_before(tmp_path):
     params = DiffusionParams(repa={"weight": 0.5}, unet={"channels": 8, "attention_heads": 2})
     training = build_denoiser_training(params, latent_channels=2, num_classes=3, embedding_dim=5)
