@@ -132,6 +132,7 @@ def guidance_chart(points: list[dict], real_accuracy: float, chance: float, titl
     accuracy_ax.set_ylabel("share classified as the requested class")
     accuracy_ax.set_title("does it follow the request? (higher is better)")
     fid_ax.set_yscale("log")
+    fid_ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 3, 5)))  # 0.2, 0.3, 0.5: no crowding near 1
     for axis_format in (fid_ax.yaxis.set_major_formatter, fid_ax.yaxis.set_minor_formatter):
         axis_format(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.2, 0.3: narrow enough for the label beside them
     fid_ax.set_ylabel("FID (SSL encoder features)")
