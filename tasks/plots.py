@@ -85,7 +85,7 @@ def lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabe
 
 def fid_chart(points: list[dict], floor: str, prior: str, path: Path) -> None:
     """FID against network evaluations (log axis), a line per generator of `points` ({"generator",
-    "nfe", "fid"}); a lone point (the GAN) as a marker, the `prior` generator as a dashed level and
+    "nfe", "fid"}); a lone point (the GAN, the AR prior) as a star, the `prior` generator as a dashed level and
     the `floor` one as a band from 0 up to it: what no generator can beat."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_generator: dict[str, list[dict]] = {}
@@ -98,7 +98,7 @@ def fid_chart(points: list[dict], floor: str, prior: str, path: Path) -> None:
         elif name == prior:
             ax.axhline(fid[0], color="0.3", linestyle="--", label=f"{name} (NFE 0): {fid[0]:.3g}")
         else:
-            lone = len(group) == 1  # a one-NFE generator (the GAN, the AR prior): a star over the lines
+            lone = len(group) == 1  # a generator of one point (the GAN, the AR prior): a star over the lines
             ax.plot(nfe, fid, marker="*" if lone else "o", markersize=14 if lone else 5, linestyle="none" if lone else "-",
                     markeredgecolor="white" if lone else None, zorder=3 if lone else 2, label=name)
     ax.set_xscale("log", base=2)
