@@ -85,8 +85,8 @@ def lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabe
 
 def fid_chart(points: list[dict], floor: str, prior: str, path: Path) -> None:
     """FID against network evaluations (log axis), a line per generator of `points` ({"generator",
-    "nfe", "fid"}); a lone point (the GAN, the AR prior) as a star, the `prior` generator as a dashed level and
-    the `floor` one as a band from 0 up to it: what no generator can beat."""
+    "nfe", "fid"}); a lone point (the GAN, the AR prior) as a star, the `prior` generator as a
+    dashed level and the `floor` one as a band from 0 up to it: what no generator can beat."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_generator: dict[str, list[dict]] = {}
     for point in points:
