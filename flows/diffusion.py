@@ -5,8 +5,6 @@ exported and sampled into a per-class grid at each guidance scale, decoded by th
 `classifier.epochs` > 0 a noise-aware classifier of the noised latents is trained after it and
 exported beside it, for classifier guidance (models/guidance.py)."""
 
-import dataclasses
-
 import torch
 from prefect import flow
 
@@ -50,12 +48,8 @@ def train_classifier(params: DiffusionParams, run: StageRun) -> TrainResult:
     scaled, labels = latents.scaled(), latents.labels
     torch.manual_seed(params.seed)
     training = build_classifier_training(params, scaled.shape[1], latents.num_classes)
-    context = TrainingContext.of(run)
-    log = context.log
-    named = dataclasses.replace(context, log=log and (
-        lambda metrics, step: log({f"classifier.{key.removeprefix('train/')}": value for key, value in metrics.items()}, step)
-    ))
-    trainer, batches = named.trainer(training, params.classifier.train(), len(scaled), params.seed, "classifier")
+    context = TrainingContext.of(run).logged_as("classifier.")
+    trainer, batches = context.trainer(training, params.classifier.train(), len(scaled), params.seed, "classifier")
     return trainer.fit(step_rows(batches, scaled, labels))
 
 

@@ -63,4 +63,3 @@ def request_accuracy(judge: nn.Module, images: torch.Tensor, labels: torch.Tenso
     with autocast(images.device):
         predicted = torch.cat([judge(chunk).float().argmax(1) for chunk in images.clamp(-1, 1).split(batch_size)])
     return (predicted == labels).float().mean().item()
-

@@ -4,7 +4,6 @@ loop, the student's export, and top-1 and images/s end to end from images."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -50,11 +49,7 @@ def train_cnn(
     torch.manual_seed(params.seed)
     widths, budget = (params.teacher_widths, params.teacher_train) if teacher_logits is None else (params.student_widths, params.train)
     network = StudentCNN(train.images.shape[1], train.images.shape[-1], len(load_manifest()["class_names"]), widths)
-    log = context.log
-    named = dataclasses.replace(context, log=log and (
-        lambda metrics, step: log({f"{name}/{key.removeprefix('train/')}": value for key, value in metrics.items()}, step)
-    ))
-    trainer, batches = named.trainer(KnowledgeDistillation(network, params.temperature, alpha), budget, len(train), params.seed, name)
+    trainer, batches = context.logged_as(f"{name}/").trainer(KnowledgeDistillation(network, params.temperature, alpha), budget, len(train), params.seed, name)
 
     def batch(step: int) -> tuple[torch.Tensor, ...]:
         rows = batches(step)

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -353,6 +353,14 @@ class TrainingContext:
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
+
+    def logged_as(self, prefix: str) -> TrainingContext:
+        """This context with its step metrics logged as `<prefix><metric>` (`train/` dropped): a
+        stage's second network beside its first (kd's `<name>/loss`, diffusion's `classifier.loss`)."""
+        log = self.log
+        return replace(self, log=log and (
+            lambda metrics, step: log({prefix + key.removeprefix("train/"): value for key, value in metrics.items()}, step)
+        ))
 
     def trainer(
         self, module: nn.Module, train: TrainParams, rows: int, seed: int, name: str | None = None

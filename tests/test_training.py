@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tasks.params import TrainParams
-from tasks.training import NonFiniteLoss, Trainer, warmup_cosine
+from tasks.training import NonFiniteLoss, Trainer, TrainingContext, warmup_cosine
 from tests.conftest import BIN, REPO
 from tests.tiny_training import dataset, make_trainer
 
@@ -157,3 +157,11 @@ def test_lars_scales_each_matrix_update_by_its_trust_ratio_and_leaves_vectors_al
     weight.grad, bias.grad = torch.zeros(2, 3), torch.zeros(3)
     optimizer.step()  # no gradient: only momentum moves them, 0.9 of the last step again
     torch.testing.assert_close(bias.detach(), torch.full((3,), 1 - 0.1 * 0.25 * 1.9))
+
+
+def test_a_context_logged_as_a_prefix_names_each_step_metric_under_it_and_none_stays_none():
+    logged = []
+    context = TrainingContext("kd", log=lambda metrics, step: logged.append((metrics, step))).logged_as("with_kd/")
+    context.log({"train/loss": 0.5, "lr": 0.1}, 3)
+    assert logged == [({"with_kd/loss": 0.5, "with_kd/lr": 0.1}, 3)]
+    assert TrainingContext("kd").logged_as("with_kd/").log is None  # a rank that logs nothing still logs nothing
