@@ -35,8 +35,8 @@ if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
 
 FILE_ORDER = [
     "test_pipeline.py",  # runs the session's smoke run, whose outputs later files copy (`smoke_snapshot`)
-    "test_deployment.py", "test_kill_and_recover.py",  # beside it on another worker: they need none of it
-    "test_nothing_lost.py", "test_bad_inputs.py", "test_team.py", "test_orchestration.py",
+    "test_kill_and_recover.py",  # beside it on another worker: it needs none of it
+    "test_nothing_lost.py", "test_bad_inputs.py", "test_team.py", "test_deployment.py", "test_orchestration.py",
     "test_vae_regularisers.py", "test_edm.py", "test_generative_stages.py", "test_ddp.py", "test_sweep.py",
     "test_generative_models.py", "test_bench.py", "test_dvc_deps.py", "test_prepare.py", "test_ssl_models.py",
 ]

@@ -1,7 +1,8 @@
 """The pipeline served as a Prefect deployment, used as its users use it: `python -m flows serve` in
-the background in a fresh copy of the repo, runs triggered through the API (as the UI's Custom run
-form does) and waited on, then what the UI would show read back through the API: states, subflow
-runs, logs. One smoke run backs most tests; the last test stops serve mid-run."""
+the background in a copy of the session's smoke run, runs triggered through the API (as the UI's
+Custom run form does) and waited on, then what the UI would show read back through the API: states,
+subflow runs, logs. One run of the form (the smoke profile and an override that reruns the probe
+and fid) backs most tests; the last test stops serve mid-run."""
 
 import logging
 import os
@@ -13,12 +14,12 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import BIN, copy_repo, run
-from tests.test_pipeline import STAGES, pipeline_runs
-from tests.test_pipeline import task_runs as listed_task_runs
+from tests.conftest import BIN, copy_reproduced, run
+from tests.test_pipeline import STAGES, pipeline_runs, task_states
 
 DEPLOYMENT = "pipeline/served-test"
 CHOICES = ["profile", "source", "ssl_objective", "diffusion_formulation"]
+RERUN = ["probe", "fid"]  # what the smoke run's override reaches
 
 
 def _client():
@@ -28,9 +29,10 @@ def _client():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, prefect_api):
-    """`python -m flows serve` in a fresh copy of the repo; (the copy, the serve process, its deployment)."""
-    repo = copy_repo(tmp_path_factory.mktemp("served") / "repo")
+def served(tmp_path_factory, smoke_snapshot):
+    """`python -m flows serve` in a copy of the session's smoke run; (the copy, the serve process, its
+    deployment)."""
+    repo = copy_reproduced(smoke_snapshot, tmp_path_factory.mktemp("served") / "repo")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     log = (repo.parent / "serve.log").open("w+")
     serve = subprocess.Popen(
@@ -136,9 +138,10 @@ def test_a_stage_process_output_is_logged_by_quarters_without_dvc_hints_at_its_l
 
 @pytest.fixture(scope="module")
 def smoke_run(served):
-    """One run of the deployment on the smoke profile, as the Custom run form would start it."""
+    """One run of the deployment as the Custom run form would start it: the smoke profile, and an
+    override that reruns the stages RERUN (fid judges with the probe); the rest are up to date."""
     repo, serve, _ = served
-    flow_run = finished(start_run({"profile": "smoke"}).id, serve)
+    flow_run = finished(start_run({"profile": "smoke", "overrides": ["probe.knn_k=7"]}).id, serve)
     return repo, flow_run
 
 
@@ -196,7 +199,7 @@ def test_each_stage_flow_run_is_a_subflow_after_its_task_run_named_and_tagged(sm
 
     _, flow_run = smoke_run
     stages = subflow_runs(flow_run.id)
-    assert sorted(s.name for s in stages) == sorted(STAGES)
+    assert [s.name for s in stages] == RERUN  # the stages that ran; the others' task runs are Skipped
     assert all(s.state.is_completed() and f"pipeline:{flow_run.name}" in s.tags for s in stages)
     with _client() as client:
         task_runs = client.read_task_runs(
@@ -207,7 +210,7 @@ def test_each_stage_flow_run_is_a_subflow_after_its_task_run_named_and_tagged(sm
         (stage_task_run,) = by_id[stage.parent_task_run_id].task_inputs["stage"]
         assert by_id[stage_task_run.id].name == stage.name
         assert stage.parameters["params"]  # the stage's params, shown in the UI
-    assert sorted(task_run.name for task_run in listed_task_runs(flow_run.id)) == sorted(STAGES)  # the Task Runs tab
+    assert task_states(str(flow_run.id)) == {s: "Completed" if s in RERUN else "Skipped" for s in STAGES}  # the Task Runs tab
 
 
 @pytest.mark.slow

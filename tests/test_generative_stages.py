@@ -315,13 +315,18 @@ def test_inception_fid_is_skipped_with_a_reason_and_never_downloaded(tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_of_a_dit_teacher_with_repa_distils_and_scores_its_students(reproduced: Path):
-    """`diffusion.backbone=dit` with REPA (`diffusion.repa.weight=0.5`) on the smoke profile, then
-    `dvc repro fid`: the DiT teacher trains aligned to the SSL encoder's embeddings, its progressive
-    students (DiTs too, without a projector) distil from it, and fid scores them all."""
+def test_dvc_repro_of_a_dit_teacher_with_repa_and_a_guidance_classifier_distils_and_scores_them(reproduced: Path):
+    """`diffusion.backbone=dit` with REPA (`diffusion.repa.weight=0.5`) and the noise-aware classifier
+    (`diffusion.classifier.epochs=5`) on the smoke profile, then `dvc repro fid`: the DiT teacher
+    trains aligned to the SSL encoder's embeddings, its progressive students (DiTs too, without a
+    projector) distil from it, and fid scores them all, and classifier guidance against CFG (one
+    rerun of diffusion, distill and fid for both methods: CI time)."""
+    from tests.test_guidance import assert_classifier_guidance_scored
+
     run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "diffusion.backbone=dit",
-         "--set", "diffusion.repa.weight=0.5"], reproduced)
+         "--set", "diffusion.repa.weight=0.5", "--set", "diffusion.classifier.epochs=5"], reproduced)
     run(["dvc", "repro", "fid"], reproduced)
+    assert_classifier_guidance_scored(reproduced)
     artifacts = reproduced / "artifacts"
     denoiser = json.loads((artifacts / "diffusion" / "denoiser.json").read_text())
     assert denoiser["backbone"] == "dit" and "unet" not in denoiser, denoiser

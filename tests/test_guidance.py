@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,6 @@ from tasks.guidance import (
     load_classifier,
 )
 from tasks.params import DiffusionParams, FidParams, ParamsError, validate
-from tests.conftest import run
 from tests.test_generative_stages import EDM_SETTINGS, tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,13 +216,11 @@ def test_guidance_params_default_off_and_refuse_bad_scales():
         validate("fid", {"guidance": {"classifier_scales": [-1]}})
 
 
-@pytest.mark.slow
-def test_classifier_guidance_runs_through_dvc_and_the_fid_stage_scores_it(reproduced: Path):
-    """The smoke profile with the classifier on (`diffusion.classifier.epochs`), then `dvc repro fid`:
-    the diffusion stage exports its classifier, and the fid stage scores request-following for CFG
-    and classifier guidance at each of the profile's scales, with FID, in metrics, CSV and plots."""
-    run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "diffusion.classifier.epochs=5"], reproduced)
-    run(["dvc", "repro", "fid"], reproduced)
+def assert_classifier_guidance_scored(reproduced: Path) -> None:
+    """After `dvc repro fid` with the classifier on (`diffusion.classifier.epochs` > 0; run by
+    tests/test_generative_stages.py's DiT test, which shares its diffusion and fid reruns): the
+    diffusion stage exported its classifier, and the fid stage scored request-following for CFG and
+    classifier guidance at each of the profile's scales, with FID, in metrics, CSV and plots."""
     assert (reproduced / "artifacts/diffusion/classifier.safetensors").is_file()
     assert json.loads((reproduced / "metrics/diffusion.json").read_text())["classifier.steps"] > 0
     guidance = yaml.safe_load((reproduced / "params/fid.yaml").read_text())["guidance"]
