@@ -90,7 +90,7 @@ def score_rows(params: FidParams, run: StageRun, scorer: FidScorer) -> dict[str,
     gan_images, gan_images_per_s = timed_gan_images(load_generator(artifacts_dir("gan"), device), decoder, labels, params.seed, params.batch_size)
     rows = {
         "floor_train_vs_test": scorer(train.floats(train_subset)),
-        "vae_recon_vs_test": scorer(decode(decoder.vae, encode_means(decoder.vae, test.floats()))),
+        "vae_recon_vs_test": scorer(decode(decoder.vae, encode_means(decoder.vae, test.floats(), test.labels), test.labels)),
         "prior_vs_test": {**scorer(decode(decoder.vae, prior_latents)), "nfe": 0},
         "gan": {**scorer(gan_images), "images_per_s": gan_images_per_s, "nfe": 1},
     }

@@ -2,7 +2,8 @@
 L1/L2, optional PatchGAN and a perceptual loss in the frozen SSL encoder's space); the training
 set's latents (pre-quantisation for VQ: the decoder snaps them to the codebook) with their
 per-channel scale; reconstruction and prior-sample grids; PSNR/SSIM (and codebook use) on the
-test split, and how far its scaled latents sit from the N(0, I) prior."""
+test split, and how far its scaled latents sit from the N(0, I) prior. A conditional VAE encodes and
+decodes with the true labels, and its prior grid has a row per class."""
 
 import numpy as np
 import torch
@@ -36,17 +37,36 @@ def train_vae(params: VaeParams, run: StageRun) -> TrainResult:
     train = load_split("train", run.device)
     steps = total_steps(params.train, len(train) // params.train.batch_size)
     encoder = load_encoder(artifacts_dir("encoder"), run.device) if params.perceptual_weight > 0 else None
+    manifest = load_manifest()
     torch.manual_seed(params.seed)
-    training = build_vae_training(params, load_manifest()["image_shape"], steps, encoder)
+    training = build_vae_training(params, manifest["image_shape"], len(manifest["class_names"]), steps, encoder)
     trainer, batches = TrainingContext.of(run).trainer(training, params.train, len(train), params.seed)
-    return trainer.fit(lambda step: train.floats(batches(step)))
+
+    def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = batches(step)
+        return train.floats(index), train.labels[index]
+
+    return trainer.fit(next_batch)
 
 
-def reconstruction_grid(vae, images: torch.Tensor) -> np.ndarray:
+def reconstruction_grid(vae, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """Rows of originals, each followed by its row of reconstructions."""
-    reconstructions = decode(vae, encode_means(vae, images))
+    reconstructions = decode(vae, encode_means(vae, images, labels), labels)
     rows = [torch.cat(pair) for pair in zip(images.split(GRID_COLUMNS), reconstructions.split(GRID_COLUMNS), strict=True)]
     return grid(to_uint8(torch.cat(rows)), ncols=GRID_COLUMNS)
+
+
+def prior_grid(vae, count: int, latent_shape: torch.Size, seed: int) -> np.ndarray:
+    """Decoded N(0, I) draws: `count` of them in rows of GRID_COLUMNS; from a conditional VAE, a row
+    per class with the same draw down each column (one style across the classes)."""
+    device, classes = next(vae.parameters()).device, vae.config.num_classes
+    torch.manual_seed(seed)
+    if not classes:
+        return grid(to_uint8(decode(vae, torch.randn(count, *latent_shape, device=device))), ncols=GRID_COLUMNS)
+    columns = max(1, count // classes)
+    styles = torch.randn(columns, *latent_shape, device=device)
+    labels = torch.arange(classes, device=device).repeat_interleave(columns)
+    return grid(to_uint8(decode(vae, styles.repeat(classes, 1, 1, 1), labels)), ncols=columns)
 
 
 @flow(name="vae", log_prints=True)
@@ -59,8 +79,9 @@ def vae(params: VaeParams) -> None:
         export_vae(result.module.vae, folder)
         model = load_vae(folder, run.device)  # what later stages get: rebuilt from the two files alone
         train, test = load_split("train", run.device), load_split("test", run.device)
-        run.log_model("vae", "vae", test.floats(slice(0, 2)))
-        means = stage_task(encode_means, name="encode-train")(model, train.floats())
+        # a conditional VAE's logged model encodes every image as the class of its `label` param
+        run.log_model("vae", "vae", test.floats(slice(0, 2)), **({"label": 0} if params.conditional else {}))
+        means = stage_task(encode_means, name="encode-train")(model, train.floats(), train.labels)
         latents = Latents(means, train.labels, LatentScale.fit(means), len(load_manifest()["class_names"]))
         latents.save(folder)
         run.metrics.update(stage_task(reconstruction_report, name="evaluate")(model, test, train.floats().mean(0)))
@@ -68,10 +89,8 @@ def vae(params: VaeParams) -> None:
         run.metrics.update(mismatch(model, test, latents.latent_scale, params.mismatch_samples, params.seed))
 
         shown = min(params.grid_images, len(test))
-        save_png(reconstruction_grid(model, test.floats(slice(0, shown))), run.outputs.plots / "reconstructions.png")
-        torch.manual_seed(params.seed)
-        prior = decode(model, torch.randn(params.grid_images, *means.shape[1:], device=run.device))
-        save_png(grid(to_uint8(prior), ncols=GRID_COLUMNS), run.outputs.plots / "prior_samples.png")
+        save_png(reconstruction_grid(model, test.floats(slice(0, shown)), test.labels[:shown]), run.outputs.plots / "reconstructions.png")
+        save_png(prior_grid(model, params.grid_images, means.shape[1:], params.seed), run.outputs.plots / "prior_samples.png")
 
         run.metrics.update(
             steps=result.steps, train_seconds=round(result.seconds, 2), images_per_s=round(result.images_per_s, 1),

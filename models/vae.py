@@ -1,7 +1,8 @@
 """Convolutional VAE from images in [-1, 1] to a latent grid, a PatchGAN discriminator, the
 bottleneck regularisers (beta-KL, InfoVAE's MMD, VQ-VAE's codebook) and the module the training
 loop trains them with. The VAE never knows which regulariser trains it; a vector-quantised one
-only carries its codebook, which `decode` snaps latents to.
+only carries its codebook, which `decode` snaps latents to. A conditional VAE (Sohn et al. 2015)
+also gives its encoder and decoder the image's class.
 
 The loop's contract: one optimizer over all parameters, forward then one loss.backward(). So
 the discriminator's hinge loss sees detached reconstructions, and the generator's adversarial
@@ -32,6 +33,7 @@ class VAEConfig:
     downsample: int  # 1, 2, 4 or 8: image size / latent grid size (one stride-2 stage per factor 2)
     width: int  # channels at full resolution, doubling per stage up to 4x
     codebook_size: int  # VQ-VAE: codes `decode` snaps latents to; 0 for a continuous latent
+    num_classes: int = 0  # a conditional VAE: the classes its encoder and decoder see; 0 for an unconditional one
     norm_groups: int = 8
 
     @property
@@ -82,14 +84,21 @@ class VectorQuantizer(nn.Module):
 class VAE(nn.Module):
     """Images (N, C, H, W) -> latents (N, latent_channels, H / downsample, W / downsample) and back.
     With a codebook (VQ-VAE) `decode` quantises first, so it takes the pre-quantisation latents
-    that `encode` gives and the diffusion stage models (latent-diffusion practice)."""
+    that `encode` gives and the diffusion stage models (latent-diffusion practice).
+
+    Conditional (num_classes > 0: Sohn et al. 2015's CVAE, Kingma et al. 2014's M2), q(z | x, y) and
+    p(x | z, y): the label's one-hot map is concatenated to the encoder's input and to the decoder's
+    as num_classes extra channels, Sohn et al.'s own MNIST setup. The first convolution's weights on
+    those channels are the learned class embedding (a per-channel bias but at the zero-padded
+    border), and both networks stay plain Sequentials: compiled and checkpointed as the
+    unconditional VAE's. An unconditional VAE ignores the labels it is given."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
         widths, groups = config.stage_widths, config.norm_groups
 
-        encoder = [nn.Conv2d(config.image_channels, widths[0], 3, padding=1)]
+        encoder = [nn.Conv2d(config.image_channels + config.num_classes, widths[0], 3, padding=1)]
         for width, next_width in pairwise(widths):
             encoder += [ResBlock(width, groups), nn.Conv2d(width, next_width, 3, stride=2, padding=1)]
         encoder += [
@@ -98,7 +107,7 @@ class VAE(nn.Module):
         ]
         self.encoder = nn.Sequential(*encoder)
 
-        decoder = [nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1), ResBlock(widths[-1], groups)]
+        decoder = [nn.Conv2d(config.latent_channels + config.num_classes, widths[-1], 3, padding=1), ResBlock(widths[-1], groups)]
         for width, previous_width in pairwise(reversed(widths)):
             decoder += [
                 nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, previous_width, 3, padding=1),
@@ -110,13 +119,22 @@ class VAE(nn.Module):
         self.decoder = nn.Sequential(*decoder)
         self.quantizer = VectorQuantizer(config.codebook_size, config.latent_channels) if config.codebook_size else None
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_labels(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """A conditional VAE's network input: `inputs` (N, C, h, w) and the one-hot maps of `labels` (N,)."""
+        if not self.config.num_classes:
+            return inputs
+        if labels is None:
+            raise ValueError("a conditional VAE encodes and decodes with the labels")
+        one_hot = F.one_hot(labels, self.config.num_classes).to(inputs.dtype)
+        return torch.cat([inputs, one_hot[:, :, None, None].expand(-1, -1, *inputs.shape[2:])], dim=1)
+
+    def encode(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior's mean and log-variance, each (N, latent_channels, h, w)."""
-        mean, logvar = self.encoder(images).chunk(2, dim=1)
+        mean, logvar = self.encoder(self.with_labels(images, labels)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # exp() stays finite early in training
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents if self.quantizer is None else self.quantizer(latents))
+    def decode(self, latents: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(self.with_labels(latents if self.quantizer is None else self.quantizer(latents), labels))
 
     @staticmethod
     def sample(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -289,7 +307,7 @@ class VectorQuantisation(nn.Module):
 
 
 class VAETraining(nn.Module):
-    """forward(images in [-1, 1]) -> {"loss", "recon", the regulariser's terms[, "perceptual"][, "adv", "disc"]}.
+    """forward((images in [-1, 1], labels)) -> {"loss", "recon", the regulariser's terms[, "perceptual"][, "adv", "disc"]}.
 
     loss = recon + the regulariser's penalty (KLRegulariser, MMDRegulariser or VectorQuantisation)
          [+ perceptual_weight * feature distance under the frozen `feature_fn`]
@@ -349,10 +367,11 @@ class VAETraining(nn.Module):
             if isinstance(network, nn.Module):
                 network.compile(**kwargs)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        mean, logvar = self.vae.encode(images)
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        mean, logvar = self.vae.encode(images, labels)
         latents, penalty, outputs = self.regulariser(self.vae, mean, logvar, images[0].numel())
-        reconstructions = self.vae.decoder(latents)  # VQ: the regulariser has quantised them already
+        reconstructions = self.vae.decoder(self.vae.with_labels(latents, labels))  # VQ: the regulariser has quantised them already
         error = reconstructions - images
         recon = error.abs().mean() if self.reconstruction == "l1" else error.square().mean()
         loss = recon + penalty

@@ -50,7 +50,13 @@ def _classifier(artifacts: dict[str, str], config: dict, device: str):
 
 def _vae(artifacts: dict[str, str], config: dict, device: str):
     vae = load_vae(_folder(artifacts, config["network"]), device)
-    return lambda images, params: encode_means(vae, images)
+
+    def encode(images: torch.Tensor, params: dict) -> torch.Tensor:
+        """Posterior means; a conditional VAE's of every image as the class `params["label"]`."""
+        labels = torch.full((len(images),), int(params["label"]), device=images.device) if vae.config.num_classes else None
+        return encode_means(vae, images, labels)
+
+    return encode
 
 
 def _generator(artifacts: dict[str, str], config: dict, device: str):

@@ -77,7 +77,7 @@ def timed_gan_images(
 ) -> tuple[torch.Tensor, float]:
     """Decoded samples in [-1, 1] for `labels`, and the images/s of sampling plus decoding."""
     started = time.perf_counter()
-    images = decoder(sample_latents(generator, labels, seed, batch_size))
+    images = decoder(sample_latents(generator, labels, seed, batch_size), labels)
     if images.is_cuda:
         torch.cuda.synchronize(images.device)  # count the kernels still queued
     return images, len(labels) / max(time.perf_counter() - started, 1e-9)

@@ -357,6 +357,7 @@ class VaeParams(Strict):
     width: int = Field(16, ge=4, le=512, description="channels at full resolution, doubling per stage up to 4x")
     regulariser: Literal["kl", "mmd", "vq"] = Field("kl", description="the bottleneck: kl (beta-VAE), mmd (InfoVAE), vq (VQ-VAE; diffusion models its pre-quantisation latents)")
     beta: float = Field(1e-4, ge=0, description="KL weight per image element (regulariser kl)")
+    conditional: bool = Field(False, description="a conditional VAE (Sohn et al. 2015): its encoder and decoder also see the class; off by default, since the diffusion stage conditions on the class itself")
     mmd: MMDParams = MMDParams()
     vq: VQParams = VQParams()
     reconstruction: Literal["l1", "l2"] = "l1"
@@ -368,9 +369,11 @@ class VaeParams(Strict):
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _vq_runs_in_one_process(self) -> VaeParams:
+    def _vq_runs_in_one_process_and_unconditional(self) -> VaeParams:
         if self.regulariser == "vq" and self.train.processes > 1:
             raise ValueError("regulariser: vq needs train.processes: 1 (each process would move its own codebook)")
+        if self.conditional and self.regulariser == "vq":
+            raise ValueError("conditional: true needs regulariser kl or mmd (a VQ-VAE's codes get their class from the ar stage's prior)")
         return self
 
 

@@ -1,6 +1,7 @@
 """The VAE stage's pieces: the training module built from params (its regulariser included),
 export and rebuild from safetensors + JSON, the training set's latents with their per-channel
-scale, PSNR and SSIM, codebook use, and the latents' mismatch to the prior."""
+scale, PSNR and SSIM, codebook use, and the latents' mismatch to the prior. Encoding and decoding
+take the images' labels, which a conditional VAE needs and an unconditional one ignores."""
 
 from __future__ import annotations
 
@@ -38,15 +39,17 @@ LATENTS_INFO = "latents.json"
 
 
 def build_vae_training(
-    params: VaeParams, image_shape: list[int], steps: int, feature_fn: nn.Module | None
+    params: VaeParams, image_shape: list[int], num_classes: int, steps: int, feature_fn: nn.Module | None
 ) -> VAETraining:
-    """The VAE (and discriminator) under the losses the params switch on; `steps` places the
-    adversarial warm-up."""
+    """The VAE (and discriminator) under the losses the params switch on, for images of `image_shape`
+    in `num_classes` classes (which a conditional VAE sees); `steps` places the adversarial warm-up."""
     channels, height, width = image_shape
     if height % params.downsample or width % params.downsample:
         raise StageError(f"params/vae.yaml: downsample {params.downsample} does not divide the {height}x{width} images")
     codebook_size = params.vq.codebook_size if params.regulariser == "vq" else 0
-    vae = VAE(VAEConfig(channels, params.latent_channels, params.downsample, params.width, codebook_size=codebook_size))
+    config = VAEConfig(channels, params.latent_channels, params.downsample, params.width, codebook_size=codebook_size,
+                       num_classes=num_classes if params.conditional else 0)
+    vae = VAE(config)
     adversarial = params.adversarial
     return VAETraining(
         vae,
@@ -84,18 +87,24 @@ def load_vae(folder: Path | str, device: torch.device | str = "cpu") -> VAE:
     return load_network(folder, NAME, lambda config: VAE(VAEConfig(**config)), device)[0]
 
 
+def chunks(rows: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(rows, their labels or None) in batches of `batch_size`."""
+    starts = range(0, len(rows), batch_size)
+    return [(rows[i : i + batch_size], None if labels is None else labels[i : i + batch_size]) for i in starts]
+
+
 @torch.no_grad()
-def encode_means(vae: VAE, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Posterior means of float images in [-1, 1], batched (bf16 autocast on CUDA), in float32."""
+def encode_means(vae: VAE, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 512) -> torch.Tensor:
+    """Posterior means of float images in [-1, 1] of `labels`, batched (bf16 autocast on CUDA), in float32."""
     with autocast(images.device):
-        return torch.cat([vae.encode(chunk)[0].float() for chunk in images.split(batch_size)])
+        return torch.cat([vae.encode(chunk, chunk_labels)[0].float() for chunk, chunk_labels in chunks(images, labels, batch_size)])
 
 
 @torch.no_grad()
-def decode(vae: VAE, latents: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Images in [-1, 1] from (unscaled) latents, batched (bf16 autocast on CUDA), in float32."""
+def decode(vae: VAE, latents: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 512) -> torch.Tensor:
+    """Images in [-1, 1] of `labels` from (unscaled) latents, batched (bf16 autocast on CUDA), in float32."""
     with autocast(latents.device):
-        return torch.cat([vae.decode(chunk).float().clamp(-1, 1) for chunk in latents.split(batch_size)])
+        return torch.cat([vae.decode(chunk, chunk_labels).float().clamp(-1, 1) for chunk, chunk_labels in chunks(latents, labels, batch_size)])
 
 
 @dataclass
@@ -166,13 +175,13 @@ def check_fits_scale(path: Path, latents: torch.Tensor, recorded: LatentScale) -
 
 @dataclass
 class LatentDecoder:
-    """Images in [-1, 1] from the diffusion stage's scaled latents."""
+    """Images in [-1, 1] of `labels` from the diffusion stage's scaled latents."""
 
     vae: VAE
     latent_scale: LatentScale
 
-    def __call__(self, scaled: torch.Tensor) -> torch.Tensor:
-        return decode(self.vae, self.latent_scale.denormalize(scaled))
+    def __call__(self, scaled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return decode(self.vae, self.latent_scale.denormalize(scaled), labels)
 
 
 def load_decoder(folder: Path | str, device: torch.device | str = "cpu") -> LatentDecoder:
@@ -208,8 +217,8 @@ def reconstruction_report(vae: VAE, test: ImageSplit, mean_image: torch.Tensor) 
     """PSNR/SSIM of the test split's reconstructions, beside the mean training image as a baseline;
     with a codebook, the share of codes the test split uses and their perplexity."""
     images = test.floats()
-    means = encode_means(vae, images)
-    report = image_quality(decode(vae, means), images)
+    means = encode_means(vae, images, test.labels)
+    report = image_quality(decode(vae, means, test.labels), images)
     baseline = image_quality(mean_image.expand_as(images), images)
     report.update({f"{name}_mean_image": value for name, value in baseline.items()})
     if vae.quantizer is not None:
@@ -221,5 +230,5 @@ def reconstruction_report(vae: VAE, test: ImageSplit, mean_image: torch.Tensor) 
 def mismatch_report(vae: VAE, test: ImageSplit, latent_scale: LatentScale, samples: int, seed: int) -> dict[str, float]:
     """The aggregate-posterior mismatch: up to `samples` test latents, scaled as the diffusion stage
     sees them, against N(0, I) (MMD under the InfoVAE kernel, mean norm, mean |cov - I|)."""
-    scaled = latent_scale.normalize(encode_means(vae, test.floats(slice(0, samples))))
+    scaled = latent_scale.normalize(encode_means(vae, test.floats(slice(0, samples)), test.labels[:samples]))
     return prior_mismatch(scaled, torch.Generator().manual_seed(seed))

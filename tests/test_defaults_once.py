@@ -132,8 +132,8 @@ def test_each_denoiser_builds_and_trains_from_the_params_defaults(formulation, b
 def test_each_vae_builds_and_trains_from_the_params_defaults(regulariser):
     adversarial = P.AdversarialParams(enabled=True, warmup_fraction=0.0)
     params = P.VaeParams(regulariser=regulariser, adversarial=adversarial, perceptual_weight=0.0)
-    training = build_vae_training(params, [1, 16, 16], steps=10, feature_fn=None)
-    assert torch.isfinite(training(torch.rand(2, 1, 16, 16) * 2 - 1)["loss"])
+    training = build_vae_training(params, [1, 16, 16], num_classes=10, steps=10, feature_fn=None)
+    assert torch.isfinite(training((torch.rand(2, 1, 16, 16) * 2 - 1, torch.tensor([3, 7])))["loss"])
 
 
 def test_the_gan_and_the_kd_student_build_from_the_params_defaults():

@@ -401,7 +401,7 @@ def test_vae_reconstruction_loss_falls_on_digits():
     optimizer = torch.optim.Adam(training.parameters(), lr=3e-3)
     recon = []
     for step in range(150):
-        outputs = training(images[torch.randint(0, len(images), (32,))])
+        outputs = training(unlabelled(images[torch.randint(0, len(images), (32,))]))
         optimizer.zero_grad()
         outputs["loss"].backward()
         optimizer.step()
@@ -411,6 +411,11 @@ def test_vae_reconstruction_loss_falls_on_digits():
     assert last < 0.4 * first, (first, last)
     mean, _ = training.vae.encode(images[:8])
     assert mean.shape == (8, 4, 4, 4)
+
+
+def unlabelled(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of an unconditional VAE, which ignores the labels: class 0 for each image."""
+    return images, torch.zeros(len(images), dtype=torch.long)
 
 
 def small_vae_training(**kwargs) -> VAETraining:
@@ -423,7 +428,7 @@ def test_one_backward_gives_the_discriminator_only_its_hinge_and_the_vae_only_th
     training = small_vae_training(adv_weight=0.5)
     images = torch.rand(4, 1, 16, 16) * 2 - 1
     torch.manual_seed(1)
-    outputs = training(images)
+    outputs = training(unlabelled(images))
     vae_params, disc_params = list(training.vae.parameters()), list(training.discriminator.parameters())
 
     def grads(value, params):
@@ -451,18 +456,18 @@ def test_one_backward_gives_the_discriminator_only_its_hinge_and_the_vae_only_th
 def test_adversarial_terms_wait_for_the_warmup_and_the_step_is_saved():
     training = small_vae_training(adv_warmup_steps=3)
     images = torch.rand(4, 1, 16, 16) * 2 - 1
-    before = training(images)
+    before = training(unlabelled(images))
     assert before["adv"].item() == 0 and before["disc"].item() == 0
     before["loss"].backward()
     assert all(param.grad is None for param in training.discriminator.parameters())
     training.after_step(2, 10)  # the third optimizer step is done
     assert training.state_dict()["steps_done"].item() == 3
-    after = training(images)
+    after = training(unlabelled(images))
     assert after["disc"].item() > 0 and after["adv"].item() != 0
     resumed = small_vae_training(adv_warmup_steps=3)  # a checkpoint restores the host-side switch too
     assert not resumed.adversarial_active
     resumed.load_state_dict(training.state_dict())
-    assert resumed.adversarial_active and resumed(images)["disc"].item() > 0
+    assert resumed.adversarial_active and resumed(unlabelled(images))["disc"].item() > 0
 
 
 class FrozenFeatures(nn.Module):
@@ -482,7 +487,7 @@ def test_perceptual_loss_trains_the_vae_through_a_frozen_encoder():
     training = vae_training(VAE(VAEConfig(1, 4, downsample=2, width=8, codebook_size=0)), feature_fn=encoder, perceptual_weight=1.0)
     training.train()
     assert not encoder.training
-    outputs = training(torch.rand(4, 1, 16, 16) * 2 - 1)
+    outputs = training(unlabelled(torch.rand(4, 1, 16, 16) * 2 - 1))
     assert outputs["perceptual"].item() > 0
     outputs["perceptual"].backward()
     assert all(param.grad is None for param in encoder.parameters())

@@ -89,12 +89,12 @@ TINY_NETS = {"unet": tiny_unet, "dit": tiny_dit}
 
 def test_vae_training_follows_the_params_and_refuses_a_grid_that_does_not_divide():
     params = VaeParams(downsample=4, perceptual_weight=0.0, adversarial={"enabled": True, "warmup_fraction": 0.25})
-    training = build_vae_training(params, [1, 16, 16], steps=100, feature_fn=nn.Identity())
+    training = build_vae_training(params, [1, 16, 16], num_classes=10, steps=100, feature_fn=nn.Identity())
     assert training.discriminator is not None and training.adv_warmup_steps == 25
     assert training.feature_fn is None  # perceptual_weight 0 switches the feature loss off
-    assert build_vae_training(VaeParams(perceptual_weight=0.5), [1, 16, 16], 100, nn.Identity()).feature_fn is not None
+    assert build_vae_training(VaeParams(perceptual_weight=0.5), [1, 16, 16], 10, 100, nn.Identity()).feature_fn is not None
     with pytest.raises(StageError, match="downsample 4 does not divide the 6x6 images"):
-        build_vae_training(params, [1, 6, 6], steps=100, feature_fn=None)
+        build_vae_training(params, [1, 6, 6], num_classes=10, steps=100, feature_fn=None)
 
 
 def test_exported_vae_rebuilds_frozen_with_identical_outputs(tmp_path):

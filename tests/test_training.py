@@ -2,6 +2,7 @@
 
 import math
 import subprocess
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -102,30 +103,35 @@ def test_two_process_gloo_ddp_trains_and_ranks_agree(tmp_path):
     assert rank0["loss"] < 0.3 * start.module(dataset())["loss"].item()
 
 
-def stage_module(stage: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A real stage's training module at a tiny size, and a batch of 8x8 images for it."""
+def stage_module(stage: str) -> tuple[torch.nn.Module, Callable[[int], object]]:
+    """A real stage's training module at a tiny size, and its `next_batch`: two batches of 8x8 images in turn."""
     from tasks.params import SslParams, VaeParams
     from tasks.ssl import build_ssl
     from tasks.vae import build_vae_training
 
     torch.manual_seed(0)
-    images = torch.rand(16, 1, 8, 8) * 2 - 1
+    images, labels = torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 10
+
+    def rows(step: int) -> slice:
+        return slice((step % 2) * 8, (step % 2) * 8 + 8)
+
     if stage == "ssl":  # the augmentation (kornia) must stay outside the compiled graphs
         params = SslParams.model_validate({"resnet": {"width": 8, "depth": [1, 1]}, "simclr": {"proj_hidden_dim": 16, "proj_dim": 8}})
-        return build_ssl(params, 1, 8), images
+        return build_ssl(params, 1, 8), lambda step: images[rows(step)]
     # the discriminator joins after 2 of the 4 steps: the switch must not break or re-trace a graph
     params = VaeParams.model_validate({"downsample": 2, "width": 8, "adversarial": {"enabled": True, "width": 8}})
-    return build_vae_training(params, [1, 8, 8], 4, torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())), images
+    module = build_vae_training(params, [1, 8, 8], 10, 4, torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten()))
+    return module, lambda step: (images[rows(step)], labels[rows(step)])
 
 
 def losses_of_a_run(stage: str, compiled: bool) -> tuple[list[float], torch.nn.Module]:
     """Each step's loss of 4 steps of the real Trainer on a stage module, and the trained module."""
-    module, images = stage_module(stage)
+    module, next_batch = stage_module(stage)
     train = TrainParams(epochs=4, batch_size=8, lr=1e-2, log_every=1, ema_decay=0.9, compile=compiled)
     logged = []
     trainer = Trainer(module, train, steps_per_epoch=1, seed=0, device=torch.device("cpu"),
                       log=lambda metrics, step: logged.append(metrics["train/loss"]))
-    result = trainer.fit(lambda step: images[(step % 2) * 8 : (step % 2) * 8 + 8])
+    result = trainer.fit(next_batch)
     return logged, result.module
 
 

@@ -165,17 +165,20 @@ def test_prior_mismatch_tells_prior_samples_from_shifted_and_scaled_ones():
     assert off["prior_cov_error"] > 0.15  # the diagonal is 4, not 1
 
 
-def digits_16x16() -> torch.Tensor:
-    images = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16 * 2 - 1
-    return F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+def digits_16x16() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits (the smoke profile's data) at 16x16 in [-1, 1], and their labels."""
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16 * 2 - 1
+    return F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False), torch.from_numpy(digits.target).long()
 
 
 def train(training: VAETraining, steps: int) -> list[dict[str, float]]:
-    images = digits_16x16()
+    images, labels = digits_16x16()
     optimizer = torch.optim.Adam([p for p in training.parameters() if p.requires_grad], lr=3e-3)
     logged = []
     for step in range(steps):
-        outputs = training(images[torch.randint(0, len(images), (32,))])
+        rows = torch.randint(0, len(images), (32,))
+        outputs = training((images[rows], labels[rows]))
         optimizer.zero_grad()
         outputs["loss"].backward()
         optimizer.step()
@@ -211,7 +214,7 @@ def test_mmd_regulariser_pulls_the_aggregate_posterior_to_the_prior():
 @pytest.mark.parametrize(("regulariser", "kind"), [("kl", KLRegulariser), ("mmd", MMDRegulariser), ("vq", VectorQuantisation)])
 def test_the_regulariser_param_picks_the_bottleneck(regulariser, kind):
     params = validate("vae", {"regulariser": regulariser, "vq": {"codebook_size": 64}, "perceptual_weight": 0.0})
-    training = build_vae_training(params, [1, 16, 16], steps=10, feature_fn=None)
+    training = build_vae_training(params, [1, 16, 16], num_classes=10, steps=10, feature_fn=None)
     assert type(training.regulariser) is kind
     assert (training.vae.quantizer is not None) == (regulariser == "vq")
     if regulariser == "vq":
