@@ -1,6 +1,7 @@
 """fid: FID and KID against the test split in the frozen SSL encoder's feature space, for every
-generator the run trained: the decoded prior, the GAN (one network call), the autoregressive
-prior over VQ-VAE codes when the ar stage trained one (a network call per code), the teacher
+generator the run trained: the decoded prior (a conditional VAE's for the requested classes, one
+decoder call, with the probe's verdict on whether they show them), the GAN (one network call),
+the autoregressive prior over VQ-VAE codes when the ar stage trained one (a network call per code), the teacher
 with each of its samplers across step counts, the students at theirs, beside real train images
 (the floor) and VAE reconstructions of the test split. Class-balanced samples; sampling throughput and the
 generators' training seconds for each; one FID-vs-NFE chart, table and sample grids. Then DDIM
@@ -39,7 +40,7 @@ from tasks.params import FidParams
 from tasks.plots import fid_chart, guidance_chart, lines
 from tasks.probe import load_probe
 from tasks.students import load_students
-from tasks.vae import decode, encode_means, load_decoder
+from tasks.vae import decode, encode_means, load_decoder, load_vae, timed_prior_images
 
 
 def class_rows(images: torch.Tensor, num_classes: int, per_class: int) -> np.ndarray:
@@ -73,8 +74,26 @@ def make_scorer(params: FidParams, device: torch.device) -> FidScorer:
     )
 
 
+def load_judge(device: torch.device) -> nn.Module:
+    """The project's classifier of real images, which judges whether samples show the class asked
+    for: the frozen SSL encoder and its linear probe."""
+    return nn.Sequential(load_encoder(artifacts_dir("encoder"), device), load_probe(artifacts_dir("probe"), device)).eval()
+
+
+def prior_row(params: FidParams, scorer: FidScorer, vae, latents: torch.Tensor, labels: torch.Tensor) -> tuple[str, dict[str, float]]:
+    """The decoded N(0, I) `latents`: an unconditional VAE's as row prior_vs_test (NFE 0, a level on
+    the chart); a conditional VAE's, decoded as `labels`, as the generator cvae_prior (NFE 1, its
+    images/s and the probe's request accuracy)."""
+    if not vae.config.num_classes:
+        return "prior_vs_test", {**scorer(decode(vae, latents)), "nfe": 0}
+    images, images_per_s = timed_prior_images(vae, latents, labels, params.batch_size)
+    accuracy = request_accuracy(load_judge(latents.device), images, labels, params.batch_size)
+    return "cvae_prior", {**scorer(images), "images_per_s": images_per_s, "nfe": 1, "request_accuracy": accuracy}
+
+
 def score_rows(params: FidParams, run: StageRun, scorer: FidScorer) -> dict[str, dict[str, float]]:
-    """{row: {"fid", "kid"[, "fid_inception"][, "images_per_s", "nfe"]}}, saving a grid per sampled row."""
+    """{row: {"fid", "kid"[, "fid_inception"][, "images_per_s", "nfe"][, "request_accuracy"]}}, saving a
+    grid per sampled row."""
     device, plots = run.device, run.outputs.plots
     train, test = load_split("train", device), load_split("test", device)
     decoder = load_decoder(artifacts_dir("vae"), device)
@@ -88,10 +107,11 @@ def score_rows(params: FidParams, run: StageRun, scorer: FidScorer) -> dict[str,
     prior_latents = torch.randn(params.samples, *teacher.latent_shape, device=device)
     labels = balanced_labels(params.samples, num_classes, device)
     gan_images, gan_images_per_s = timed_gan_images(load_generator(artifacts_dir("gan"), device), decoder, labels, params.seed, params.batch_size)
+    prior_name, prior = prior_row(params, scorer, decoder.vae, prior_latents, labels)
     rows = {
         "floor_train_vs_test": scorer(train.floats(train_subset)),
         "vae_recon_vs_test": scorer(decode(decoder.vae, encode_means(decoder.vae, test.floats(), test.labels), test.labels)),
-        "prior_vs_test": {**scorer(decode(decoder.vae, prior_latents)), "nfe": 0},
+        prior_name: prior,
         "gan": {**scorer(gan_images), "images_per_s": gan_images_per_s, "nfe": 1},
     }
     if has_prior(artifacts_dir("ar")):  # a VQ-VAE's: the ar stage skips a continuous latent
@@ -126,8 +146,7 @@ def request_points(params: FidParams, run: StageRun, scorer: FidScorer) -> tuple
     decoder = load_decoder(artifacts_dir("vae"), device)
     teacher = load_denoiser(artifacts_dir("diffusion"), device)
     classifier = load_classifier(artifacts_dir("diffusion"), device)
-    # the project's classifier of real images: the frozen SSL encoder and its linear probe
-    judge = nn.Sequential(load_encoder(artifacts_dir("encoder"), device), load_probe(artifacts_dir("probe"), device)).eval()
+    judge = load_judge(device)
     # the ceiling: the probe's top-1 on the real test split, as the probe stage measured it (the
     # same encoder and probe on the same images; a pass over the test split saved)
     real_accuracy = read_json(artifacts_dir("probe") / "report.json", keys=("ssl",))["ssl"]["probe_top1"]
@@ -155,10 +174,11 @@ def request_points(params: FidParams, run: StageRun, scorer: FidScorer) -> tuple
 
 def train_seconds() -> dict[str, float]:
     """Each trained generator's training seconds, from its stage's metrics: the teacher's
-    (diffusion), the students' (distill, on top of the teacher's), the GAN's and the AR prior's
-    (when the ar stage trained one)."""
+    (diffusion), the students' (distill, on top of the teacher's), the GAN's, the AR prior's (when
+    the ar stage trained one) and a conditional VAE's (vae)."""
     generators = [("teacher", "diffusion"), ("student", "distill"), ("gan", "gan")]
     generators += [("ar", "ar")] if has_prior(artifacts_dir("ar")) else []
+    generators += [("cvae", "vae")] if load_vae(artifacts_dir("vae")).config.num_classes else []
     return {kind: read_json(metrics_path(stage), keys=("train_seconds",))["train_seconds"] for kind, stage in generators}
 
 
@@ -194,15 +214,16 @@ def series_name(row: str, own_sampler: str) -> str:
 
 
 def nfe_points(rows: dict[str, dict[str, float]], own_sampler: str) -> list[dict[str, float | str]]:
-    """What the FID-vs-NFE chart draws: a point per sampled row (the GAN's at NFE 1, the AR prior's at
-    its number of codes), and the floor and the decoded prior (NFE 0) as flat lines across the
-    sampled NFE range."""
+    """What the FID-vs-NFE chart draws: a point per sampled row (the GAN's and a conditional VAE's at
+    NFE 1, the AR prior's at its number of codes), and the floor and an unconditional VAE's decoded
+    prior (NFE 0) as flat lines across the sampled NFE range."""
     sampled = [(name, row) for name, row in rows.items() if row.get("nfe", 0) > 0]
     points = [{"generator": series_name(name, own_sampler), "nfe": int(row["nfe"]), "fid": row["fid"],
                "images_per_s": row["images_per_s"]} for name, row in sampled]
     span = (min(p["nfe"] for p in points), max(p["nfe"] for p in points))
     for generator, name in (("decoded prior", "prior_vs_test"), ("floor (real train vs test)", "floor_train_vs_test")):
-        points += [{"generator": generator, "nfe": nfe, "fid": rows[name]["fid"]} for nfe in span]
+        if name in rows:
+            points += [{"generator": generator, "nfe": nfe, "fid": rows[name]["fid"]} for nfe in span]
     return sorted(points, key=lambda p: (p["generator"], p["nfe"]))
 
 

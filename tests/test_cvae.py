@@ -1,6 +1,7 @@
 """The conditional VAE (`vae.conditional: true`): its ELBO terms by hand, an encoder and a decoder
-that read the label, its rebuild from files, prior samples that show the class asked for, and
-its prior grid."""
+that read the label, its rebuild from files, prior samples that show the class asked for, its
+prior grid, and its point on the FID chart. Its `dvc repro` through fid is in
+test_vae_regularisers.py, beside the other regularisers'."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from flows.fid import nfe_points
 from flows.vae import prior_grid
 from models.vae import VAE, KLRegulariser, VAEConfig
 from tasks.artifacts import freeze
@@ -103,7 +105,7 @@ def test_prior_samples_of_a_cvae_trained_on_the_smoke_digits_show_the_requested_
     assert accuracy > 0.5, accuracy  # chance: 0.1
 
 
-def test_the_prior_grid_has_a_row_per_class_and_a_column_per_draw():
+def test_the_prior_grid_has_a_row_per_class_and_the_cvae_a_lone_point_on_the_fid_chart():
     cell = 48 + 1  # 8-pixel images upscaled to the grid's 48-pixel cells, 1-pixel padding
     vae = cvae(num_classes=3).eval()
     assert prior_grid(vae, 7, torch.Size([2, 4, 4]), seed=0).shape == (3 * cell + 1, 2 * cell + 1, 1)
@@ -113,3 +115,8 @@ def test_the_prior_grid_has_a_row_per_class_and_a_column_per_draw():
     grid_rows = [image[row * cell : (row + 1) * cell] for row in range(3)]
     assert (grid_rows[0] == grid_rows[1]).all() and (grid_rows[0] == grid_rows[2]).all()
     assert not (grid_rows[0][:, :cell] == grid_rows[0][:, cell : 2 * cell]).all()  # two columns, two draws
+    rows = {"floor_train_vs_test": {"fid": 0.1}, "cvae_prior": {"fid": 3.0, "nfe": 1, "images_per_s": 900.0},
+            "gan": {"fid": 0.5, "nfe": 1, "images_per_s": 800.0}, "teacher.steps_4": {"fid": 0.4, "nfe": 4, "images_per_s": 90.0}}
+    points = nfe_points(rows, "euler")
+    assert [p for p in points if p["generator"] == "cvae_prior"] == [{"generator": "cvae_prior", "nfe": 1, "fid": 3.0, "images_per_s": 900.0}]
+    assert "decoded prior" not in {p["generator"] for p in points}  # the conditional VAE's prior is the cvae's point
