@@ -187,8 +187,8 @@ def inversion_errors(params: FidParams, run: StageRun) -> list[dict[str, float]]
     variance per channel), of `samples` test latents inverted to noise and regenerated."""
     test, decoder = load_split("test", run.device), load_decoder(artifacts_dir("vae"), run.device)
     teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
-    latents = decoder.latent_scale.normalize(encode_means(decoder.vae, test.floats(slice(params.samples))))
     labels = test.labels[: params.samples]
+    latents = decoder.latent_scale.normalize(encode_means(decoder.vae, test.floats(slice(params.samples)), labels))
     errors = []
     for steps in sorted(params.inversion_steps):
         _, regenerated = invert_and_regenerate(teacher, latents, labels, steps, params.batch_size)
