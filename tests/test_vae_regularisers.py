@@ -259,9 +259,11 @@ def test_each_regulariser_runs_through_dvc_and_diffusion_and_the_ar_prior_train_
     report the prior mismatch, the VQ-VAE its codebook use; the diffusion stage samples through
     the VQ decoder, and the ar stage (a skip on the smoke run's KL latent) trains a prior over the
     codes that beats the unigram baseline and gets its row on the FID-vs-NFE chart at NFE = codes.
-    The conditional VAE (MMD, with kl_weight 1 so that the KL pushes the class out of the latent and
-    the decoder reads it from the label) is a generator in the fid stage: its decoded prior for the
-    requested classes, the row cvae_prior at NFE 1, shows them well above chance."""
+    The conditional VAE (MMD with kl_weight 0.3: the KL pushes the class out of the latent, so the
+    decoder reads it from the label) is a generator in the fid stage: its decoded prior for the
+    requested classes, the row cvae_prior at NFE 1, shows them well above chance (seen: 0.55 of
+    500 samples; 0.42 at kl_weight 1, where the latent collapses to the mean image's PSNR; 0.13
+    for a KL-VAE at the default beta, whose latent keeps the class)."""
     assert json.loads((reproduced / "metrics/ar.json").read_text())["skipped"] == 1
     assert json.loads((reproduced / "artifacts/ar/skipped.json").read_text())["reason"].startswith("vae.regulariser is not vq")
     run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "vae.regulariser=vq", "--set", "vae.vq.codebook_size=64"], reproduced)
@@ -280,7 +282,7 @@ def test_each_regulariser_runs_through_dvc_and_diffusion_and_the_ar_prior_train_
         [point] = [p for p in csv.DictReader(handle) if p["generator"] == "ar"]
     assert int(point["nfe"]) == ar["tokens"] and float(point["fid"]) == pytest.approx(fid["fid.ar"], rel=1e-4)
 
-    run(["dvc", "exp", "run", "-S", "params/vae.yaml:regulariser=mmd", "-S", "params/vae.yaml:mmd.kl_weight=1.0",
+    run(["dvc", "exp", "run", "-S", "params/vae.yaml:regulariser=mmd", "-S", "params/vae.yaml:mmd.kl_weight=0.3",
          "-S", "params/vae.yaml:conditional=true", "fid"], reproduced)
     infovae = json.loads((reproduced / "metrics/vae.json").read_text())
     assert "codebook_usage" not in infovae and infovae["psnr"] > infovae["psnr_mean_image"], infovae
