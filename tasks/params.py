@@ -563,6 +563,33 @@ class ArParams(Strict):
         return self
 
 
+class ClipParams(Strict):
+    """CLIP (Radford et al. 2021) in miniature on prepare's captions: a ResNet image encoder and a
+    transformer text encoder trained by the symmetric InfoNCE loss with a learned temperature
+    (initialised to 0.07, the logits' scale clamped at 100, as in the paper)."""
+
+    image: ResNetParams = Field(
+        ResNetParams(width=16, depth=[1, 1]),
+        description="the image encoder, a ResNet as in ssl (CLIP: ResNet-50 and up, or a ViT)",
+    )
+    dim: int = Field(64, ge=8, le=4096, description="width of the text transformer (CLIP: 512)")
+    depth: int = Field(2, ge=1, le=48, description="text transformer blocks, pre-LN (CLIP: 12)")
+    heads: int = Field(4, ge=1, le=64, description="text attention heads; must divide dim (CLIP: 8)")
+    embed_dim: int = Field(64, ge=8, le=4096, description="the shared embedding both encoders project to (CLIP: 512 to 1024)")
+    train: TrainParams = Field(
+        TrainParams(epochs=2, batch_size=256, lr=1e-3, weight_decay=0.2, log_every=20, checkpoint_every=2000),
+        description="CLIP: AdamW, weight decay 0.2, warmup then cosine, batch 32,768",
+    )
+    retrieval_images: int = Field(8, ge=1, le=64, description="test images in plots/clip/retrieval.png, each beside its top-3 captions")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self) -> ClipParams:
+        if self.dim % self.heads:
+            raise ValueError("heads must divide dim")
+        return self
+
+
 class ProgressiveParams(Strict):
     teacher_steps: int = Field(64, ge=2, le=1024, description="DDIM steps of the first round's teacher; a power of two, halved each round")
     label_dropout: float = Field(0.1, ge=0, lt=1, description="null-class share for teacher and student alike: students keep guidance")
@@ -655,6 +682,7 @@ STAGE_PARAMS: dict[str, type[Strict]] = {
     "encoder": EncoderParams,
     "probe": ProbeParams,
     "kd": KdParams,
+    "clip": ClipParams,
     "vae": VaeParams,
     "diffusion": DiffusionParams,
     "gan": GanParams,

@@ -24,7 +24,7 @@ from tests.conftest import run, run_env
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["prepare", "ssl", "encoder", "probe", "kd", "vae", "diffusion", "gan", "ar", "distill", "fid"]
+STAGES = ["prepare", "ssl", "encoder", "probe", "kd", "clip", "vae", "diffusion", "gan", "ar", "distill", "fid"]
 
 
 def metrics(repo, stage):
@@ -506,7 +506,7 @@ def test_a_code_change_makes_exactly_the_stages_importing_it_stale(pipeline):
     original = training.read_text()
     assert "betas=(0.9, 0.99)" in original
     importers = {stage for stage in STAGES if "tasks/training.py" in stage_code(repo, stage)}
-    assert importers == {"ssl", "kd", "vae", "diffusion", "gan", "ar", "distill"}
+    assert importers == {"ssl", "kd", "clip", "vae", "diffusion", "gan", "ar", "distill"}
     try:
         training.write_text(original.replace("betas=(0.9, 0.99)", "betas=(0.9, 0.999)"))
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
