@@ -72,7 +72,7 @@ def load_captioned(split: str, tokenizer: Tokenizer, device: torch.device | str 
 def build_clip(params: ClipParams, channels: int, image_size: int, tokenizer: Tokenizer) -> Clip:
     image = {"name": "resnet", "in_channels": channels, "image_size": image_size, **params.image.model_dump()}
     return Clip(ClipConfig(
-        image, len(tokenizer), tokenizer.length, tokenizer.EOS, tokenizer.PAD, params.dim, params.depth, params.heads,
+        image, len(tokenizer), tokenizer.length, tokenizer.PAD, params.dim, params.depth, params.heads,
         params.embed_dim,
     ))
 

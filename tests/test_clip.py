@@ -41,7 +41,7 @@ from tests.conftest import run
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGE = {"name": "resnet", "in_channels": 1, "image_size": 8, "width": 8, "depth": [1], "stem_stride": 1}
-CONFIG = ClipConfig(IMAGE, vocab_size=12, length=10, eos_id=2, pad_id=0, dim=16, depth=2, heads=2, embed_dim=8)
+CONFIG = ClipConfig(IMAGE, vocab_size=12, length=10, pad_id=0, dim=16, depth=2, heads=2, embed_dim=8)
 
 
 def unit_rows(count: int, dim: int, seed: int) -> torch.Tensor:
@@ -185,7 +185,7 @@ def test_a_tiny_clip_trained_on_the_digits_beats_chance():
                                                 ("test", raw.images[cut:], raw.labels[cut:])])
     tokenizer = captioned.tokenizer
     torch.manual_seed(0)
-    config = ClipConfig(IMAGE, len(tokenizer), tokenizer.length, tokenizer.EOS, tokenizer.PAD, 32, 1, 2, 32)
+    config = ClipConfig(IMAGE, len(tokenizer), tokenizer.length, tokenizer.PAD, 32, 1, 2, 32)
     training = ClipTraining(Clip(config))
     optimizer = torch.optim.AdamW(training.parameters(), lr=3e-3, weight_decay=0.2)
     generator = torch.Generator().manual_seed(0)
