@@ -140,14 +140,16 @@ def stage_cases(params: dict, device: torch.device, batch_size: int | None = Non
     for stage, build, train in (
         ("ssl", lambda: build_ssl(ssl, channels, height), ssl.train),
         ("vae", lambda: build_vae_training(  # steps=0: no adversarial warm-up, the full step is timed
-            vae, [channels, height, width], 0, encoder() if vae.perceptual_weight > 0 else None), vae.train),
+            vae, [channels, height, width], NUM_CLASSES, 0, encoder() if vae.perceptual_weight > 0 else None), vae.train),
         ("diffusion", lambda: build_denoiser_training(diffusion, latent_shape[0], NUM_CLASSES), diffusion.train),
         ("distill", distillation, distill_train),
         ("gan", lambda: build_gan_training(gan, latent_shape, NUM_CLASSES), gan.train),
     ):
         size = batch_size or train.batch_size
-        if stage == "ssl" or stage == "vae":
+        if stage == "ssl":
             data = [images(size) for _ in range(batches)]
+        elif stage == "vae":
+            data = [(images(size), labels(size)) for _ in range(batches)]
         elif stage == "gan":
             data = [(latents(size), labels(size), update_of(step, gan.critic_steps)) for step in range(gan.critic_steps + 1)]
         elif stage == "distill" and reflow:

@@ -187,12 +187,12 @@ def _send(path: Path, payload: bytes, fds: list[int] | None) -> bytes:
         if fds is not None:
             socket.send_fds(conn, [payload[:8]], fds)
             payload = payload[8:]
-        conn.sendall(payload)
-        conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(30)
         try:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(30)
             return conn.recv(8)
-        except ConnectionResetError:  # closed with the rest of the request unread
+        except (BrokenPipeError, ConnectionResetError):  # dropped before the rest of the request was read
             return b""
 
 
