@@ -538,7 +538,17 @@ class GanParams(Strict):
         return self
 
 
-class ArParams(Strict):
+class TransformerParams(Strict):
+    """What a stage's transformer params share: its `heads` must divide its `dim`."""
+
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self) -> TransformerParams:
+        if self.dim % self.heads:
+            raise ValueError("heads must divide dim")
+        return self
+
+
+class ArParams(TransformerParams):
     """A class-conditional autoregressive prior over the VQ-VAE's codes (the transformer of VQGAN,
     Esser et al. 2021, in miniature): a GPT-style causal decoder over the code grid in raster
     order. It trains only when vae.regulariser is vq; with a continuous latent the stage writes
@@ -556,14 +566,8 @@ class ArParams(Strict):
     samples_per_class: int = Field(8, ge=1, le=64, description="columns of the sample grid")
     seed: int = Field(0, ge=0)
 
-    @model_validator(mode="after")
-    def _heads_divide_the_width(self) -> ArParams:
-        if self.dim % self.heads:
-            raise ValueError("heads must divide dim")
-        return self
 
-
-class ClipParams(Strict):
+class ClipParams(TransformerParams):
     """CLIP (Radford et al. 2021) in miniature on prepare's captions: a ResNet image encoder and a
     transformer text encoder trained by the symmetric InfoNCE loss with a learned temperature
     (initialised to 0.07, the logits' scale clamped at 100, as in the paper)."""
@@ -582,12 +586,6 @@ class ClipParams(Strict):
     )
     retrieval_images: int = Field(8, ge=1, le=64, description="test images in plots/clip/retrieval.png, each beside its top-3 captions")
     seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _heads_divide_the_width(self) -> ClipParams:
-        if self.dim % self.heads:
-            raise ValueError("heads must divide dim")
-        return self
 
 
 class ProgressiveParams(Strict):
