@@ -2,6 +2,8 @@
 trained as a rectified flow, DDPM or EDM with label dropout for classifier-free guidance (with
 `repa.weight` > 0, also aligned to the frozen SSL encoder's embeddings: REPA); its EMA weights are
 exported and sampled into a per-class grid at each guidance scale, decoded by the VAE. With
+`condition: text` the U-Net is conditioned on each image's caption instead, through cross-attention
+to the clip stage's frozen text encoder (tasks/conditions.py), and the grids' rows are captions. With
 `classifier.epochs` > 0 a noise-aware classifier of the noised latents is trained after it and
 exported beside it, for classifier guidance (models/guidance.py)."""
 
@@ -11,10 +13,13 @@ from prefect import flow
 from runtime.stage import StageRun
 from runtime.stage_flow import stage_task
 from runtime.stage_process import main
-from tasks.artifacts import artifacts_dir
+from tasks.artifacts import artifacts_dir, unreadable
+from tasks.conditions import caption_features, split_conditions
+from tasks.data import PREPARED, load_manifest
 from tasks.diffusion import (
     Denoiser,
     build_denoiser_training,
+    caption_grid,
     check_latent_grid,
     class_grid,
     export_denoiser,
@@ -29,14 +34,29 @@ from tasks.training import TrainingContext, TrainResult
 from tasks.vae import decoder_files, load_decoder, load_latents
 
 
+def captions(params: DiffusionParams, device: torch.device) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor] | None]:
+    """condition: text's caption table and its token features (tasks/conditions.py); ([], None) for class."""
+    if params.condition != "text":
+        return [], None
+    texts, *tokens = caption_features(load_manifest()["class_names"], device)
+    return texts, tuple(tokens)
+
+
 def train_denoiser(params: DiffusionParams, run: StageRun) -> TrainResult:
     latents = load_latents(artifacts_dir("vae"), run.device)
     scaled, labels = latents.scaled(), latents.labels
     check_latent_grid(params, tuple(scaled.shape[1:]))
+    _, caption_tokens = captions(params, run.device)
+    if caption_tokens is not None:  # each latent's label becomes its image's caption (the same, prepared, order)
+        labels = split_conditions("train", run.device)
+        if len(labels) != len(scaled):
+            raise unreadable(PREPARED / "train_captions.json", f"{len(labels)} captions for {len(scaled)} train latents")
     # REPA's targets: the frozen SSL encoder's embeddings of the same training images, in the same (prepared) order
     targets = [load_embeddings(artifacts_dir("encoder"), "train", len(scaled), run.device)] if params.repa.weight > 0 else []
     torch.manual_seed(params.seed)
-    training = build_denoiser_training(params, scaled.shape[1], latents.num_classes, *(t.shape[1] for t in targets))
+    training = build_denoiser_training(
+        params, scaled.shape[1], latents.num_classes, *(t.shape[1] for t in targets), caption_tokens=caption_tokens
+    )
     trainer, batches = TrainingContext.of(run).trainer(training, params.train, len(scaled), params.seed, params.formulation)
     return trainer.fit(step_rows(batches, scaled, labels, *targets))
 
@@ -62,20 +82,26 @@ def diffusion(params: DiffusionParams) -> None:
             return
         trained = result.ema if result.ema is not None else result.module
         latent_shape = load_latents(artifacts_dir("vae")).latents.shape[1:]
-        export_denoiser(Denoiser.from_params(trained.net, params, latent_shape), run.outputs.artifacts)
+        texts, _ = captions(params, run.device)
+        export_denoiser(Denoiser.from_params(trained.net, params, latent_shape, texts), run.outputs.artifacts)
         denoiser = load_denoiser(run.outputs.artifacts, run.device)  # what later stages get
         decoder = load_decoder(artifacts_dir("vae"), run.device)
-        num_classes = denoiser.net.config.num_classes
+        classes = torch.arange(denoiser.num_classes, device=run.device)
         run.log_model(
-            "denoiser", "generator", torch.arange(num_classes), steps=params.sample_steps,
+            "denoiser", "generator", denoiser.requests(classes, "train", params.seed), steps=params.sample_steps,
             guidance=params.guidance_scales[-1], seed=params.seed, with_files=decoder_files(artifacts_dir("vae")),
         )
-        sample = stage_task(class_grid, name="sample-grids")
         grids = {}
         for guidance in params.guidance_scales:
-            grids[f"guidance {guidance:g}"], images_per_s = sample(
-                denoiser, decoder, num_classes, params.samples_per_class, params.sample_steps, guidance, params.seed
-            )
+            if texts:
+                grids[f"guidance {guidance:g}"], images_per_s = stage_task(caption_grid, name="sample-grids")(
+                    denoiser, decoder, params.caption_grid_class, params.samples_per_class, params.sample_steps, guidance,
+                    params.seed,
+                )
+            else:
+                grids[f"guidance {guidance:g}"], images_per_s = stage_task(class_grid, name="sample-grids")(
+                    denoiser, decoder, params.samples_per_class, params.sample_steps, guidance, params.seed
+                )
             run.metrics[f"sampling_images_per_s.guidance_{guidance:g}"] = round(images_per_s, 1)
         save_png(captioned(grids), run.outputs.plots / "samples.png")
         if classifier is not None:

@@ -1,7 +1,8 @@
 """distill: few-step students of the diffusion teacher, progressive distillation for DDPM (each
 round halves the steps, the student starting from its teacher), reflow for the rectified flow
 and EDM, or (distill.method: consistency) consistency distillation of EDM; a per-class sample
-grid of each student at its step count, decoded by the VAE."""
+grid of each student at its step count, decoded by the VAE. A text-conditioned teacher's students
+are asked for captions as it was."""
 
 import torch
 from prefect import flow
@@ -10,6 +11,7 @@ from runtime.stage import StageRun
 from runtime.stage_flow import stage_task
 from runtime.stage_process import main
 from tasks.artifacts import artifacts_dir
+from tasks.conditions import split_conditions
 from tasks.diffusion import class_grid, load_denoiser
 from tasks.distill import consistency_student, distill_method, progressive_students, reflow_student
 from tasks.images import captioned, save_png, steps_caption
@@ -22,12 +24,13 @@ from tasks.vae import decoder_files, load_decoder, load_latents
 def train_students(params: DistillParams, run: StageRun):
     teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
     latents = load_latents(artifacts_dir("vae"), run.device)
+    labels = split_conditions("train", run.device) if teacher.captions else latents.labels  # what the teacher was trained on
     method = distill_method(params.method, teacher.formulation)
     if method == "consistency":
-        return method, *consistency_student(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
+        return method, *consistency_student(teacher, params, latents.scaled(), labels, TrainingContext.of(run))
     if method == "progressive":
-        return method, *progressive_students(teacher, params, latents.scaled(), latents.labels, TrainingContext.of(run))
-    return method, *reflow_student(teacher, params, latents.num_classes, TrainingContext.of(run))
+        return method, *progressive_students(teacher, params, latents.scaled(), labels, TrainingContext.of(run))
+    return method, *reflow_student(teacher, params, TrainingContext.of(run))
 
 
 @flow(name="distill", log_prints=True)
@@ -43,15 +46,15 @@ def distill(params: DistillParams) -> None:
         sample = stage_task(class_grid, name="sample-grids")
         grids = {}
         for student in students:
-            net = student.denoiser.net
+            denoiser = student.denoiser
+            classes = torch.arange(denoiser.num_classes, device=run.device)
             run.log_model(
-                f"student_{student.steps}_steps", "generator", torch.arange(net.config.num_classes),
+                f"student_{student.steps}_steps", "generator", denoiser.requests(classes, "train", params.seed),
                 network=student_network(method, student.steps), steps=student.steps, guidance=student.guidance,
                 seed=params.seed, with_files=decoder_files(artifacts_dir("vae")),
             )
             grids[f"{steps_caption(student.steps)}, guidance {student.guidance:g}"], images_per_s = sample(
-                student.denoiser, decoder, net.config.num_classes, params.samples_per_class, student.steps,
-                student.guidance, params.seed,
+                denoiser, decoder, params.samples_per_class, student.steps, student.guidance, params.seed,
             )
             run.metrics[f"sampling_images_per_s.steps_{student.steps}"] = round(images_per_s, 1)
         save_png(captioned(grids), run.outputs.plots / "samples.png")

@@ -7,7 +7,10 @@ with each of its samplers across step counts, the students at theirs, beside rea
 generators' training seconds for each; one FID-vs-NFE chart, table and sample grids. Then DDIM
 inversion: test latents run back to noise and forward again, the error against the steps. And
 whether guided samples show the class they were asked for (CFG, and classifier guidance when the
-diffusion stage trained its classifier), judged by the probe, against the guidance scale."""
+diffusion stage trained its classifier), judged by the probe, against the guidance scale. A
+text-conditioned teacher and its students are asked for the caption of a random test image of each
+requested class (the test split's captions, class by class); their guided samples are also judged
+on each attribute, measured on the sample, against the word their caption asked for."""
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from runtime.stage_flow import stage_task
 from runtime.stage_process import main
 from tasks.ar import has_prior, load_prior, timed_ar_images
 from tasks.artifacts import artifacts_dir, metrics_path, read_json
+from tasks.conditions import attribute_agreement, split_conditions
 from tasks.curves import write_csv
 from tasks.data import load_manifest, load_split
 from tasks.diffusion import (
@@ -99,7 +103,7 @@ def score_rows(params: FidParams, run: StageRun, scorer: FidScorer) -> dict[str,
     decoder = load_decoder(artifacts_dir("vae"), device)
     teacher = load_denoiser(artifacts_dir("diffusion"), device)
     students, guidance = load_students(artifacts_dir("distill"), device)
-    num_classes = teacher.net.config.num_classes
+    num_classes = teacher.num_classes
 
     generator = torch.Generator().manual_seed(params.seed)
     train_subset = torch.randperm(len(train), generator=generator)[: params.samples].to(device)
@@ -123,8 +127,9 @@ def score_rows(params: FidParams, run: StageRun, scorer: FidScorer) -> dict[str,
     grids = {"teacher": {}, "student": {}}
     sampled = [(prefix, n, denoiser, guidance) for prefix, denoiser, steps in teacher_samplers(params, teacher) for n in steps]
     sampled += [("student", s.steps, s.denoiser, s.guidance) for s in students]
+    requests = teacher.requests(labels, "test", params.seed)
     for prefix, steps, denoiser, scale in tqdm(sampled, desc="fid", unit="row", disable=not run.is_main):
-        images, images_per_s = timed_images(denoiser, decoder, labels, steps, scale, params.seed, params.batch_size)
+        images, images_per_s = timed_images(denoiser, decoder, requests, steps, scale, params.seed, params.batch_size)
         row = rows[f"{prefix}.steps_{steps}"] = {**scorer(images), "images_per_s": images_per_s, "nfe": denoiser.evaluations(steps)}
         kind, _, sampler = prefix.partition("_")
         caption = f"{steps_caption(steps)}{f' {sampler}' if sampler else ''}, FID {row['fid']:.3g}"
@@ -150,14 +155,15 @@ def request_points(params: FidParams, run: StageRun, scorer: FidScorer) -> tuple
     # the ceiling: the probe's top-1 on the real test split, as the probe stage measured it (the
     # same encoder and probe on the same images; a pass over the test split saved)
     real_accuracy = read_json(artifacts_dir("probe") / "report.json", keys=("ssl",))["ssl"]["probe_top1"]
-    num_classes = teacher.net.config.num_classes
+    num_classes = teacher.num_classes
     labels = balanced_labels(guidance.samples, num_classes, device)
+    requests = teacher.requests(labels, "test", params.seed)
     settings = [("cfg", scale, teacher, scale) for scale in guidance.cfg_scales]
     if classifier is not None:
         settings += [("classifier", scale, classifier_guided(teacher, classifier, scale), 1.0) for scale in guidance.classifier_scales]
     calls, points, grids = teacher.evaluations(guidance.steps), [], {}
     for kind, scale, denoiser, cfg_scale in tqdm(settings, desc="fid/guidance", unit="scale", disable=not run.is_main):
-        images, images_per_s = timed_images(denoiser, decoder, labels, guidance.steps, cfg_scale, params.seed, params.batch_size)
+        images, images_per_s = timed_images(denoiser, decoder, requests, guidance.steps, cfg_scale, params.seed, params.batch_size)
         point = {
             "guidance": kind, "scale": scale, "strength": scale - 1 if kind == "cfg" else scale, "steps": guidance.steps,
             "denoiser_evaluations": calls * (2 if kind == "cfg" and scale != 1 else 1),
@@ -165,6 +171,8 @@ def request_points(params: FidParams, run: StageRun, scorer: FidScorer) -> tuple
             "request_accuracy": request_accuracy(judge, images, labels, params.batch_size),
             "fid": scorer(images, only=("fid",))["fid"], "images_per_s": images_per_s,
         }
+        if teacher.captions:
+            point |= {f"attribute_{name}": share for name, share in attribute_agreement(images, requests).items()}
         points.append(point)
         grids[f"{kind} {scale:g}: {point['request_accuracy']:.1%} as asked, FID {point['fid']:.3g}"] = class_rows(
             images, num_classes, params.samples_per_class)
@@ -189,9 +197,10 @@ def inversion_errors(params: FidParams, run: StageRun) -> list[dict[str, float]]
     teacher = load_denoiser(artifacts_dir("diffusion"), run.device)
     labels = test.labels[: params.samples]
     latents = decoder.latent_scale.normalize(encode_means(decoder.vae, test.floats(slice(params.samples)), labels))
+    conditions = split_conditions("test", run.device)[: params.samples] if teacher.captions else labels
     errors = []
     for steps in sorted(params.inversion_steps):
-        _, regenerated = invert_and_regenerate(teacher, latents, labels, steps, params.batch_size)
+        _, regenerated = invert_and_regenerate(teacher, latents, conditions, steps, params.batch_size)
         errors.append({"steps": steps, "mse": (regenerated - latents).square().mean().item()})
     return errors
 
@@ -236,6 +245,8 @@ def report_requests(points: list[dict], real_accuracy: float, params: FidParams,
         run.metrics[f"request_accuracy.{name}"] = round(point["request_accuracy"], 5)
         run.metrics[f"request_fid.{name}"] = round(point["fid"], 5)
         run.metrics[f"request_images_per_s.{name}"] = round(point["images_per_s"], 1)
+        for key in [key for key in point if key.startswith("attribute_")]:
+            run.metrics[f"request_{key.replace('_', '.', 1)}.{name}"] = round(point[key], 5)
     write_csv(run.outputs.plots / "guidance.csv",  # dvc.yaml's by_series template: a line per `series`
               [{"series": p["guidance"], **{k: v for k, v in p.items() if k != "guidance"}} for p in points])
     chance = 1 / len(load_manifest()["class_names"])

@@ -55,12 +55,22 @@ class TextEncoder(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.dim)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the final blocks' activations (N, length, dim), where the tokens are not padding (N, length))."""
         x = self.token_embedding(tokens) + self.position[: tokens.shape[1]]
         padding = tokens == self.pad_id
-        x = self.blocks(x, src_key_padding_mask=padding)
-        kept = (~padding).to(x.dtype)[..., None]
+        return self.blocks(x, src_key_padding_mask=padding), ~padding
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x, keep = self.hidden(tokens)
+        kept = keep.to(x.dtype)[..., None]
         return self.norm((x * kept).sum(1) / kept.sum(1))
+
+    def token_features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's final activation through the final norm (N, length, dim), and where the
+        tokens are not padding (N, length): what a text-conditioned denoiser attends to."""
+        x, keep = self.hidden(tokens)
+        return self.norm(x), keep
 
 
 class Clip(nn.Module):

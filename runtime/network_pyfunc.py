@@ -8,8 +8,9 @@ another model's of the same run (distill's students). `kind` says what `predict`
 - `encoder`: float32 images (N, C, H, W) in [-1, 1] -> embeddings (N, D)
 - `vae`: float32 images (N, C, H, W) in [-1, 1] -> posterior-mean latents (N, c, h, w)
 - `classifier` (the kd stage's student): float32 images (N, C, H, W) in [-1, 1] -> logits (N, classes)
-- `generator` (the denoiser, a student): int64 class labels (N,) -> decoded images (N, C, H, W) in
-  [-1, 1]; params `steps`, `guidance`, `seed` (defaults: how the stage sampled)
+- `generator` (the denoiser, a student): int64 class labels (N,) (a text-conditioned one's: indices
+  into the caption table its JSON lists) -> decoded images (N, C, H, W) in [-1, 1]; params `steps`,
+  `guidance`, `seed` (defaults: how the stage sampled)
 - `gan` (the GAN's generator): int64 class labels (N,) -> decoded images in [-1, 1]; param `seed`
 `model_config["device"]` (`cpu`) is where it runs; override it at load with
 `mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})` (MLflow takes only keys logged with it).

@@ -24,7 +24,9 @@ uses the train edges. An empty image measures 0 on every attribute.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -126,6 +128,36 @@ def label_words(class_names: Sequence[str]) -> list[str]:
         else:
             words.append(" ".join(name.lower().replace("_", " ").split()) or f"class {k}")
     return words
+
+
+CAPTIONS_PER_CLASS = math.prod(len(words) for words in WORDS.values())  # 81: a word of each attribute
+
+
+def caption_table(class_names: Sequence[str]) -> list[str]:
+    """Every caption TEMPLATE writes for these classes, class by class and, within a class, the
+    attributes' words as nested loops in WORDS' order (position varying fastest): the caption of
+    class c with bin indices (b1, ..., b4) sits at c * CAPTIONS_PER_CLASS + ((b1 * 3 + b2) * 3 + b3) * 3 + b4."""
+    return [
+        TEMPLATE.format(label=name, **dict(zip(WORDS, words, strict=True)))
+        for name in label_words(class_names) for words in itertools.product(*WORDS.values())
+    ]
+
+
+def caption_index(label: int, bins: Sequence[int]) -> int:
+    """The caption_table index of class `label`'s caption with these bin indices (one per attribute, in WORDS' order)."""
+    index = label
+    for k, words in zip(bins, WORDS.values(), strict=True):
+        index = index * len(words) + k
+    return index
+
+
+def caption_bins(index: np.ndarray) -> dict[str, np.ndarray]:
+    """Each attribute's bin index of captions given by their `caption_table` index (their class is
+    index // CAPTIONS_PER_CLASS)."""
+    rest, bins = np.asarray(index) % CAPTIONS_PER_CLASS, {}
+    for name, words in reversed(WORDS.items()):
+        rest, bins[name] = np.divmod(rest, len(words))
+    return {name: bins[name] for name in WORDS}
 
 
 def captions(labels: np.ndarray, bins: dict[str, np.ndarray], class_names: Sequence[str]) -> list[str]:

@@ -1,5 +1,6 @@
 """Latent denoisers: the training module built from params, export and rebuild from safetensors +
-JSON (with how they sample), class-balanced sampling and decoded per-class grids.
+JSON (with how they sample and, text-conditioned, their caption table), class-balanced sampling and
+decoded per-class (or, text-conditioned, per-caption) grids.
 
 The distilled students are denoisers too: they are saved, loaded and sampled the same way.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +40,11 @@ from models.samplers import (
 )
 from models.unet import UNet, UNetConfig
 from tasks.artifacts import load_network, save_network, unreadable
+from tasks.captions import CAPTIONS_PER_CLASS, WORDS, caption_index
+from tasks.conditions import caption_requests
 from tasks.data import EpochBatches
 from tasks.device import autocast
-from tasks.images import grid, to_uint8
+from tasks.images import captioned, grid, to_uint8
 from tasks.params import DiffusionParams, ParamsError
 from tasks.vae import LatentDecoder
 
@@ -72,12 +75,23 @@ def check_latent_grid(params: DiffusionParams, latent_shape: tuple[int, ...]) ->
 
 
 def build_denoiser_training(
-    params: DiffusionParams, latent_channels: int, num_classes: int, embedding_dim: int | None = None
+    params: DiffusionParams, latent_channels: int, num_classes: int, embedding_dim: int | None = None,
+    caption_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DenoiserTraining:
     """The net and its objective; with repa.weight > 0, REPA's projector onto the SSL encoder's
-    `embedding_dim`-wide embeddings too."""
+    `embedding_dim`-wide embeddings too. Text-conditioned (condition: text), `caption_tokens` is the
+    caption table's token features and where they are not padding, the empty caption last
+    (tasks/conditions.py's `caption_features`), and the labels index its rows."""
     config = getattr(params, params.backbone).model_dump()
+    if params.condition == "text":
+        if caption_tokens is None:
+            raise ValueError("condition: text needs the caption table's token features")
+        features = caption_tokens[0]
+        num_classes = len(features) - 1
+        config |= {"text_length": features.shape[1], "text_dim": features.shape[2]}
     net = build_net(params.backbone, {"in_channels": latent_channels, "num_classes": num_classes, **config})
+    if params.condition == "text":
+        net.set_captions(*caption_tokens)
     if params.formulation == "flow":
         objective = RectifiedFlow(params.flow.time_mean, params.flow.time_std, params.label_dropout)
     elif params.formulation == "edm":
@@ -104,15 +118,31 @@ class Denoiser:
     latent_shape: tuple[int, ...]
     flow_time: dict[str, float] = field(default_factory=dict)  # the flow's logit-normal t, for reflow
     edm: dict[str, float | None] = field(default_factory=dict)  # EDM's (and consistency's) sigma_data, schedule, churn
+    captions: list[str] = field(default_factory=list)  # text-conditioned: the caption table its labels index
     guide: Callable[[nn.Module], nn.Module] | None = None  # wraps what the sampler calls (tasks/guidance.py)
 
     @classmethod
-    def from_params(cls, net: UNet | DiT, params: DiffusionParams, latent_shape: tuple[int, ...]) -> Denoiser:
+    def from_params(
+        cls, net: UNet | DiT, params: DiffusionParams, latent_shape: tuple[int, ...], captions: Sequence[str] = ()
+    ) -> Denoiser:
         formulation = params.formulation
         sampler = getattr(params, formulation).sampler
         flow_time = params.flow.model_dump(include={"time_mean", "time_std"}) if formulation == "flow" else {}
         edm = params.edm.model_dump(exclude={"p_mean", "p_std", "sampler"}) if formulation == "edm" else {}
-        return cls(net, formulation, sampler, tuple(latent_shape), flow_time, edm)
+        return cls(net, formulation, sampler, tuple(latent_shape), flow_time, edm, list(captions))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.captions) // CAPTIONS_PER_CLASS if self.captions else self.net.config.num_classes
+
+    def classes(self, conditions: torch.Tensor) -> torch.Tensor:
+        """The class each of its labels asks for: the label itself, or a caption's class."""
+        return conditions // CAPTIONS_PER_CLASS if self.captions else conditions
+
+    def requests(self, classes: torch.Tensor, split: str, seed: int) -> torch.Tensor:
+        """Its labels for samples of `classes`: the classes, or (text-conditioned) the caption of
+        a random image of each class in `split` (tasks/conditions.py)."""
+        return caption_requests(classes, split, seed) if self.captions else classes
 
     def with_net(self, net: UNet | DiT, sampler: str | None = None) -> Denoiser:
         return dataclasses.replace(self, net=net, sampler=sampler or self.sampler)
@@ -184,7 +214,7 @@ def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") ->
     config = {
         "backbone": backbone, backbone: dataclasses.asdict(denoiser.net.config), "formulation": denoiser.formulation,
         "sampler": denoiser.sampler, "latent_shape": list(denoiser.latent_shape), "flow_time": denoiser.flow_time,
-        "edm": denoiser.edm,
+        "edm": denoiser.edm, "captions": denoiser.captions,
     }
     save_network(denoiser.net, config, folder, name)
 
@@ -206,7 +236,7 @@ def load_denoiser(folder: Path | str, device: torch.device | str = "cpu", name: 
         raise unreadable(Path(folder) / f"{name}.json", f"formulation {config['formulation']} without its 'edm' settings")
     return Denoiser(
         net, config["formulation"], config["sampler"], tuple(config["latent_shape"]), config["flow_time"],
-        config.get("edm", {}),
+        config.get("edm", {}), config.get("captions", []),
     )
 
 
@@ -229,19 +259,43 @@ def timed_images(
     denoiser: Denoiser, decoder: LatentDecoder, labels: torch.Tensor, steps: int, guidance: float, seed: int,
     batch_size: int = 500,
 ) -> tuple[torch.Tensor, float]:
-    """Decoded samples in [-1, 1] for `labels`, and the images/s of sampling plus decoding."""
+    """Decoded samples in [-1, 1] for `labels` (the denoiser's: classes, or caption_table indices),
+    and the images/s of sampling plus decoding."""
     started = time.perf_counter()
-    images = decoder(denoiser.sample(labels, steps, guidance, seed, batch_size), labels)
+    images = decoder(denoiser.sample(labels, steps, guidance, seed, batch_size), denoiser.classes(labels))
     if images.is_cuda:
         torch.cuda.synchronize(images.device)  # count the kernels still queued
     return images, len(labels) / max(time.perf_counter() - started, 1e-9)
 
 
 def class_grid(
-    denoiser: Denoiser, decoder: LatentDecoder, num_classes: int, per_class: int, steps: int, guidance: float, seed: int
+    denoiser: Denoiser, decoder: LatentDecoder, per_class: int, steps: int, guidance: float, seed: int
 ) -> tuple[np.ndarray, float]:
-    """A row of `per_class` decoded samples per class, and the images/s it was drawn at."""
+    """A row of `per_class` decoded samples per class (text-conditioned: each asked for with the
+    caption of a random train image of the class), and the images/s it was drawn at."""
     device = next(denoiser.net.parameters()).device
-    labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-    images, images_per_s = timed_images(denoiser, decoder, labels, steps, guidance, seed)
+    classes = torch.arange(denoiser.num_classes, device=device).repeat_interleave(per_class)
+    images, images_per_s = timed_images(denoiser, decoder, denoiser.requests(classes, "train", seed), steps, guidance, seed)
     return grid(to_uint8(images), ncols=per_class), images_per_s
+
+
+def caption_grid(
+    denoiser: Denoiser, decoder: LatentDecoder, label: int, per_caption: int, steps: int, guidance: float, seed: int
+) -> tuple[np.ndarray, float]:
+    """A text-conditioned denoiser's samples of class `label`: a row per caption, each under its
+    caption, the captions sweeping each attribute's words in turn with the others at their middle
+    word; `per_caption` samples a row, the same noise down each column; and the images/s."""
+    if not 0 <= label < denoiser.num_classes:
+        raise ParamsError(f"params/diffusion.yaml: caption_grid_class {label} is not a class (0 to {denoiser.num_classes - 1})")
+    middle = [len(words) // 2 for words in WORDS.values()]
+    rows = dict.fromkeys(
+        caption_index(label, [*middle[:a], k, *middle[a + 1 :]])
+        for a, words in enumerate(WORDS.values()) for k in range(len(words))
+    )
+    device = next(denoiser.net.parameters()).device
+    panels, seconds = {}, 0.0
+    for index in rows:
+        images, images_per_s = timed_images(denoiser, decoder, torch.full((per_caption,), index, device=device), steps, guidance, seed)
+        panels[denoiser.captions[index]] = grid(to_uint8(images), ncols=per_caption)
+        seconds += per_caption / images_per_s
+    return captioned(panels, ncols=1), len(rows) * per_caption / seconds

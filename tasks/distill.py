@@ -59,15 +59,16 @@ def progressive_students(
 
 
 def reflow_student(
-    teacher: Denoiser, params: DistillParams, num_classes: int, training: TrainingContext, batch_size: int = 500
+    teacher: Denoiser, params: DistillParams, training: TrainingContext, batch_size: int = 500
 ) -> tuple[list[Student], list[TrainResult]]:
     """A copy of the teacher trained on straight paths from noise to the teacher's guided samples
-    (drawn with reflow.sampler); it samples with Euler at every count in student_steps, unguided. Any deterministic teacher
+    (drawn with reflow.sampler; a text-conditioned teacher's asked for train captions, class-balanced);
+    it samples with Euler at every count in student_steps, unguided. Any deterministic teacher
     works: an EDM teacher's student is a rectified flow (the flow params' default t) that starts from
     the teacher's network weights."""
     reflow = params.reflow
     torch.manual_seed(params.seed)
-    labels = balanced_labels(reflow.pairs, num_classes, training.device)
+    labels = teacher.requests(balanced_labels(reflow.pairs, teacher.num_classes, training.device), "train", params.seed)
     teacher_net, sampler = (teacher if reflow.sampler == "own" else teacher.with_net(teacher.net, "heun")).sampling()
     noise, samples = [], []
     for chunk in tqdm(labels.split(batch_size), desc="distill/reflow pairs", disable=not training.is_main):

@@ -381,8 +381,9 @@ class UNetParams(Strict):
     channels: int = Field(32, ge=8, le=1024, description="width of the first level")
     channel_mults: list[int] = Field([1, 2], min_length=1, max_length=5, description="each level's width / channels; each next level halves the grid")
     blocks_per_level: int = Field(1, ge=1, le=8)
-    attention_heads: int = Field(4, ge=1, le=32, description="self-attention at the lowest resolution")
+    attention_heads: int = Field(4, ge=1, le=32, description="heads of the self-attention at the lowest resolution and of every cross-attention")
     dropout: float = Field(0.0, ge=0, lt=1)
+    cross_attention_levels: list[int] = Field([0, 1], max_length=5, description="condition: text: the levels (0 = the first, full-resolution one) whose ResBlocks attend to the caption's tokens; the middle blocks always do")
 
     @model_validator(mode="after")
     def _heads_divide_the_deepest_width(self) -> UNetParams:
@@ -478,6 +479,7 @@ class DiffusionParams(Strict):
     ddpm: DDPMParams = DDPMParams()
     edm: EDMParams = EDMParams()
     backbone: Literal["unet", "dit"] = Field("unet", description="the denoiser network: unet (the unet block), or dit, a Diffusion Transformer (Peebles & Xie 2023; the dit block)")
+    condition: Literal["class", "text"] = Field("class", description="class: the label, embedded and added to the time's embedding; text: the image's caption (prepare's), through cross-attention to the clip stage's frozen text encoder's token features (the unet's cross_attention_levels); the empty caption is CFG's null")
     unet: UNetParams = UNetParams()
     dit: DiTParams = DiTParams()
     label_dropout: float = Field(0.1, ge=0, lt=1, description="share of labels swapped for the null class (classifier-free guidance)")
@@ -487,12 +489,26 @@ class DiffusionParams(Strict):
     sample_steps: int = Field(32, ge=1, le=1000, description="sampler steps of the sample grids")
     guidance_scales: list[float] = Field([1.0, 2.0, 4.0], min_length=1, description="a sample grid per scale; 1 is the plain conditional model")
     samples_per_class: int = Field(8, ge=1, le=64, description="columns of each sample grid")
+    caption_grid_class: int = Field(2, ge=0, description="condition: text: the class whose captions make the sample grids' rows, each attribute's three words in turn (the others at their middle word)")
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _guidance_at_least_one(self) -> DiffusionParams:
         if any(scale < 1 for scale in self.guidance_scales):
             raise ValueError("guidance_scales must be >= 1")
+        return self
+
+    @model_validator(mode="after")
+    def _text_on_a_unet_without_a_classifier(self) -> DiffusionParams:
+        if self.condition == "text" and self.backbone != "unet":
+            raise ValueError("condition: text needs backbone: unet (the DiT has no cross-attention here)")
+        if self.condition == "text" and self.classifier.epochs > 0:
+            raise ValueError("condition: text takes no classifier.epochs: classifier guidance steers towards a class, a text-conditioned teacher is asked for a caption")
+        unet = self.unet
+        if self.condition == "text" and any(not 0 <= level < len(unet.channel_mults) for level in unet.cross_attention_levels):
+            raise ValueError(f"unet.cross_attention_levels must name levels 0 to {len(unet.channel_mults) - 1} (one per unet.channel_mults entry)")
+        if self.condition == "text" and any((unet.channels * unet.channel_mults[level]) % unet.attention_heads for level in unet.cross_attention_levels):
+            raise ValueError("unet.attention_heads must divide the width (channels * channel_mults) of each unet.cross_attention_levels level")
         return self
 
     @model_validator(mode="after")

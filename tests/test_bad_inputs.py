@@ -293,7 +293,8 @@ def test_spoilt_embeddings_are_refused_by_name(in_tmp, spoil, message):
 
 
 def test_a_denoiser_config_without_its_sampling_keys_is_refused_by_name(in_tmp):
-    config = UNetConfig(2, 3, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2, dropout=0.0)
+    config = UNetConfig(2, 3, channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_heads=2, dropout=0.0,
+                        cross_attention_levels=())
     denoiser = Denoiser(UNet(config), "flow", "euler", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0})
     export_denoiser(denoiser, Path("artifacts/diffusion"))
     settings = json.loads(Path("artifacts/diffusion/denoiser.json").read_text())

@@ -200,7 +200,7 @@ def test_balanced_labels_and_class_grid_have_a_row_per_class():
     vae = VAE(VAEConfig(image_channels=1, latent_channels=2, downsample=2, width=8, codebook_size=0)).eval()
     decoder = LatentDecoder(vae, LatentScale(torch.zeros(2), torch.ones(2)))
     denoiser = Denoiser(tiny_unet(), "flow", "euler", (2, 4, 4))
-    image, images_per_s = class_grid(denoiser, decoder, num_classes=3, per_class=4, steps=2, guidance=1.0, seed=0)
+    image, images_per_s = class_grid(denoiser, decoder, per_class=4, steps=2, guidance=1.0, seed=0)
     cell = 48 + 1  # 8-pixel images upscaled to the grid's 48-pixel cells, 1-pixel padding
     assert image.shape == (3 * cell + 1, 4 * cell + 1, 1) and images_per_s > 0
 
@@ -244,7 +244,7 @@ def test_progressive_rounds_halve_the_steps_and_each_student_starts_from_its_tea
 
 def test_reflow_trains_one_student_that_samples_unguided_at_every_step_count(in_tmp):
     teacher = Denoiser(tiny_unet().requires_grad_(False), "flow", "heun", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0})
-    students, results = reflow_student(teacher, distill_params(), num_classes=3, training=TrainingContext("distill"), batch_size=8)
+    students, results = reflow_student(teacher, distill_params(), training=TrainingContext("distill"), batch_size=8)
     assert [s.steps for s in students] == [1, 2] and len(results) == 1 and results[0].steps == 2
     assert all(s.denoiser.sampler == "euler" and s.guidance == 1.0 for s in students)
     assert students[0].denoiser.net is students[1].denoiser.net is not teacher.net
@@ -257,7 +257,7 @@ def test_reflow_trains_one_student_that_samples_unguided_at_every_step_count(in_
 @pytest.mark.parametrize("backbone", list(TINY_NETS))
 def test_reflow_from_an_edm_teacher_trains_a_rectified_flow_student(in_tmp, backbone):
     teacher = Denoiser(TINY_NETS[backbone]().requires_grad_(False), "edm", "heun", (2, 4, 4), edm=EDM_SETTINGS)
-    students, _ = reflow_student(teacher, distill_params(), num_classes=3, training=TrainingContext("distill"), batch_size=8)
+    students, _ = reflow_student(teacher, distill_params(), training=TrainingContext("distill"), batch_size=8)
     student = students[0].denoiser
     assert (student.formulation, student.sampler, student.edm) == ("flow", "euler", {})
     assert student.flow_time == {"time_mean": 0.0, "time_std": 1.0}

@@ -190,8 +190,7 @@ def test_stage_outputs_rebuild_the_vae_and_the_denoiser(pipeline, monkeypatch):
     params = load_params("diffusion")  # the denoiser redraws the stage's sample grids
     denoiser = load_denoiser("artifacts/diffusion")
     grids = {
-        f"guidance {guidance:g}": class_grid(denoiser, decoder, denoiser.net.config.num_classes,
-                                             params.samples_per_class, params.sample_steps, guidance, params.seed)[0]
+        f"guidance {guidance:g}": class_grid(denoiser, decoder, params.samples_per_class, params.sample_steps, guidance, params.seed)[0]
         for guidance in params.guidance_scales
     }
     stored = np.asarray(Image.open("plots/diffusion/samples.png"))
@@ -410,7 +409,7 @@ def test_registered_models_load_in_a_fresh_process_without_unpickling_and_reprod
     }
     for key, (denoiser, sample_steps, guidance) in sampled.items():
         drawn = grid(to_uint8(torch.from_numpy(np.load(tmp_path / f"{key}.npy"))), ncols=per_class)
-        expected, _ = class_grid(denoiser, decoder, num_classes, per_class, sample_steps, guidance, diffusion["seed"] if key == "denoiser" else distill["seed"])
+        expected, _ = class_grid(denoiser, decoder, per_class, sample_steps, guidance, diffusion["seed"] if key == "denoiser" else distill["seed"])
         assert np.array_equal(expected, drawn), key
     for key, listed in files.items():
         if key == "tasks_from":  # the model's own copy of the loaders, not the checkout's
