@@ -9,8 +9,9 @@ inversion: test latents run back to noise and forward again, the error against t
 whether guided samples show the class they were asked for (CFG, and classifier guidance when the
 diffusion stage trained its classifier), judged by the probe, against the guidance scale. A
 text-conditioned teacher and its students are asked for the caption of a random test image of each
-requested class (the test split's captions, class by class); their guided samples are also judged
-on each attribute, measured on the sample, against the word their caption asked for."""
+requested class (the test split's captions, class by class). The guided samples are also judged on
+each attribute, measured on the sample, against the word their caption asked for (a class-
+conditioned teacher's against the caption of a random test image of their class: the control)."""
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from runtime.stage_flow import stage_task
 from runtime.stage_process import main
 from tasks.ar import has_prior, load_prior, timed_ar_images
 from tasks.artifacts import artifacts_dir, metrics_path, read_json
-from tasks.conditions import attribute_agreement, split_conditions
+from tasks.conditions import attribute_agreement, caption_requests, split_conditions
 from tasks.curves import write_csv
 from tasks.data import load_manifest, load_split
 from tasks.diffusion import (
@@ -158,6 +159,9 @@ def request_points(params: FidParams, run: StageRun, scorer: FidScorer) -> tuple
     num_classes = teacher.num_classes
     labels = balanced_labels(guidance.samples, num_classes, device)
     requests = teacher.requests(labels, "test", params.seed)
+    # the words each sample is judged on: its caption's, or for a class-conditioned teacher a random
+    # test caption's of its class, the control: what asking for the class alone gets right
+    captions = requests if teacher.captions else caption_requests(labels, "test", params.seed)
     settings = [("cfg", scale, teacher, scale) for scale in guidance.cfg_scales]
     if classifier is not None:
         settings += [("classifier", scale, classifier_guided(teacher, classifier, scale), 1.0) for scale in guidance.classifier_scales]
@@ -171,8 +175,7 @@ def request_points(params: FidParams, run: StageRun, scorer: FidScorer) -> tuple
             "request_accuracy": request_accuracy(judge, images, labels, params.batch_size),
             "fid": scorer(images, only=("fid",))["fid"], "images_per_s": images_per_s,
         }
-        if teacher.captions:
-            point |= {f"attribute_{name}": share for name, share in attribute_agreement(images, requests).items()}
+        point |= {f"attribute_{name}": share for name, share in attribute_agreement(images, captions).items()}
         points.append(point)
         grids[f"{kind} {scale:g}: {point['request_accuracy']:.1%} as asked, FID {point['fid']:.3g}"] = class_rows(
             images, num_classes, params.samples_per_class)

@@ -16,6 +16,7 @@ from torch import nn
 
 from models.diffusion import EDM, EDMPrecond
 from models.samplers import KarrasSchedule, edm_heun, reverse_sde
+from tasks.captions import WORDS
 from tasks.diffusion import Denoiser, build_denoiser_training
 from tasks.params import DiffusionParams, EDMParams, ParamsError, validate
 from tests.conftest import run
@@ -211,21 +212,23 @@ def test_edm_params_build_the_objective_and_the_sampler():
 
 
 @pytest.mark.slow
-def test_dvc_repro_of_an_edm_teacher_on_a_conditional_vae_scores_heun_the_reverse_sde_consistency_and_the_cvae(
+def test_dvc_repro_of_a_text_conditioned_edm_teacher_on_a_conditional_vae_scores_heun_the_sde_consistency_and_the_cvae(
     reproduced: Path,
 ):
-    """Off by default, on by params: `diffusion.formulation=edm`, `distill.method=consistency` and
-    `fid.samplers=[heun,sde]`, on the latents of a conditional InfoVAE (`vae.conditional`), then
-    `dvc repro fid` (one rerun from vae on for both: CI time). The FID table and chart have the Heun
-    teacher, the reverse-SDE teacher and the consistency students; the conditional VAE's decoded
-    prior for the requested classes is a generator, row cvae_prior at NFE 1, that shows them well
-    above chance. MMD with kl_weight 0.3: the KL pushes the class out of the latent, so the decoder
-    reads it from the label (seen on the smoke profile: 0.55 of 500 samples; 0.42 at kl_weight 1,
-    where the latent collapses to the mean image's PSNR; 0.13 for a KL-VAE at the default beta,
-    whose latent keeps the class)."""
+    """Off by default, on by params: `diffusion.formulation=edm` with `diffusion.condition=text`,
+    `distill.method=consistency` and `fid.samplers=[heun,sde]`, on the latents of a conditional
+    InfoVAE (`vae.conditional`), then `dvc repro fid` (one rerun from vae on for the three features:
+    CI time). The FID table and chart have the Heun teacher, the reverse-SDE teacher and the
+    consistency students, all asked for captions; the guided samples show the class their caption
+    names, and the attributes it names, above chance. The conditional VAE's decoded prior for the
+    requested classes is a generator, row cvae_prior at NFE 1, that shows them well above chance.
+    MMD with kl_weight 0.3: the KL pushes the class out of the latent, so the decoder reads it from
+    the label (seen on the smoke profile: 0.55 of 500 samples; 0.42 at kl_weight 1, where the latent
+    collapses to the mean image's PSNR; 0.13 for a KL-VAE at the default beta, whose latent keeps
+    the class)."""
     run([sys.executable, "-m", "flows", "profile", "smoke", "--set", "diffusion.formulation=edm",
-         "--set", "distill.method=consistency", "--set", "fid.samplers=[heun,sde]", "--set", "vae.regulariser=mmd",
-         "--set", "vae.mmd.kl_weight=0.3", "--set", "vae.conditional=true"], reproduced)
+         "--set", "diffusion.condition=text", "--set", "distill.method=consistency", "--set", "fid.samplers=[heun,sde]",
+         "--set", "vae.regulariser=mmd", "--set", "vae.mmd.kl_weight=0.3", "--set", "vae.conditional=true"], reproduced)
     run(["dvc", "repro", "fid"], reproduced)
     vae = json.loads((reproduced / "metrics/vae.json").read_text())
     assert json.loads((reproduced / "artifacts/vae/vae.json").read_text())["num_classes"] == 10
@@ -235,8 +238,14 @@ def test_dvc_repro_of_an_edm_teacher_on_a_conditional_vae_scores_heun_the_revers
     assert fid["train_seconds.cvae"] == vae["train_seconds"]
     students = json.loads((reproduced / "artifacts" / "distill" / "students.json").read_text())
     assert students["method"] == "consistency", students
+    for network in ("diffusion/denoiser", "distill/student"):  # the students keep the teacher's caption table
+        assert len(json.loads((reproduced / "artifacts" / f"{network}.json").read_text())["captions"]) == 810, network
     for prefix in ("teacher", "teacher_sde", "student"):
         assert any(key.startswith(f"fid.{prefix}.steps_") for key in fid), (prefix, sorted(fid))
+    top = max(float(key.rpartition("scale_")[2]) for key in fid if key.startswith("request_accuracy.cfg.scale_"))
+    assert fid[f"request_accuracy.cfg.scale_{top:g}"] > 0.3, fid  # the class its caption names; chance 0.1
+    agreement = [fid[f"request_attribute.{name}.cfg.scale_{top:g}"] for name in WORDS]
+    assert sum(agreement) / len(agreement) > 0.4, agreement  # the words it names; chance 1/3 (smoke: 0.50)
     with open(reproduced / "plots" / "fid" / "fid_vs_nfe.csv") as handle:
         lines = {point["generator"] for point in csv.DictReader(handle)}
     assert {"teacher (heun)", "teacher (sde)", "student", "cvae_prior"} <= lines, lines
