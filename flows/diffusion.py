@@ -42,11 +42,12 @@ def captions(params: DiffusionParams, device: torch.device) -> tuple[list[str], 
     return texts, tuple(tokens)
 
 
-def train_denoiser(params: DiffusionParams, run: StageRun) -> TrainResult:
+def train_denoiser(
+    params: DiffusionParams, run: StageRun, caption_tokens: tuple[torch.Tensor, torch.Tensor] | None
+) -> TrainResult:
     latents = load_latents(artifacts_dir("vae"), run.device)
     scaled, labels = latents.scaled(), latents.labels
     check_latent_grid(params, tuple(scaled.shape[1:]))
-    _, caption_tokens = captions(params, run.device)
     if caption_tokens is not None:  # each latent's label becomes its image's caption (the same, prepared, order)
         labels = split_conditions("train", run.device)
         if len(labels) != len(scaled):
@@ -76,13 +77,13 @@ def train_classifier(params: DiffusionParams, run: StageRun) -> TrainResult:
 @flow(name="diffusion", log_prints=True)
 def diffusion(params: DiffusionParams) -> None:
     with StageRun("diffusion", params) as run:
-        result = stage_task(train_denoiser, name="train")(params, run)
+        texts, caption_tokens = captions(params, run.device)
+        result = stage_task(train_denoiser, name="train")(params, run, caption_tokens)
         classifier = stage_task(train_classifier, name="train-classifier")(params, run) if params.classifier.epochs > 0 else None
         if not run.is_main:
             return
         trained = result.ema if result.ema is not None else result.module
         latent_shape = load_latents(artifacts_dir("vae")).latents.shape[1:]
-        texts, _ = captions(params, run.device)
         export_denoiser(Denoiser.from_params(trained.net, params, latent_shape, texts), run.outputs.artifacts)
         denoiser = load_denoiser(run.outputs.artifacts, run.device)  # what later stages get
         decoder = load_decoder(artifacts_dir("vae"), run.device)

@@ -6,8 +6,8 @@ level: in [0, 1] for the flow and DDPM, ln(σ) / 4 (about -1.6 to 1.1) under EDM
 indices (N,), where `null_label` (= num_classes) means "no label" for classifier-free guidance.
 
 Text-conditioned (`text_dim` > 0), a label is an index into a table of captions whose token
-features (N, length, text_dim) and padding the frozen CLIP text encoder computed once and the net
-keeps as buffers (row num_classes: the empty caption, the null label); the ResBlocks of the levels
+features (num_classes + 1, length, text_dim) and padding the frozen CLIP text encoder computed once
+and the net keeps as buffers (row num_classes: the empty caption, the null label); the ResBlocks of the levels
 `cross_attention_levels` names, and the middle ones, then attend to the caption's tokens
 (cross-attention, padding masked out of the keys), and no class embedding is added to the time's.
 Any grid size works (2x2 up): each level halves it (rounding up) and the way back up resizes
