@@ -14,12 +14,13 @@ from runtime.stage import StageRun
 from runtime.stage_flow import stage_task
 from runtime.stage_process import main
 from tasks.artifacts import artifacts_dir, unreadable
+from tasks.captions import CAPTIONS_PER_CLASS
 from tasks.conditions import caption_features, split_conditions
 from tasks.data import PREPARED, load_manifest
 from tasks.diffusion import (
     Denoiser,
+    attribute_grid,
     build_denoiser_training,
-    caption_grid,
     check_latent_grid,
     class_grid,
     export_denoiser,
@@ -29,16 +30,23 @@ from tasks.diffusion import (
 from tasks.encoder import load_embeddings
 from tasks.guidance import build_classifier_training, export_classifier
 from tasks.images import captioned, save_png
-from tasks.params import DiffusionParams
+from tasks.params import DiffusionParams, ParamsError
 from tasks.training import TrainingContext, TrainResult
 from tasks.vae import decoder_files, load_decoder, load_latents
 
 
-def captions(params: DiffusionParams, device: torch.device) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor] | None]:
-    """condition: text's caption table and its token features (tasks/conditions.py); ([], None) for class."""
+def caption_conditioning(
+    params: DiffusionParams, device: torch.device
+) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor] | None]:
+    """condition: text's caption table and its token features (tasks/conditions.py), after checking
+    caption_grid_class names a class; ([], None) for class."""
     if params.condition != "text":
         return [], None
-    texts, *tokens = caption_features(load_manifest()["class_names"], device)
+    class_names = load_manifest()["class_names"]
+    if params.caption_grid_class >= len(class_names):
+        raise ParamsError(f"params/diffusion.yaml: caption_grid_class {params.caption_grid_class} is not a class "
+                          f"(0 to {len(class_names) - 1})")
+    texts, *tokens = caption_features(class_names, device)
     return texts, tuple(tokens)
 
 
@@ -49,9 +57,11 @@ def train_denoiser(
     scaled, labels = latents.scaled(), latents.labels
     check_latent_grid(params, tuple(scaled.shape[1:]))
     if caption_tokens is not None:  # each latent's label becomes its image's caption (the same, prepared, order)
-        labels = split_conditions("train", run.device)
-        if len(labels) != len(scaled):
-            raise unreadable(PREPARED / "train_captions.json", f"{len(labels)} captions for {len(scaled)} train latents")
+        captions = split_conditions("train", run.device)
+        if len(captions) != len(scaled) or bool((captions // CAPTIONS_PER_CLASS != labels).any()):
+            raise unreadable(PREPARED / "train_captions.json", "its captions do not name the train latents' classes in "
+                                                               "order: from another prepare run? `dvc repro`")
+        labels = captions
     # REPA's targets: the frozen SSL encoder's embeddings of the same training images, in the same (prepared) order
     targets = [load_embeddings(artifacts_dir("encoder"), "train", len(scaled), run.device)] if params.repa.weight > 0 else []
     torch.manual_seed(params.seed)
@@ -77,7 +87,7 @@ def train_classifier(params: DiffusionParams, run: StageRun) -> TrainResult:
 @flow(name="diffusion", log_prints=True)
 def diffusion(params: DiffusionParams) -> None:
     with StageRun("diffusion", params) as run:
-        texts, caption_tokens = captions(params, run.device)
+        texts, caption_tokens = caption_conditioning(params, run.device)
         result = stage_task(train_denoiser, name="train")(params, run, caption_tokens)
         classifier = stage_task(train_classifier, name="train-classifier")(params, run) if params.classifier.epochs > 0 else None
         if not run.is_main:
@@ -95,7 +105,7 @@ def diffusion(params: DiffusionParams) -> None:
         grids = {}
         for guidance in params.guidance_scales:
             if texts:
-                grids[f"guidance {guidance:g}"], images_per_s = stage_task(caption_grid, name="sample-grids")(
+                grids[f"guidance {guidance:g}"], images_per_s = stage_task(attribute_grid, name="sample-grids")(
                     denoiser, decoder, params.caption_grid_class, params.samples_per_class, params.sample_steps, guidance,
                     params.seed,
                 )

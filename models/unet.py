@@ -68,8 +68,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convolutions; the time + class embedding scales and shifts the second one's input.
-    With `cross_attention`, the block's output then attends to the caption's tokens."""
+    """Two 3x3 convolutions; the time embedding (plus the class's, class-conditioned) scales and
+    shifts the second one's input. With `cross_attention`, the block's output then attends to the
+    caption's tokens."""
 
     def __init__(
         self, in_channels: int, out_channels: int, embedding_dim: int, groups: int, dropout: float,

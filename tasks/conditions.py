@@ -23,6 +23,7 @@ from tasks.captions import (
     Tokenizer,
     caption_bins,
     caption_table,
+    label_words,
     measure,
     read_captions,
     to_bins,
@@ -37,15 +38,26 @@ def caption_features(class_names: list[str], device: torch.device | str) -> tupl
     """(the caption table of these classes, its captions' token features from the clip stage's
     frozen text encoder (rows, length, dim) with the empty caption's last, where those tokens are
     not padding (rows, length))."""
-    texts = caption_table(class_names)
-    tokens = torch.from_numpy(Tokenizer.read(VOCAB).encode_batch([*texts, ""])).to(device)
+    texts, tokenizer = caption_table(class_names), Tokenizer.read(VOCAB)
+    words = [tokenizer.split(text) for text in texts]
+    if unknown := sorted({word for split in words for word in split} - set(tokenizer.ids))[:5]:
+        raise unreadable(VOCAB, f"no token for the caption template's words {unknown}")
+    if (longest := max(map(len, words)) + 2) > tokenizer.length:
+        raise unreadable(VOCAB, f"length {tokenizer.length} cuts the template's longest caption ({longest} tokens)")
+    tokens = torch.from_numpy(tokenizer.encode_batch([*texts, ""])).to(device)
     features, keep = load_clip(artifacts_dir("clip"), device).text_encoder.token_features(tokens)
     return texts, features.float(), keep
 
 
 def split_conditions(split: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The caption_table index of each image's caption in a prepared split, in the images' order (N,)."""
-    index = {text: i for i, text in enumerate(caption_table(load_manifest()["class_names"]))}
+    class_names = load_manifest()["class_names"]
+    table = caption_table(class_names)
+    if len(set(table)) < len(table):
+        raise unreadable(PREPARED / "manifest.json", f"two class names read as one word in captions "
+                                                      f"({', '.join(label_words(class_names))}): a caption would "
+                                                      "not say which class it asks for")
+    index = {text: i for i, text in enumerate(table)}
     texts = read_captions(PREPARED, split)
     if unknown := sorted(set(texts) - set(index))[:3]:
         raise unreadable(PREPARED / f"{split}_captions.json", f"captions the template does not write: {unknown}")

@@ -221,19 +221,23 @@ def export_denoiser(denoiser: Denoiser, folder: Path, name: str = "denoiser") ->
 
 def load_denoiser(folder: Path | str, device: torch.device | str = "cpu", name: str = "denoiser") -> Denoiser:
     """Rebuild a frozen denoiser (eval mode, no grads) from <name>.json + <name>.safetensors; a
-    file without "backbone" (written before the DiT) holds a U-Net."""
+    file without "backbone" (written before the DiT) holds a U-Net, one without its U-Net's
+    "cross_attention_levels" (written before text conditioning) a class-conditioned one."""
 
     def build(config: dict) -> UNet | DiT:
         backbone = config.get("backbone", "unet")
         if backbone not in BACKBONES or backbone not in config:
             raise unreadable(Path(folder) / f"{name}.json", f"backbone {backbone!r} without its config")
-        return build_net(backbone, config[backbone])
+        return build_net(backbone, {"cross_attention_levels": ()} | config[backbone] if backbone == "unet" else config[backbone])
 
     net, config = load_network(folder, name, build, device)
     if missing := [key for key in ("formulation", "sampler", "latent_shape", "flow_time") if key not in config]:
         raise unreadable(Path(folder) / f"{name}.json", f"missing key(s) {', '.join(missing)}")
     if config["formulation"] in ("edm", "consistency") and not config.get("edm"):
         raise unreadable(Path(folder) / f"{name}.json", f"formulation {config['formulation']} without its 'edm' settings")
+    if getattr(net.config, "text_dim", 0) and len(config.get("captions", [])) != net.config.num_classes:
+        raise unreadable(Path(folder) / f"{name}.json", f"{len(config.get('captions', []))} captions for a net of "
+                                                          f"{net.config.num_classes}")
     return Denoiser(
         net, config["formulation"], config["sampler"], tuple(config["latent_shape"]), config["flow_time"],
         config.get("edm", {}), config.get("captions", []),
@@ -279,14 +283,12 @@ def class_grid(
     return grid(to_uint8(images), ncols=per_class), images_per_s
 
 
-def caption_grid(
+def attribute_grid(
     denoiser: Denoiser, decoder: LatentDecoder, label: int, per_caption: int, steps: int, guidance: float, seed: int
 ) -> tuple[np.ndarray, float]:
     """A text-conditioned denoiser's samples of class `label`: a row per caption, each under its
     caption, the captions sweeping each attribute's words in turn with the others at their middle
     word; `per_caption` samples a row, the same noise down each column; and the images/s."""
-    if not 0 <= label < denoiser.num_classes:
-        raise ParamsError(f"params/diffusion.yaml: caption_grid_class {label} is not a class (0 to {denoiser.num_classes - 1})")
     middle = [len(words) // 2 for words in WORDS.values()]
     rows = dict.fromkeys(
         caption_index(label, [*middle[:a], k, *middle[a + 1 :]])

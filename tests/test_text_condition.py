@@ -6,6 +6,7 @@ its export, and the params that refuse what it cannot do."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 
 from models.samplers import guided
 from models.unet import UNet, UNetConfig
+from tasks.artifacts import ArtifactError
 from tasks.captions import (
     CAPTIONS_PER_CLASS,
     WORDS,
@@ -150,3 +152,20 @@ def test_params_refuse_what_text_conditioning_cannot_do_by_name(overrides, named
     with pytest.raises(ValidationError, match=named):
         DiffusionParams(**overrides)
     DiffusionParams(**{**overrides, "condition": "class", "classifier": {}})  # class conditioning ignores them
+
+
+def test_a_denoiser_written_before_text_conditioning_loads_and_a_short_caption_table_is_refused(tmp_path):
+    texts = [f"caption {i}" for i in range(CAPTIONS)]
+    export_denoiser(Denoiser(text_unet(), "flow", "euler", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0}, {}, texts), tmp_path)
+    path = tmp_path / "denoiser.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "captions": texts[:-1]}))
+    with pytest.raises(ArtifactError, match=f"{CAPTIONS - 1} captions for a net of {CAPTIONS}"):
+        load_denoiser(tmp_path)
+
+    config = UNetConfig(2, 3, **defaults(UNetParams, channels=8, channel_mults=(1,), attention_heads=2))
+    export_denoiser(Denoiser(UNet(config), "flow", "euler", (2, 4, 4), {"time_mean": 0.0, "time_std": 1.0}), tmp_path)
+    saved = json.loads(path.read_text())
+    del saved["unet"]["cross_attention_levels"], saved["captions"]  # as the class-conditioned code wrote it
+    path.write_text(json.dumps(saved))
+    assert load_denoiser(tmp_path).net.config.cross_attention_levels == ()
