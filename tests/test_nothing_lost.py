@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from runtime.server import free_port
-from tests.conftest import copy_repo, empty_store, run, run_env, wait_or_show_stacks
+from tests.conftest import copy_reproduced, empty_store, run, run_env, wait_or_show_stacks
 
 pytestmark = pytest.mark.slow
 
@@ -270,19 +270,17 @@ def test_a_tracking_server_that_dies_as_the_stage_ends_puts_nothing_in_place(in_
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 48 MiB tmpfs (root only: CI runs as root), unmounted after the test."""
+    """A 256 MiB tmpfs (root only: CI runs as root), unmounted after the test."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)]).returncode:
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)]).returncode:
         pytest.skip("mounting a tmpfs needs root")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_is_named_with_its_folder_and_loses_nothing(small_disk, tmp_path, prefect_api):
-    repo = copy_repo(small_disk / "repo")
-    run([sys.executable, "-m", "flows", "profile", "smoke"], repo)
-    run(["dvc", "repro", "ssl"], repo)
+def test_a_full_disk_is_named_with_its_folder_and_loses_nothing(small_disk, smoke_snapshot):
+    repo = copy_reproduced(smoke_snapshot, small_disk / "repo")
     before, lock = snapshot(repo, *SSL_OUTPUTS), (repo / "dvc.lock").read_text()
     free = shutil.disk_usage(small_disk).free
     (small_disk / "filler").write_bytes(b"\0" * (free - (256 << 10)))  # a quarter MiB left

@@ -1,6 +1,7 @@
 """The front doors around the stages: the DAG read from DVC, serving on a schedule, a failing or
 briefly unreachable tracking server, bad form values, and the Prefect server a `dvc repro` shares."""
 
+import json
 import os
 import re
 import subprocess
@@ -182,6 +183,25 @@ def test_the_per_invocation_prefect_server_refuses_a_client_without_its_auth_str
     assert len(auth) >= 32 and healthy(prefect_api)
     assert status(None) == 401 and status("guess:guess") == 401 and status(auth[:-1]) == 401
     assert status(auth) == 200
+
+
+@pytest.mark.slow  # a Prefect server
+def test_the_per_invocation_prefect_server_runs_only_the_services_a_pipeline_run_uses(prefect_api):
+    """Its loop services for schedules, workers, pauses, leases and automations are off (they poll
+    for work it never has); those that record task runs and events, and cancel a cancelled run's
+    stages, are on."""
+    import base64
+    import urllib.request
+
+    from runtime.server import AUTH_ENV, IDLE_SERVICES
+
+    request = urllib.request.Request(f"{prefect_api}/admin/settings", headers={
+        "Authorization": "Basic " + base64.b64encode(os.environ[AUTH_ENV].encode()).decode()})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        services = json.load(response)["server"]["services"]
+    enabled = {name for name, service in services.items() if service.get("enabled") is True}
+    assert not enabled & set(IDLE_SERVICES) and len(IDLE_SERVICES) == 7
+    assert {"task_run_recorder", "event_persister", "cancellation_cleanup"} <= enabled
 
 
 @pytest.mark.slow
