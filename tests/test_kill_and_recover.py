@@ -167,6 +167,28 @@ def test_helpers_meet_in_a_private_directory(own_tmp):
         helpers_dir()
 
 
+@pytest.mark.parametrize("args, one", [
+    (["repro", "--force", "--single-item", "ssl"], True), (["repro", "-fs", "dvc.yaml:ssl"], True),
+    (["repro", "ssl"], False), (["repro", "-s", "ssl", "probe"], False), (["repro", "-s", "--glob", "s*"], False),
+    (["exp", "run", "-s", "ssl"], False),
+])
+def test_the_host_of_a_one_stage_run_skips_warming_the_other_stages(args, one):
+    """A `dvc repro -s <stage>` asks for one stage only: its host imports no other stage's code
+    while the `dvc` finishes; any other run (several stages, the pipeline flow) warms them."""
+    from runtime.host import runs_one_stage
+    from runtime.invocation import Invocation
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])  # a dvc's command line
+    try:
+        while not psutil.Process(process.pid).cmdline():  # /proc shows none for a moment as it starts
+            time.sleep(0.01)
+        assert runs_one_stage(Invocation.of(process.pid)) is one
+    finally:
+        process.kill()
+        process.wait()
+    assert runs_one_stage(Invocation(process.pid, 0.0)) is False  # gone: warm, as before
+
+
 @pytest.mark.slow  # a Prefect server
 def test_a_published_server_address_is_checked_before_use(tmp_path, prefect_api):
     from runtime.server import AUTH_ENV, Api, read_api
