@@ -218,8 +218,9 @@ def runs_one_stage(invocation: Invocation) -> bool:
         return False
     if "repro" not in args:
         return False
-    options = [arg for arg in args[args.index("repro") + 1:] if arg.startswith("-")]
-    targets = [arg for arg in args[args.index("repro") + 1:] if not arg.startswith("-")]
+    after = args[args.index("repro") + 1:]
+    options = [arg for arg in after if arg.startswith("-")]
+    targets = [arg for arg in after if not arg.startswith("-")]
     single = any(arg == "--single-item" or re.fullmatch(r"-[a-zA-Z]*s[a-zA-Z]*", arg) for arg in options)
     return single and len(targets) == 1 and not {"--glob", "--downstream", "-p", "-P", "-R"} & set(options)
 
@@ -228,7 +229,7 @@ def serve_while(invocation: Invocation) -> None:
     """Import what every stage needs, start taking stages, and import the rest (each stage's flow,
     torch._dynamo, mlflow.pyfunc; MLflow's map of installed packages) between requests once a
     stage has ended, so that no stage shares the CPU with them; a run of one stage (`dvc repro -s
-    <stage>`) never imports them (~3 s of CPU while its `dvc` finishes). Run stages until the
+    <stage>`) never imports them (1 CPU-s here, more under load, while its `dvc` finishes). Run stages until the
     invocation ends."""
     import yaml
 
