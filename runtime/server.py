@@ -45,7 +45,7 @@ LOCAL_API = re.compile(r"http://127\.0\.0\.1:\d{1,5}/api")  # what `prefect_serv
 AUTH_ENV = "PREFECT_API_AUTH_STRING"  # what clients send (Basic auth); the server's: PREFECT_SERVER_API_AUTH_STRING
 IDLE_SERVICES = ("scheduler", "late_runs", "foreman", "pause_expirations", "repossessor", "cleanup_reconciler", "triggers")
 """The loop services a server started here has no work for: it holds no schedules, workers, paused
-runs, concurrency leases or automations. Each polls the database every few seconds: together ~1.7
+runs, concurrency leases or automations. Each polls the database every few seconds: together ~1.2
 s of CPU a minute per server here, beside the stages. Cancellation cleanup (a cancelled pipeline's
 stage flow runs), the event persister and the task run recorder stay on. A setting of the user's wins."""
 
