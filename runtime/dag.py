@@ -80,11 +80,13 @@ def changed_deps(stage: str, before: dict[str, str]) -> list[str]:
 
 
 def restore_outs(stage: str) -> list[str]:
-    """Put back the stage's missing outputs (artifacts, metrics, plots) as dvc.lock records them:
-    `dvc repro` removes them before running the stage, so a failed or interrupted run would
-    otherwise lose the last good ones. Each comes from DVC's cache (where the run cache commits
-    the `cache: false` metrics and plots too), else, for a file git keeps, from git's HEAD when its
-    md5 is the one dvc.lock records. Returns the paths put back."""
+    """Put back the stage's outputs (artifacts, metrics, plots) as dvc.lock records them, where they
+    are missing or differ: `dvc repro` removes them before running the stage, so a failed or
+    interrupted run would otherwise lose the last good ones; and a run stopped after putting its
+    own in place, before its `dvc` recorded them, would leave outputs that dvc.lock does not know.
+    Each comes from DVC's cache (where the run cache commits the `cache: false` metrics and plots
+    too), else, for a file git keeps, from git's HEAD when its md5 is the one dvc.lock records.
+    Returns the paths put back."""
     if not DVC_LOCK.exists():
         return []
     from dvc.repo import Repo
@@ -93,7 +95,9 @@ def restore_outs(stage: str) -> list[str]:
     with Repo() as repo:
         for dvc_stage in repo.stage.collect(stage):
             for out in dvc_stage.outs:
-                if not out.exists and out.hash_info and (_copy_from_cache(out) or _copy_from_git(out)):
+                if not out.hash_info or (out.exists and not out.changed_checksum()):
+                    continue
+                if _copy_from_cache(out) or _copy_from_git(out):
                     restored.append(out.def_path)
     return restored
 
@@ -128,8 +132,9 @@ def _copy_from_git(out) -> bool:
 
 def _put_in_place(target: Path, files: dict[str, Path | bytes]) -> None:
     """`{relpath: a cached file, or bytes}` at `target` (a file for relpath "", else a folder),
-    under a temporary name, then renamed into place. A cached file is copied; on a full disk it is
-    hard-linked instead (read-only, as DVC's `hardlink` cache type links it), which takes no space."""
+    under a temporary name, then renamed into place (what was there removed). A cached file is
+    copied; on a full disk it is hard-linked instead (read-only, as DVC's `hardlink` cache type
+    links it), which takes no space."""
     partial = target.with_name(f".{target.name}.restore-{os.getpid()}")
     target.parent.mkdir(parents=True, exist_ok=True)
     for relpath, source in files.items():
@@ -145,7 +150,11 @@ def _put_in_place(target: Path, files: dict[str, Path | bytes]) -> None:
                 raise
             copy.unlink(missing_ok=True)
             os.link(source, copy)
+    replaced = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    if target.is_dir() and not target.is_symlink():  # a rename does not replace a folder
+        os.rename(target, replaced)
     os.replace(partial, target)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def stage_order() -> list[str]:

@@ -75,17 +75,26 @@ def _stop(number: int, frame) -> None:
     """Ctrl-C (KeyboardInterrupt) or SIGTERM (TerminationSignal, as Prefect's flow engine raises
     it), raised wherever the stage is; and remembered, for Python drops an exception raised inside
     a weakref callback or `__del__` ("Exception ignored in ..."): the stage's end still knows.
-    Not inside importlib's own locking, though: raised between its taking an import lock and its
-    `try`, the exception leaves the lock held for good, and the next import in another thread
-    (the MLflow tracker's, Prefect's event loop's) waits forever, and so does the stage's end (a
-    Ctrl-C test hung so, about once in a hundred). There the signal comes again 10 ms later."""
-    if _imp.lock_held() or (frame is not None and frame.f_code.co_filename == "<frozen importlib._bootstrap>"):
+    Not inside importlib's or logging's own locking, though (`_holds_a_lock`): there the signal
+    comes again 10 ms later."""
+    if _holds_a_lock(frame):
         again = threading.Timer(0.01, os.kill, (os.getpid(), number))
         again.daemon = True
         again.start()
         return
     STOPPED_BY.append(number)
     raise KeyboardInterrupt if number == signal.SIGINT else TerminationSignal(number)
+
+
+def _holds_a_lock(frame) -> bool:
+    """Whether the signal landed where importlib or logging takes its lock: raised between the
+    lock's `acquire()` and its `try`, an exception leaves the lock held for good, and the next
+    import or log line in another thread (the MLflow tracker's, Prefect's event loop's) waits
+    forever, and so does the stage's end. A Ctrl-C test hung so about once in a hundred runs: on
+    the import lock, and later on logging's module lock."""
+    if _imp.lock_held() or logging._lock._is_owned():
+        return True
+    return frame is not None and frame.f_code.co_filename in ("<frozen importlib._bootstrap>", logging.__file__)
 
 
 def _stop_dropped(unraisable) -> None:

@@ -319,25 +319,28 @@ def test_an_error_raised_while_handling_ctrl_c_is_left_out_of_the_run_logs():
     assert once.filter(record_of(ValueError("a bug")))
 
 
-def test_a_ctrl_c_inside_the_import_machinery_is_taken_once_it_is_done(monkeypatch):
-    """Raised between importlib's taking the global import lock and its `try`, a KeyboardInterrupt
-    would leave the lock held, and the next import in another thread would wait forever (a
-    stage's tracker did, in a Ctrl-C test). The stage's handler lets the import machinery finish
-    and takes the Ctrl-C 10 ms later."""
+@pytest.mark.parametrize("lock", ["import", "logging"])
+def test_a_ctrl_c_inside_the_import_or_logging_machinery_is_taken_once_it_is_done(monkeypatch, lock):
+    """Raised between importlib's (or logging's) taking its global lock and its `try`, a
+    KeyboardInterrupt would leave the lock held, and the next import (log line) in another thread
+    would wait forever (a stage's tracker did, in Ctrl-C tests: on each lock). The stage's handler
+    lets the machinery finish and takes the Ctrl-C 10 ms later."""
     import _imp
+    import logging
 
     from runtime import stage_process
 
+    acquire, release = (_imp.acquire_lock, _imp.release_lock) if lock == "import" else (logging._lock.acquire, logging._lock.release)
     monkeypatch.setattr(stage_process, "STOPPED_BY", [])
     previous = signal.signal(signal.SIGINT, stage_process._stop)
     try:
-        _imp.acquire_lock()  # where the signal lands
+        acquire()  # where the signal lands
         try:
             stage_process._stop(signal.SIGINT, None)
         except KeyboardInterrupt:
-            pytest.fail("raised while importlib held its lock")
+            pytest.fail(f"raised while the {lock} lock was held")
         finally:
-            _imp.release_lock()
+            release()
         with pytest.raises(KeyboardInterrupt):
             time.sleep(5)  # the Ctrl-C comes again
     finally:

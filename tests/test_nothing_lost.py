@@ -132,6 +132,23 @@ def test_a_param_changed_and_changed_back_is_restored_from_the_run_cache(reprodu
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 
+def test_outputs_a_stopped_stage_put_in_place_before_its_dvc_recorded_them_are_put_back(reproduced, monkeypatch):
+    """A stage stopped after putting its outputs in place, before its `dvc` wrote dvc.lock (a Ctrl-C
+    test's fast ssl finished in that window): its launcher puts back what dvc.lock records, so
+    "nothing was changed" holds and `dvc status` is clean."""
+    from runtime.outcome import put_back
+
+    repo = reproduced
+    before = snapshot(repo, *SSL_OUTPUTS)
+    (repo / "metrics" / "ssl.json").write_text('{"wall_seconds": 1.0}')
+    (repo / "artifacts" / "ssl" / "stray.bin").write_bytes(b"from the run dvc never recorded")
+    monkeypatch.chdir(repo)
+    assert sorted(put_back("ssl")) == ["artifacts/ssl", "metrics/ssl.json"]
+    assert snapshot(repo, *SSL_OUTPUTS) == before
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+    assert put_back("ssl") == []  # what matches dvc.lock stays as it is
+
+
 @pytest.mark.parametrize(
     "sig, to, says",
     [
