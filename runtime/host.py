@@ -229,8 +229,8 @@ def serve_while(invocation: Invocation) -> None:
     """Import what every stage needs, start taking stages, and import the rest (each stage's flow,
     torch._dynamo, mlflow.pyfunc; MLflow's map of installed packages) between requests once a
     stage has ended, so that no stage shares the CPU with them; a run of one stage (`dvc repro -s
-    <stage>`) never imports them (1 CPU-s here, more under load, while its `dvc` finishes). Run stages until the
-    invocation ends."""
+    <stage>`) never imports them (1 CPU-s here, more under load, while its `dvc` finishes). Run
+    stages until the invocation ends."""
     import yaml
 
     for module in CORE:

@@ -78,9 +78,7 @@ def _stop(number: int, frame) -> None:
     Not inside importlib's or logging's own locking, though (`_holds_a_lock`): there the signal
     comes again 10 ms later."""
     if _holds_a_lock(frame):
-        again = threading.Timer(0.01, os.kill, (os.getpid(), number))
-        again.daemon = True
-        again.start()
+        _signal_again(number)
         return
     STOPPED_BY.append(number)
     raise KeyboardInterrupt if number == signal.SIGINT else TerminationSignal(number)
@@ -102,11 +100,16 @@ def _stop_dropped(unraisable) -> None:
     when that is `_stop`'s, the stage would run on to its end unstopped, so the signal comes
     again 10 ms later, raised wherever the stage is then. Any other goes to the default hook."""
     if isinstance(unraisable.exc_value, (KeyboardInterrupt, TerminationSignal)) and STOPPED_BY:
-        again = threading.Timer(0.01, os.kill, (os.getpid(), STOPPED_BY[-1]))
-        again.daemon = True
-        again.start()
+        _signal_again(STOPPED_BY[-1])
         return
     sys.__unraisablehook__(unraisable)
+
+
+def _signal_again(number: int) -> None:
+    """Send this process the signal `number` 10 ms from now."""
+    again = threading.Timer(0.01, os.kill, (os.getpid(), number))
+    again.daemon = True
+    again.start()
 
 
 @contextmanager

@@ -158,11 +158,17 @@ def test_a_plain_dvc_repro_shares_one_prefect_server_and_stops_it(repo_copy, tmp
     assert not published() - before  # the server and the stage host went with dvc
 
 
+def authorization(auth: str) -> dict[str, str]:
+    """The header of a Prefect API client that sends `auth` (Basic auth, as Prefect's client does)."""
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+
+
 @pytest.mark.slow  # a Prefect server
 def test_the_per_invocation_prefect_server_refuses_a_client_without_its_auth_string(prefect_api):
     """Any local user can reach 127.0.0.1: the API answers only the auth string it was started
     with (a random one per server); its health check stays open."""
-    import base64
     import urllib.error
     import urllib.request
 
@@ -170,9 +176,7 @@ def test_the_per_invocation_prefect_server_refuses_a_client_without_its_auth_str
 
     def status(auth: str | None) -> int:
         request = urllib.request.Request(f"{prefect_api}/flows/filter", data=b"{}", method="POST",
-                                         headers={"Content-Type": "application/json"})
-        if auth is not None:
-            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+                                         headers={"Content-Type": "application/json", **(authorization(auth) if auth is not None else {})})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status
@@ -190,13 +194,11 @@ def test_the_per_invocation_prefect_server_runs_only_the_services_a_pipeline_run
     """Its loop services for schedules, workers, pauses, leases and automations are off (they poll
     for work it never has); those that record task runs and events, and cancel a cancelled run's
     stages, are on."""
-    import base64
     import urllib.request
 
     from runtime.server import AUTH_ENV, IDLE_SERVICES
 
-    request = urllib.request.Request(f"{prefect_api}/admin/settings", headers={
-        "Authorization": "Basic " + base64.b64encode(os.environ[AUTH_ENV].encode()).decode()})
+    request = urllib.request.Request(f"{prefect_api}/admin/settings", headers=authorization(os.environ[AUTH_ENV]))
     with urllib.request.urlopen(request, timeout=10) as response:
         services = json.load(response)["server"]["services"]
     enabled = {name for name, service in services.items() if service.get("enabled") is True}
